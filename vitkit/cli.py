@@ -1,0 +1,60 @@
+"""`vitkit VERB ...`: a table from verb to command module. Thin: parse, call the Python API, print.
+
+Each module in vitkit/commands/ defines HELP (one line), add_arguments(parser) and run(args) -> int.
+Adding a verb = adding a module there; nothing else changes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+from types import ModuleType
+
+from . import commands
+
+
+def discover() -> dict[str, ModuleType]:
+    """Verb name -> command module (module names use _ where the verb uses -)."""
+    found = {}
+    for info in pkgutil.iter_modules(commands.__path__):
+        if not info.name.startswith("_"):
+            found[info.name.replace("_", "-")] = importlib.import_module(f"{commands.__name__}.{info.name}")
+    return dict(sorted(found.items()))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="vitkit", description="Vision Transformers: train, fine-tune, explain, serve."
+    )
+    parser.add_argument("--version", action="version", version=f"vitkit {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    for verb, mod in discover().items():
+        p = sub.add_parser(verb, help=mod.HELP, description=mod.HELP)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (FileNotFoundError, ValueError, ImportError, OSError) as e:
+        # expected failures (bad path, bad input, missing extra) get one clear line, not a traceback
+        print(f"vitkit {args.verb}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""The building blocks of a Vision Transformer: tokenizers, attention, MLP, LayerScale, DropPath, Block, MAP pool.
+
+Module and parameter names follow timm (`patch_embed.proj`, `attn.qkv`, `mlp.fc1`, `ls1.gamma`, ...) so foreign
+checkpoints map onto these modules almost 1:1.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention_backend import pick_backend
+
+
+class PatchEmbed(nn.Module):
+    """Cut the image into non-overlapping p×p patches and embed each linearly: one conv with stride = kernel."""
+
+    def __init__(self, patch_size: tuple[int, int], in_chans: int, embed_dim: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)  # (B, C, H, W) -> (B, D, H/p, W/p)
+
+
+class ConvStem(nn.Module):
+    """Convolutional tokenizer for small images (Xiao et al. 2021, "Early convolutions help transformers see").
+
+    log2(p) stages of [3×3 conv stride 2 → BatchNorm → ReLU] reach the same patch grid as a p×p patch
+    embedding, then a 1×1 conv projects to the embedding width. Overlapping receptive fields give the
+    encoder locality that plain patches lack, which matters most on small datasets.
+    """
+
+    def __init__(self, patch_size: tuple[int, int], in_chans: int, embed_dim: int):
+        super().__init__()
+        if patch_size[0] != patch_size[1] or patch_size[0] & (patch_size[0] - 1):
+            raise ValueError(f"stem='conv' needs a square power-of-two patch size, got {patch_size}")
+        self.patch_size = patch_size
+        n_stages = patch_size[0].bit_length() - 1
+        layers: list[nn.Module] = []
+        chans = in_chans
+        for i in range(n_stages):
+            out = max(embed_dim // 2 ** (n_stages - i), 16)
+            layers += [nn.Conv2d(chans, out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU()]
+            chans = out
+        self.stem = nn.Sequential(*layers)
+        self.proj = nn.Conv2d(chans, embed_dim, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.stem(x))  # (B, C, H, W) -> (B, D, H/p, W/p)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a choice of backend.
+
+    `sdpa` calls PyTorch's fused scaled_dot_product_attention; `math` writes softmax(q kᵀ / √d) v out as
+    matrix products, which is faster on CPU at short sequences (see attention_backend.py) and is the only
+    path that can return the attention map. `auto` picks per call from measured rules.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        qkv_bias: bool = True,
+        qk_norm: bool = False,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        norm_eps: float = 1e-6,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.backend = backend
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.q_norm = nn.LayerNorm(self.head_dim, eps=norm_eps) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=norm_eps) if qk_norm else nn.Identity()
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor, need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
+        q, k = self.q_norm(q), self.k_norm(k)
+
+        backend = "math" if need_weights else self.backend
+        if backend == "auto":
+            backend = pick_backend(x.device.type, N, torch.is_grad_enabled() and x.requires_grad)
+        attn = None
+        if backend == "sdpa":
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, heads, N, N)
+            attn = attn.softmax(dim=-1)
+            x = self.attn_drop(attn) @ v  # (B, heads, N, head_dim)
+        x = x.transpose(1, 2).reshape(B, N, C)  # (B, N, D)
+        x = self.proj_drop(self.proj(x))
+        return x, (attn if need_weights else None)
+
+
+class Mlp(nn.Module):
+    """Two linear layers with GELU between: D -> hidden -> D."""
+
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class LayerScale(nn.Module):
+    """Per-channel learned scale on a residual branch (CaiT): x * gamma, gamma initialised small."""
+
+    def __init__(self, dim: int, init_values: float):
+        super().__init__()
+        self.gamma = nn.Parameter(init_values * torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: in training, drop a sample's whole residual branch with probability p (rescale the rest)."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class Block(nn.Module):
+    """One Transformer encoder block: x + attn(LN(x)), then x + mlp(LN(x)) (pre-norm, optional LayerScale)."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        qk_norm: bool = False,
+        init_values: float | None = None,
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        norm_eps: float = 1e-6,
+        attn_backend: str = "auto",
+    ):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, num_heads, qkv_bias, qk_norm, attn_drop, proj_drop, norm_eps, attn_backend)
+        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path1 = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop)
+        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path2 = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor, need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        y, attn = self.attn(self.norm1(x), need_weights)
+        x = x + self.drop_path1(self.ls1(y))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x, attn  # (B, N, D), (B, heads, N, N) or None
+
+
+class AttentionPoolLatent(nn.Module):
+    """Multihead attention pooling ("map", big_vision): one learned query attends over all tokens, then an MLP."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, norm_eps: float = 1e-6):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.latent = nn.Parameter(torch.zeros(1, 1, dim))
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, dim * 2)
+        self.proj = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        q = self.q(self.latent.expand(B, -1, -1)).reshape(B, 1, self.num_heads, self.head_dim).transpose(1, 2)
+        k, v = self.kv(x).reshape(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, 1, head_dim)
+        x = self.proj(x.transpose(1, 2).reshape(B, 1, C))
+        x = x + self.mlp(self.norm(x))
+        return x[:, 0]  # (B, D)
