@@ -1,0 +1,1 @@
+"""Images in: decoding any file people have, preprocessing, dataset sources, augmentation."""

@@ -1,0 +1,83 @@
+"""Decode one image file (or bytes) into an RGB uint8 array, whatever the file throws at us.
+
+Converted: grayscale, 16-bit, float, CMYK, palette (with transparency), RGBA (composited on white),
+EXIF-rotated, animated (first frame). Refused with an ImageDecodeError that names the file and the reason:
+empty, truncated, corrupt, not an image, or larger than `max_pixels` (decompression bombs).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+DEFAULT_MAX_PIXELS = 64_000_000  # ~8000×8000; larger images are refused before decoding
+
+
+class ImageDecodeError(ValueError):
+    """An image could not be turned into pixels; the message says which file and why."""
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit / 32-bit: rescale to 8-bit by the data range
+        a = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(a / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def decode_image(
+    source: str | Path | bytes, name: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
+    """Decode to an (H, W, 3) uint8 array; raise ImageDecodeError with a clear reason otherwise."""
+    if name is None:
+        name = str(source) if not isinstance(source, bytes) else "<upload>"
+    if isinstance(source, bytes):
+        data = source
+    else:
+        try:
+            data = Path(source).read_bytes()
+        except IsADirectoryError:
+            raise ImageDecodeError(f"image '{name}' is a directory, not a file") from None
+        except FileNotFoundError:
+            raise ImageDecodeError(f"image '{name}' does not exist") from None
+        except OSError as e:
+            raise ImageDecodeError(f"image '{name}' could not be read ({e.strerror or e})") from None
+    if not data:
+        raise ImageDecodeError(f"image '{name}' is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > max_pixels:
+                raise ImageDecodeError(
+                    f"image '{name}' is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,} "
+                    "(possible decompression bomb); refused"
+                )
+            if w == 0 or h == 0:
+                raise ImageDecodeError(f"image '{name}' has zero size ({w}x{h})")
+            img.seek(0)  # animated: first frame
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return np.asarray(_to_rgb(img), dtype=np.uint8).copy()
+    except ImageDecodeError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageDecodeError(f"image '{name}' is not an image file PIL can read") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageDecodeError(f"image '{name}' refused as a possible decompression bomb ({e})") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as e:
+        reason = str(e) or type(e).__name__
+        if "truncated" in reason.lower():
+            reason = f"truncated file: {reason}"
+        raise ImageDecodeError(f"image '{name}' could not be decoded ({reason})") from None
