@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import PreprocessConfig, ViTConfig, default_preprocess
 from .layers import AttentionPoolLatent, Block, ConvStem, PatchEmbed
@@ -95,6 +96,7 @@ class VisionTransformer(nn.Module):
         self.fc_norm = nn.LayerNorm(D, eps=cfg.norm_eps) if cfg.use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(cfg.drop_rate)
         self.head = nn.Linear(D, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self.grad_checkpointing = False  # recompute block activations in backward: less memory, ~1/3 more compute
         self.init_weights()
 
     # ------------------------------------------------------------------------------------------------ init
@@ -153,7 +155,10 @@ class VisionTransformer(nn.Module):
         maps: dict[int, torch.Tensor] = {}
         outs: dict[int, torch.Tensor] = {}
         for i, blk in enumerate(self.blocks):
-            x, attn = blk(x, need_weights=i in want_attn)  # (B, N, D)
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled() and i not in want_attn:
+                x, attn = checkpoint(blk, x, False, use_reentrant=False)  # activations recomputed in backward
+            else:
+                x, attn = blk(x, need_weights=i in want_attn)  # (B, N, D)
             if attn is not None:
                 maps[i] = attn  # (B, heads, N, N)
             if collect is not None and i in collect:
@@ -242,6 +247,10 @@ class VisionTransformer(nn.Module):
         return Intermediates(layers=layers, tokens=self.norm(tokens))
 
     # --------------------------------------------------------------------------------------- housekeeping
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Trade compute for memory in training: keep only each block's input, recompute the rest in backward."""
+        self.grad_checkpointing = enable
+
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace the head (zero-initialised, the usual start for fine-tuning); optionally change pooling."""
         if global_pool is not None and global_pool != self.cfg.global_pool:
