@@ -1,0 +1,44 @@
+"""vitkit predict: top-k labels with softmax probabilities for images, with the checkpoint's own preprocessing."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+HELP = "predict images with a checkpoint: top-k labels and softmax probabilities"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="model checkpoint (vitkit .safetensors or any format from_pretrained reads)")
+    p.add_argument("images", nargs="+", help="image files (JPEG, PNG, WebP, GIF, ...)")
+    p.add_argument("--topk", type=int, default=5, help="how many classes to show per image (default: 5)")
+    p.add_argument("--json", action="store_true", help="one JSON object per image per line instead of text")
+    p.add_argument("--backend", default="torch", help="inference engine (default: torch)")
+    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="torch backend arithmetic")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--input-size", type=int, nargs="+", metavar="H [W]", help="input size (dynamic-size models)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..infer.predict import Failure, Predictor
+
+    options = {"precision": args.precision} if args.backend == "torch" else {}
+    size = tuple(args.input_size) if args.input_size else None
+    predictor = Predictor(args.checkpoint, backend=args.backend, input_size=size, **options)
+    results = predictor.predict(args.images, topk=args.topk, batch_size=args.batch_size, errors="collect")
+    failed = 0
+    for r in results:
+        if isinstance(r, Failure):
+            failed += 1
+            print(f"vitkit predict: {r.error}", file=sys.stderr)
+            if args.json:
+                print(json.dumps(r.to_dict()))
+        elif args.json:
+            print(json.dumps(r.to_dict()))
+        else:
+            top = ", ".join(f"{lab} {p:.1%}" for lab, p in zip(r.labels, r.probs))
+            print(f"{r.image}: {top}")
+    if failed:
+        print(f"vitkit predict: {failed} of {len(results)} image(s) failed", file=sys.stderr)
+    return 1 if failed else 0

@@ -1,0 +1,233 @@
+"""Prediction: a checkpoint and images in, top-k labels with softmax probabilities out.
+
+Per image: `decode_image` (any format; bombs, truncation and non-images refused with a reason) ->
+`preprocess_image` with the checkpoint's own PreprocessConfig -> stacked into a batch -> a backend's
+`run(batch) -> logits` -> softmax -> top-k.
+
+Backends are pluggable: a backend factory takes the loaded VisionTransformer (and the checkpoint path) and
+returns a callable `run(batch (B, C, H, W) float32) -> logits (B, classes) float32`. "torch" is built in (bf16
+autocast under inference_mode: about 6x faster than fp32 matmuls on AMX CPUs); other engines register theirs
+with `register_backend("onnxruntime", factory)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import PreprocessConfig, to_2tuple
+from ..data.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
+from ..data.preprocess import preprocess_image, resize_and_crop
+from ..model import VisionTransformer
+
+Backend = Callable[[torch.Tensor], torch.Tensor]  # (B, C, H, W) float32 -> (B, classes) float32 logits
+BackendFactory = Callable[..., Backend]  # factory(model, checkpoint=Path | None, **options) -> Backend
+ImageInput = str | Path | bytes | np.ndarray  # a file, its bytes, or an (H, W, 3) uint8 array
+
+_BACKENDS: dict[str, BackendFactory] = {}
+
+
+def register_backend(name: str, factory: BackendFactory) -> None:
+    """Make `Predictor(..., backend=name)` available; `factory(model, checkpoint=..., **options) -> run`."""
+    _BACKENDS[name] = factory
+
+
+def available_backends() -> list[str]:
+    return sorted(_BACKENDS)
+
+
+def torch_backend(model: VisionTransformer, checkpoint: Path | None = None, precision: str = "bf16") -> Backend:
+    """Run the model itself: bf16 autocast (precision="bf16") or plain fp32, always under inference_mode."""
+    if precision not in ("bf16", "fp32"):
+        raise ValueError(f"precision must be 'bf16' or 'fp32', got {precision!r}")
+    model.eval()
+    device = next(model.parameters()).device
+
+    def run(batch: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16"):
+            return model(batch.to(device)).float()  # (B, classes)
+
+    return run
+
+
+register_backend("torch", torch_backend)
+
+
+@dataclass
+class Prediction:
+    """Top-k classes of one image, most probable first."""
+
+    image: str
+    indices: list[int]
+    labels: list[str]
+    probs: list[float]
+
+    def to_dict(self) -> dict[str, Any]:
+        top = [{"label": lab, "index": i, "prob": p} for i, lab, p in zip(self.indices, self.labels, self.probs)]
+        return {"image": self.image, "top": top}
+
+
+@dataclass
+class Failure:
+    """An image that could not be predicted, and why (the message names the image)."""
+
+    image: str
+    error: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"image": self.image, "error": self.error}
+
+
+class Predictor:
+    """One model in memory, its preprocessing, and a backend; predicts single images or batches.
+
+    Args:
+        model: a checkpoint path (any format `vitkit.from_pretrained` reads) or a VisionTransformer.
+        backend: name of a registered backend ("torch"; see `available_backends()`).
+        input_size: (H, W) to feed instead of the checkpoint's size; only for models built with
+            dynamic_img_size=True (or the same size).
+        max_pixels: images with more pixels are refused before decoding (decompression bombs).
+        **backend_options: passed to the backend factory (torch: precision="bf16" | "fp32").
+    """
+
+    def __init__(
+        self,
+        model: str | Path | VisionTransformer,
+        backend: str = "torch",
+        input_size: int | tuple[int, int] | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        **backend_options: Any,
+    ):
+        from ..interop import from_pretrained
+
+        self.checkpoint = None if isinstance(model, VisionTransformer) else Path(model)
+        self.model = (model if isinstance(model, VisionTransformer) else from_pretrained(model)).eval()
+        cfg = self.model.cfg
+        pre = self.model.preprocess
+        if input_size is not None:
+            size = to_2tuple(input_size)
+            if size != tuple(cfg.img_size) and not cfg.dynamic_img_size:
+                raise ValueError(
+                    f"this model was built for {cfg.img_size[0]}x{cfg.img_size[1]} inputs and not with "
+                    f"dynamic_img_size=True; leave --input-size out or use {cfg.img_size[0]} {cfg.img_size[1]}"
+                )
+            pre = dataclasses.replace(pre, input_size=size)
+        self.preprocess: PreprocessConfig = pre
+        self.labels = list(self.model.labels or [str(i) for i in range(cfg.num_classes)])
+        self.max_pixels = max_pixels
+        if backend not in _BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; available: {', '.join(available_backends())}")
+        self.backend_name = backend
+        self.run: Backend = _BACKENDS[backend](self.model, checkpoint=self.checkpoint, **backend_options)
+
+    # --------------------------------------------------------------------------------------- the pipeline
+    def decode(self, image: ImageInput, name: str | None = None) -> np.ndarray:
+        """Any accepted input -> (H, W, 3) uint8; raises ImageDecodeError naming the image and the reason."""
+        if isinstance(image, np.ndarray):
+            if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+                raise ImageDecodeError(f"image '{name or '<array>'}' must be an (H, W, 3) uint8 array")
+            return image
+        return decode_image(image, name=name, max_pixels=self.max_pixels)
+
+    def prepare(self, rgb: np.ndarray) -> torch.Tensor:
+        """(H, W, 3) uint8 -> model input (C, h, w) float32, with the checkpoint's preprocessing."""
+        return preprocess_image(rgb, self.preprocess, self.model.cfg.in_chans)
+
+    def crop(self, rgb: np.ndarray) -> np.ndarray:
+        """The picture the model sees, before normalisation: (h, w, 3) uint8 at the preprocessed crop."""
+        t = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)  # (3, H, W)
+        return resize_and_crop(t, self.preprocess).permute(1, 2, 0).numpy()
+
+    def logits(self, batch: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) float32 -> (B, classes) float32 through the backend."""
+        return self.run(batch)
+
+    def top_k(self, logits: torch.Tensor, names: Sequence[str], k: int = 5) -> list[Prediction]:
+        """(B, classes) logits -> one Prediction per row: the k most probable classes with softmax probabilities."""
+        probs = logits.float().softmax(dim=-1)
+        p, idx = probs.topk(min(k, probs.shape[-1]), dim=-1)  # (B, k)
+        return [
+            Prediction(name, i.tolist(), [self.labels[j] for j in i.tolist()], [round(v, 6) for v in pr.tolist()])
+            for name, pr, i in zip(names, p, idx)
+        ]
+
+    def predict(
+        self,
+        images: Sequence[ImageInput],
+        topk: int = 5,
+        batch_size: int = 32,
+        names: Sequence[str] | None = None,
+        errors: str = "raise",
+    ) -> list[Prediction | Failure]:
+        """Predict many images in batches.
+
+        errors="raise": the first bad image raises ImageDecodeError. errors="collect": a bad image becomes a
+        Failure in its place and the others are still predicted.
+        """
+        if errors not in ("raise", "collect"):
+            raise ValueError("errors must be 'raise' or 'collect'")
+        names = list(names) if names is not None else [_name_of(im, i) for i, im in enumerate(images)]
+        results: list[Prediction | Failure | None] = [None] * len(images)
+        pending: list[tuple[int, torch.Tensor]] = []
+
+        def flush() -> None:
+            if pending:
+                batch = torch.stack([x for _, x in pending])  # (B, C, h, w)
+                preds = self.top_k(self.logits(batch), [names[i] for i, _ in pending], topk)
+                for (i, _), pred in zip(pending, preds):
+                    results[i] = pred
+                pending.clear()
+
+        for i, image in enumerate(images):
+            try:
+                pending.append((i, self.prepare(self.decode(image, names[i]))))
+            except ImageDecodeError as e:
+                if errors == "raise":
+                    raise
+                results[i] = Failure(names[i], str(e))
+            if len(pending) >= batch_size:
+                flush()
+        flush()
+        return results  # type: ignore[return-value]
+
+    def predict_one(self, image: ImageInput, topk: int = 5, name: str | None = None) -> Prediction:
+        """One image -> its Prediction (raises ImageDecodeError for a bad image)."""
+        return self.predict([image], topk=topk, names=[name or _name_of(image, 0)])[0]  # type: ignore[return-value]
+
+    def describe(self) -> dict[str, Any]:
+        """What is loaded, for logs and /healthz."""
+        cfg = self.model.cfg
+        return {
+            "checkpoint": str(self.checkpoint) if self.checkpoint else None,
+            "backend": self.backend_name,
+            "num_classes": cfg.num_classes,
+            "input_size": list(self.preprocess.input_size),
+            "patch_size": list(cfg.patch_size),
+            "depth": cfg.depth,
+            "num_heads": cfg.num_heads,
+            "global_pool": cfg.global_pool,
+            "class_token": cfg.class_token,
+            "reg_tokens": cfg.reg_tokens,
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+        }
+
+
+def _name_of(image: ImageInput, index: int) -> str:
+    return str(image) if isinstance(image, str | Path) else f"<image {index}>"
+
+
+__all__ = [
+    "Predictor",
+    "Prediction",
+    "Failure",
+    "Backend",
+    "register_backend",
+    "available_backends",
+    "torch_backend",
+]
