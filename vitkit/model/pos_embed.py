@@ -45,9 +45,12 @@ def resample_pos_embed(
         old_grid = (side, side)
     if old_grid[0] * old_grid[1] != n_patches:
         raise ValueError(f"old_grid {old_grid} does not match {n_patches} position embeddings")
-    new_grid = (int(new_grid[0]), int(new_grid[1]))
-    if tuple(old_grid) == new_grid:
-        return pos_embed
+    if torch.compiler.is_exporting():  # ONNX / torch.export: the grid is symbolic, resample in the graph always
+        new_grid = (new_grid[0], new_grid[1])  # (same grid: bicubic at scale 1 samples pixel centres, an identity)
+    else:
+        new_grid = (int(new_grid[0]), int(new_grid[1]))
+        if tuple(old_grid) == new_grid:
+            return pos_embed
     prefix, patches = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
     dim = pos_embed.shape[-1]
     patches = patches.float().reshape(1, old_grid[0], old_grid[1], dim).permute(0, 3, 1, 2)  # (1, D, Ho, Wo)

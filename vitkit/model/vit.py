@@ -137,7 +137,7 @@ class VisionTransformer(nn.Module):
         if pe is None:
             return torch.cat(prefix + [x], dim=1)
         if self.cfg.pos_embed == "sincos2d":
-            if grid != self.cfg.grid_size:  # a fixed table is recomputed exactly, not resampled
+            if torch.compiler.is_exporting() or grid != self.cfg.grid_size:  # recomputed exactly, not resampled
                 pe = sincos_2d(grid, self.cfg.embed_dim).to(x.device)
             return torch.cat(prefix + [x + pe.to(x.dtype)], dim=1)
         pe_prefix = 0 if self.cfg.no_embed_class else self.num_prefix_tokens
