@@ -39,6 +39,7 @@ def one_step(model_name: str, batch: int, checkpointing: bool) -> dict:
     t0 = time.perf_counter()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+    peak_fwd = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
     loss.backward()
     fwd_bwd_s = time.perf_counter() - t0
     peak_fwd_bwd = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
@@ -48,6 +49,8 @@ def one_step(model_name: str, batch: int, checkpointing: bool) -> dict:
         checkpointing=checkpointing,
         loss=loss.item(),
         rss_before_step_mib=before,
+        peak_fwd_mib=peak_fwd,
+        grads_mib=sum(p.grad.numel() * p.grad.element_size() for p in model.parameters()) / 2**20,
         peak_fwd_bwd_mib=peak_fwd_bwd,
         peak_step_mib=peak,
         fwd_bwd_s=fwd_bwd_s,
@@ -77,20 +80,24 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--model", args.model, "--batch", str(args.batch), "--child", setting]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
-    print(
-        f"{'checkpointing':>13} {'loss':>8} {'RSS before':>11} {'peak fwd+bwd':>13} {'peak step':>10} {'fwd+bwd s':>10}"
-    )
+    head = ("checkpointing", "loss", "RSS before", "peak fwd", "peak fwd+bwd", "peak step", "fwd+bwd s")
+    print("{:>13} {:>8} {:>11} {:>10} {:>13} {:>10} {:>10}".format(*head))
     for r in rows:
         print(
             f"{'on' if r['checkpointing'] else 'off':>13} {r['loss']:8.4f} {r['rss_before_step_mib']:9.0f}Mi "
-            f"{r['peak_fwd_bwd_mib']:11.0f}Mi {r['peak_step_mib']:8.0f}Mi {r['fwd_bwd_s']:10.1f}"
+            f"{r['peak_fwd_mib']:8.0f}Mi {r['peak_fwd_bwd_mib']:11.0f}Mi {r['peak_step_mib']:8.0f}Mi "
+            f"{r['fwd_bwd_s']:10.1f}"
         )
     off, on = rows
+    fwd_off = off["peak_fwd_mib"] - off["rss_before_step_mib"]
+    fwd_on = on["peak_fwd_mib"] - on["rss_before_step_mib"]
     act_off = off["peak_fwd_bwd_mib"] - off["rss_before_step_mib"]
     act_on = on["peak_fwd_bwd_mib"] - on["rss_before_step_mib"]
+    print(f"memory held after forward (activations + bf16 weight cache): {fwd_off:.0f} -> {fwd_on:.0f} MiB")
     print(
-        f"peak fwd+bwd growth over the weights: {act_off:.0f} MiB -> {act_on:.0f} MiB ({act_on / act_off:.2f}x); "
-        f"whole-step peak {off['peak_step_mib']:.0f} -> {on['peak_step_mib']:.0f} MiB"
+        f"forward+backward growth (incl. {off['grads_mib']:.0f} MiB of fp32 gradients): {act_off:.0f} -> "
+        f"{act_on:.0f} MiB ({act_on / act_off:.2f}x); whole-step peak {off['peak_step_mib']:.0f} -> "
+        f"{on['peak_step_mib']:.0f} MiB; time {on['fwd_bwd_s'] / off['fwd_bwd_s']:.2f}x"
     )
 
 
