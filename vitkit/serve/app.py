@@ -1,0 +1,195 @@
+"""The FastAPI app: one Predictor in memory, a micro-batching worker, and hardened upload handling.
+
+Endpoints: `POST /predict` (multipart field `file` -> JSON top-k), `POST /explain` (field `file` -> PNG overlay),
+`GET /healthz` (model and queue state), `GET /` (the web page). Bad input never takes the server down:
+too large -> 413, not an image -> 415, undecodable -> 400, too many pixels (decompression bomb) -> 413,
+missing field or bad option -> 422, queue full -> 503.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Hashable
+from contextlib import asynccontextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import torch
+from fastapi import FastAPI, File, HTTPException, Query, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import HTMLResponse, Response
+
+from ..data.decode import ImageDecodeError
+from ..infer.explain import Explainer, Explanation, figure_png, overlay_png, parse_head
+from ..infer.predict import Predictor
+from .batcher import Batcher, QueueFull
+from .limits import BodyLimitMiddleware
+
+MiB = 1024 * 1024
+DEFAULT_MAX_PIXELS = 40_000_000  # refuse images over 40 MP before decoding them (decompression bombs)
+PAGE_CSP = (
+    "default-src 'self'; img-src 'self' blob: data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
+    "connect-src 'self'; frame-ancestors 'none'"
+)
+
+
+def decode_error_status(error: ImageDecodeError) -> int:
+    """HTTP status for a refused image: 413 too many pixels, 415 not an image, 400 broken or empty."""
+    text = str(error)
+    if "decompression bomb" in text or "over the limit" in text:
+        return 413
+    if "not an image" in text:
+        return 415
+    return 400
+
+
+def upload_name(file: UploadFile) -> str:
+    """The client's file name, reduced to a safe short label for messages."""
+    name = Path(file.filename or "upload").name
+    return re.sub(r"[^\w.\- ]", "_", name)[:80] or "upload"
+
+
+def create_app(
+    predictor: Predictor,
+    max_upload_bytes: int = 20 * MiB,
+    max_batch: int = 8,
+    topk: int = 5,
+    max_queue: int = 256,
+) -> FastAPI:
+    """Build the ASGI app around an already loaded Predictor (one model in memory)."""
+    explainers: dict[tuple, Explainer] = {}
+
+    def explainer_for(method: str, layer: int, head: str, discard: float) -> Explainer:
+        key = (method, layer, head, discard)
+        if key not in explainers:
+            explainers[key] = Explainer(predictor, method, layer, parse_head(head), discard)
+        return explainers[key]
+
+    def predict_batch(items: list[torch.Tensor]) -> list[torch.Tensor]:
+        return list(predictor.logits(torch.stack(items)))  # (B, classes) -> B rows
+
+    def handler_for(kind: Hashable):
+        if kind == "predict":
+            return predict_batch
+        explainer = explainers[kind[1]]
+
+        def explain_batch(items: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+            logits, heat = explainer.maps(torch.stack(items))  # (B, classes), (B, [heads,] gh, gw)
+            return list(zip(logits, heat))
+
+        return explain_batch
+
+    batcher = Batcher(handler_for, max_batch=max_batch, max_queue=max_queue)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        await batcher.start()
+        yield
+        await batcher.stop()
+
+    app = FastAPI(title="vitkit", summary="Vision Transformer predictions and attention maps", lifespan=lifespan)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_upload_bytes)
+    app.state.predictor = predictor
+    app.state.batcher = batcher
+    page = resources.files("vitkit.serve").joinpath("static/index.html").read_text(encoding="utf-8")
+
+    async def load(file: UploadFile, with_crop: bool = False) -> tuple[str, torch.Tensor, Any]:
+        """Upload -> (name, model input (C, h, w), display crop or None); decoding runs off the event loop."""
+        name = upload_name(file)
+        data = await file.read()
+
+        def work():
+            rgb = predictor.decode(data, name)
+            return predictor.prepare(rgb), (predictor.crop(rgb) if with_crop else None)
+
+        try:
+            x, crop = await run_in_threadpool(work)
+        except ImageDecodeError as e:
+            raise HTTPException(decode_error_status(e), str(e)) from None
+        return name, x, crop
+
+    async def submit(kind: Hashable, x: torch.Tensor) -> Any:
+        try:
+            return await batcher.submit(kind, x)
+        except QueueFull as e:
+            raise HTTPException(503, str(e), headers={"Retry-After": "1"}) from None
+        except (ValueError, RuntimeError) as e:
+            raise HTTPException(500, f"the model failed on this request: {e}") from None
+
+    @app.post("/predict")
+    async def predict(
+        file: UploadFile = File(..., description="an image file"),
+        topk: int = Query(topk, ge=1, le=1000, description="how many classes to return"),
+    ) -> dict[str, Any]:
+        name, x, _ = await load(file)
+        logits = await submit("predict", x)
+        return predictor.top_k(logits[None], [name], topk)[0].to_dict()
+
+    @app.post("/explain", response_class=Response, responses={200: {"content": {"image/png": {}}}})
+    async def explain(
+        file: UploadFile = File(..., description="an image file"),
+        method: str = Query("attention", pattern="^(attention|rollout)$"),
+        layer: int = Query(-1),
+        head: str = Query("mean", pattern=r"^(mean|max|min|all|-?\d+)$"),
+        discard: float = Query(0.0, ge=0.0, lt=1.0),
+        figure: bool = Query(False, description="a titled figure instead of the plain overlay"),
+        size: int = Query(320, ge=32, le=1024),
+    ) -> Response:
+        try:
+            explainer = explainer_for(method, layer, head, discard)
+        except ValueError as e:
+            raise HTTPException(422, str(e)) from None
+        name, x, crop = await load(file, with_crop=True)
+        logits, heat = await submit(("explain", (method, layer, head, discard)), x)
+        pred = predictor.top_k(logits[None], [name], 5)[0]
+        expl = Explanation(name, crop, heat.numpy(), explainer.description, pred)
+        png = await run_in_threadpool(figure_png if figure else overlay_png, expl, size)
+        headers = {
+            "X-Vitkit-Map": quote(explainer.description, safe=" ,;:()-%"),
+            "X-Vitkit-Top": quote(f"{pred.labels[0]} {pred.probs[0]:.4f}", safe=" "),
+            "Cache-Control": "no-store",
+        }
+        return Response(png, media_type="image/png", headers=headers)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok", "model": predictor.describe(), "labels": predictor.labels, **batcher.stats()}
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index() -> HTMLResponse:
+        headers = {"Content-Security-Policy": PAGE_CSP, "X-Content-Type-Options": "nosniff"}
+        return HTMLResponse(page, headers=headers)
+
+    return app
+
+
+def serve(
+    checkpoint: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_upload_mb: float = 20,
+    max_batch: int = 8,
+    topk: int = 5,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    log_level: str = "info",
+    access_log: bool = True,
+) -> None:
+    """Load the checkpoint once and serve it with uvicorn until interrupted."""
+    import uvicorn
+
+    predictor = Predictor(checkpoint, max_pixels=max_pixels)
+    app = create_app(predictor, int(max_upload_mb * MiB), max_batch, topk)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {host}, reachable from other machines; there is no authentication")
+    print(f"vitkit serve: {checkpoint} on http://{host}:{port}/ (max upload {max_upload_mb} MiB, batch {max_batch})")
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=access_log,
+        limit_concurrency=128,  # beyond this uvicorn answers 503 instead of piling up connections
+        timeout_keep_alive=5,
+    )
