@@ -6,23 +6,51 @@ from pathlib import Path
 from typing import Any
 
 from ..model import VisionTransformer
-from ..model.serialization import CheckpointError, is_vitkit_checkpoint, load_model
+from ..model.serialization import CheckpointError, load_model
+from .report import LoadReport
 
 
-def from_pretrained(source: str | Path, **overrides: Any) -> VisionTransformer:
+def from_pretrained(source: str | Path, strict: bool = True, **overrides: Any) -> VisionTransformer:
     """Load a model from a checkpoint file or folder, detecting its format.
 
-    Overrides (timm names) are applied after loading: `num_classes` replaces the head, `img_size` resamples the
-    position embedding.
+    Formats: vitkit `.safetensors`; timm state dicts (`.pth`/`.bin`/`.safetensors`) and timm Hub folders;
+    transformers ViT folders; torchvision ViT state dicts; JAX `.npz` (google-research and big_vision).
+    The architecture is inferred from the tensors' shapes. Every load builds a coverage report (logged, and
+    kept as `model.load_report`); with `strict=True` any unmatched or missing tensor is an error naming it.
+    Overrides (timm names) win: `num_classes` replaces the head, `img_size` resamples the position embedding,
+    others (`global_pool`, `num_heads`, `drop_path_rate`, ...) change the built config.
     """
+    return load_with_report(source, strict=strict, **overrides)[0]
+
+
+def load_with_report(source: str | Path, strict: bool = True, **overrides: Any) -> tuple[VisionTransformer, LoadReport]:
+    """Like from_pretrained, but also returns the coverage report."""
+    from .common import build_model
+    from .detect import detect_format, load_foreign
+
     path = Path(source)
     if not path.exists():
         raise CheckpointError(f"checkpoint '{source}' does not exist")
-    if is_vitkit_checkpoint(path):
+    if detect_format(path) == "vitkit":
         model = load_model(path)
+        report = LoadReport(str(path), "vitkit")
+        report.mapped = [(k, k) for k in model.state_dict()]
+        report.log()
+        model = apply_overrides(model, **overrides)
     else:
-        raise CheckpointError(f"'{source}': not a vitkit checkpoint and no other format recognised")
-    return apply_overrides(model, **overrides)
+        conv = load_foreign(path)
+        report = conv.report
+        size_and_head = {k: overrides.pop(k) for k in ("img_size", "num_classes") if k in overrides}
+        model = apply_overrides(build_model(conv, overrides, strict), **size_and_head)
+    model.load_report = report
+    return model, report
+
+
+def convert(source: str | Path, dest: str | Path, strict: bool = True, **overrides: Any) -> LoadReport:
+    """Load any supported checkpoint and write it as a vitkit safetensors file (config, preprocessing, labels)."""
+    model, report = load_with_report(source, strict=strict, **overrides)
+    model.save(dest, converted_from=str(source), source_format=report.format)
+    return report
 
 
 def apply_overrides(model: VisionTransformer, **overrides: Any) -> VisionTransformer:
@@ -55,4 +83,4 @@ def apply_overrides(model: VisionTransformer, **overrides: Any) -> VisionTransfo
     return model
 
 
-__all__ = ["from_pretrained", "apply_overrides"]
+__all__ = ["from_pretrained", "load_with_report", "convert", "apply_overrides", "LoadReport"]

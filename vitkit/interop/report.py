@@ -1,0 +1,114 @@
+"""The coverage report every load produces: what was mapped, reshaped, ignored (and why), and what is missing.
+
+Partial loads that say "success" are the classic failure of checkpoint converters. Here every source tensor
+ends in exactly one bucket, every model tensor is either filled or listed as missing, and `check(strict=True)`
+turns any gap into an error that names the tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from ..model.serialization import CheckpointError
+
+log = logging.getLogger("vitkit.interop")
+
+Shape = tuple[int, ...]
+
+
+@dataclass
+class LoadReport:
+    """Where each tensor of a foreign checkpoint went.
+
+    mapped: (source name, vitkit name) copied as is. reshaped: (source name(s), vitkit name, source shape,
+    vitkit shape) transposed, fused or split. ignored: (source name, reason) left out on purpose.
+    unmatched: source tensors no rule knows. missing: model tensors the source did not provide.
+    mismatched: model tensors whose source shape does not fit. notes: decisions worth knowing (defaults used).
+    """
+
+    source: str
+    format: str
+    mapped: list[tuple[str, str]] = field(default_factory=list)
+    reshaped: list[tuple[str, str, Shape, Shape]] = field(default_factory=list)
+    ignored: list[tuple[str, str]] = field(default_factory=list)
+    unmatched: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def map(self, src: str, dst: str) -> None:
+        self.mapped.append((src, dst))
+
+    def reshape(self, src: str, dst: str, src_shape: Shape, dst_shape: Shape) -> None:
+        self.reshaped.append((src, dst, tuple(src_shape), tuple(dst_shape)))
+
+    def ignore(self, src: str, reason: str) -> None:
+        self.ignored.append((src, reason))
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+    @property
+    def complete(self) -> bool:
+        """True when every source tensor was used or ignored on purpose and every model tensor was filled."""
+        return not (self.unmatched or self.missing or self.mismatched)
+
+    def summary(self) -> str:
+        """One line: `'<source>' (<format>): 150 mapped, 48 reshaped, 2 ignored, 0 unmatched, 0 missing`."""
+        return (
+            f"'{self.source}' ({self.format}): {len(self.mapped)} mapped, {len(self.reshaped)} reshaped, "
+            f"{len(self.ignored)} ignored, {len(self.unmatched)} unmatched, {len(self.missing)} missing, "
+            f"{len(self.mismatched)} wrong shape"
+        )
+
+    def details(self, limit: int = 20) -> str:
+        """Multi-line text: the summary, then every bucket that needs attention (and the notes)."""
+        lines = [self.summary()]
+
+        def section(title: str, items: list[str]) -> None:
+            if items:
+                lines.append(f"  {title} ({len(items)}):")
+                lines.extend(f"    {s}" for s in items[:limit])
+                if len(items) > limit:
+                    lines.append(f"    ... and {len(items) - limit} more")
+
+        section("unmatched source tensors (no rule maps them)", self.unmatched)
+        section("missing model tensors (not in the source)", self.missing)
+        section("wrong shape", self.mismatched)
+        by_reason: dict[str, list[str]] = {}
+        for src, reason in self.ignored:
+            by_reason.setdefault(reason, []).append(src)
+        section(
+            "ignored",
+            [f"{', '.join(names[:4])}{' ...' if len(names) > 4 else ''}: {r}" for r, names in by_reason.items()],
+        )
+        section(
+            "reshaped",
+            [f"{s} {a} -> {d} {b}" for s, d, a, b in self.reshaped[:3]]
+            + (
+                [f"(all {len(self.reshaped)}: transposed / fused / split to vitkit's layout)"]
+                if len(self.reshaped) > 3
+                else []
+            ),
+        )
+        section("notes", self.notes)
+        return "\n".join(lines)
+
+    def log(self) -> None:
+        """Summary at INFO; anything short of complete, and ignored tensors, at WARNING."""
+        if self.complete and not self.ignored:
+            log.info(self.details())
+        else:
+            log.warning(self.details())
+
+    def check(self, strict: bool = True) -> None:
+        """Raise CheckpointError naming every unmatched, missing or mis-shaped tensor (only when strict)."""
+        if strict and not self.complete:
+            raise CheckpointError(
+                f"{self.details()}\nthe checkpoint does not fit exactly; fix the source or the overrides, or pass "
+                "strict=False (CLI: --no-strict) to load what matches and keep the rest freshly initialised"
+            )
+
+
+__all__ = ["LoadReport"]
