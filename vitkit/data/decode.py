@@ -8,6 +8,8 @@ empty, truncated, corrupt, not an image, or larger than `max_pixels` (decompress
 from __future__ import annotations
 
 import io
+import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -19,6 +21,30 @@ DEFAULT_MAX_PIXELS = 64_000_000  # ~8000×8000; larger images are refused before
 
 class ImageDecodeError(ValueError):
     """An image could not be turned into pixels; the message says which file and why."""
+
+
+def display_name(path: str | bytes | os.PathLike) -> str:
+    """A file name safe to print anywhere: bytes that are not UTF-8 (surrogate escapes) are shown as \\xNN."""
+    raw = os.fsencode(path) if isinstance(path, (str, bytes, os.PathLike)) else str(path).encode()
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def _read_file(path: Path, name: str) -> bytes:
+    """The bytes of a regular file; directories, FIFOs, devices and unreadable paths are refused, not waited on."""
+    try:
+        st = os.stat(path)  # follows symlinks; a symlink loop raises ELOOP here
+    except FileNotFoundError:
+        raise ImageDecodeError(f"image '{name}' does not exist") from None
+    except OSError as e:
+        raise ImageDecodeError(f"image '{name}' could not be read ({e.strerror or e})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ImageDecodeError(f"image '{name}' is a directory, not a file")
+    if not stat.S_ISREG(st.st_mode):  # reading /dev/zero or a FIFO would never end
+        raise ImageDecodeError(f"image '{name}' is not a regular file (device, FIFO or socket); refused")
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise ImageDecodeError(f"image '{name}' could not be read ({e.strerror or e})") from None
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -38,20 +64,20 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 def decode_image(
     source: str | Path | bytes, name: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> np.ndarray:
-    """Decode to an (H, W, 3) uint8 array; raise ImageDecodeError with a clear reason otherwise."""
+    """Decode to an (H, W, 3) uint8 array; raise ImageDecodeError with a clear reason otherwise.
+
+    Args:
+        source: a path, or the file's bytes (bytes are always content, never a path).
+        name: how the file is called in error messages (default: the path, or "<upload>" for bytes).
+        max_pixels: images declaring more pixels are refused from their header, before any pixel is allocated.
+    """
     if name is None:
-        name = str(source) if not isinstance(source, bytes) else "<upload>"
-    if isinstance(source, bytes):
-        data = source
+        name = "<upload>" if isinstance(source, (bytes, bytearray, memoryview)) else str(source)
+    name = display_name(name)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
     else:
-        try:
-            data = Path(source).read_bytes()
-        except IsADirectoryError:
-            raise ImageDecodeError(f"image '{name}' is a directory, not a file") from None
-        except FileNotFoundError:
-            raise ImageDecodeError(f"image '{name}' does not exist") from None
-        except OSError as e:
-            raise ImageDecodeError(f"image '{name}' could not be read ({e.strerror or e})") from None
+        data = _read_file(Path(source), name)
     if not data:
         raise ImageDecodeError(f"image '{name}' is empty (0 bytes)")
     try:
@@ -76,8 +102,10 @@ def decode_image(
         raise ImageDecodeError(f"image '{name}' is not an image file PIL can read") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageDecodeError(f"image '{name}' refused as a possible decompression bomb ({e})") from None
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as e:
-        reason = str(e) or type(e).__name__
+    except MemoryError:
+        raise ImageDecodeError(f"image '{name}' needs more memory than is available to decode; refused") from None
+    except Exception as e:  # PIL's plugins raise many types (OSError, SyntaxError, struct.error, KeyError...)
+        reason = display_name(str(e) or type(e).__name__)
         if "truncated" in reason.lower():
             reason = f"truncated file: {reason}"
         raise ImageDecodeError(f"image '{name}' could not be decoded ({reason})") from None
