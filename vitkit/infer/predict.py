@@ -25,6 +25,7 @@ from ..config import PreprocessConfig, to_2tuple
 from ..data.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 from ..data.preprocess import preprocess_image, resize_and_crop
 from ..model import VisionTransformer
+from .onnx_backend import is_onnx_file, model_from_onnx, onnxruntime_backend
 
 Backend = Callable[[torch.Tensor], torch.Tensor]  # (B, C, H, W) float32 -> (B, classes) float32 logits
 BackendFactory = Callable[..., Backend]  # factory(model, checkpoint=Path | None, **options) -> Backend
@@ -57,6 +58,7 @@ def torch_backend(model: VisionTransformer, checkpoint: Path | None = None, prec
 
 
 register_backend("torch", torch_backend)
+register_backend("onnxruntime", onnxruntime_backend)  # vitkit/infer/onnx_backend.py; needs the onnx extra
 
 
 @dataclass
@@ -107,7 +109,10 @@ class Predictor:
         from ..interop import from_pretrained
 
         self.checkpoint = None if isinstance(model, VisionTransformer) else Path(model)
-        self.model = (model if isinstance(model, VisionTransformer) else from_pretrained(model)).eval()
+        if is_onnx_file(self.checkpoint) and backend != "onnxruntime":
+            raise ValueError(f"'{model}' is an exported ONNX graph; predict it with --backend onnxruntime")
+        load = model_from_onnx if is_onnx_file(self.checkpoint) else from_pretrained  # .onnx: weightless shell
+        self.model = (model if isinstance(model, VisionTransformer) else load(model)).eval()
         cfg = self.model.cfg
         pre = self.model.preprocess
         if input_size is not None:
