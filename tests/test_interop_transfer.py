@@ -1,0 +1,40 @@
+"""Transfer: embeddings from a checkpoint (pooled and patch) and fine-tuning from a foreign checkpoint."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import vitkit
+from vitkit.cli import main
+from vitkit.data.decode import decode_image
+from vitkit.data.preprocess import preprocess_image
+from vitkit.infer.embed import embed_images
+
+from .conftest import tiny_kwargs
+
+
+@pytest.fixture
+def images(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (40 + 8 * i, 36, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def test_embed_pooled_and_patch_features(tmp_path, images):
+    model = vitkit.create_model("vit_tiny_patch16_224", **tiny_kwargs(reg_tokens=1)).eval()
+    ckpt = model.save(tmp_path / "m.safetensors")
+    assert main(["embed", str(ckpt), str(images), "-o", str(tmp_path / "f.npy"), "--precision", "fp32"]) == 0
+    feats = np.load(tmp_path / "f.npy")
+    names = (tmp_path / "f.txt").read_text().split()
+    assert feats.shape == (3, 32) and [n.rsplit("/", 1)[-1] for n in names] == ["0.png", "1.png", "2.png"]
+    x = torch.stack([preprocess_image(decode_image(n), model.preprocess) for n in names])
+    with torch.no_grad():
+        ref = model.forward_head(model.forward_features(x), pre_logits=True)
+    assert np.abs(feats - ref.numpy()).max() < 1e-5
+    patches = embed_images(model, [decode_image(names[0])], patch=True, precision="bf16")
+    assert patches.shape == (1, 16, 32)  # 4x4 patch grid, register and cls tokens dropped
+    assert np.abs(patches[0] - model.forward_features(x[:1])[0, 2:].detach().numpy()).max() < 0.1
