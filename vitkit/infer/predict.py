@@ -13,6 +13,7 @@ with `register_backend("onnxruntime", factory)`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,10 +143,11 @@ class Predictor:
 
     def prepare(self, rgb: np.ndarray) -> torch.Tensor:
         """(H, W, 3) uint8 -> model input (C, h, w) float32, with the checkpoint's preprocessing."""
-        return preprocess_image(rgb, self.preprocess, self.model.cfg.in_chans)
+        return preprocess_image(trim_extreme_aspect(rgb, self.preprocess), self.preprocess, self.model.cfg.in_chans)
 
     def crop(self, rgb: np.ndarray) -> np.ndarray:
         """The picture the model sees, before normalisation: (h, w, 3) uint8 at the preprocessed crop."""
+        rgb = trim_extreme_aspect(rgb, self.preprocess)
         t = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)  # (3, H, W)
         return resize_and_crop(t, self.preprocess).permute(1, 2, 0).numpy()
 
@@ -221,6 +223,26 @@ class Predictor:
             "reg_tokens": cfg.reg_tokens,
             "parameters": sum(p.numel() for p in self.model.parameters()),
         }
+
+
+def trim_extreme_aspect(rgb: np.ndarray, pre: PreprocessConfig, max_ratio: float = 64.0) -> np.ndarray:
+    """Cut a very long image (say 1 x 100,000 px) to the centre band the crop will use anyway: (H, W, 3).
+
+    For a square input size the shorter side is resized to size / crop_pct and the centre cropped, so a
+    1 x 100,000 image would first be blown up to 224 x 22,400,000 pixels. Only the central `short * crop_pct`
+    pixels of the long side reach the model; keeping them plus a margin for the resize filter gives the same
+    crop without the blow-up. Shapes up to `max_ratio` pass through untouched (their resize costs
+    at most max_ratio crops' worth of pixels); beyond it the result matches up to resampling round-off.
+    """
+    h, w = rgb.shape[:2]
+    short, long = min(h, w), max(h, w)
+    if pre.input_size[0] != pre.input_size[1] or long <= max_ratio * short:
+        return rgb
+    scale = pre.input_size[0] / pre.crop_pct / short  # resize factor the preprocessing will apply
+    keep = min(long, math.ceil(short * pre.crop_pct) + 2 * (math.ceil(4 / scale) + 2))  # + filter support
+    keep += (long - keep) % 2  # trim both ends equally so the centre stays exactly where it was
+    start = (long - keep) // 2
+    return rgb[start : start + keep] if h > w else rgb[:, start : start + keep]
 
 
 def _name_of(image: ImageInput, index: int) -> str:

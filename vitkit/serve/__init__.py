@@ -18,7 +18,7 @@ def require_serve_extra() -> None:
     """Raise ImportError with the install command when the serve extra is missing."""
     try:
         import fastapi  # noqa: F401
-        import multipart  # noqa: F401  (python-multipart, for form uploads)
+        import python_multipart  # noqa: F401  (form uploads)
         import uvicorn  # noqa: F401
     except ImportError as e:
         raise ImportError(f"{MISSING_EXTRA} (missing: {e.name})") from None
