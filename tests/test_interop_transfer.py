@@ -38,3 +38,17 @@ def test_embed_pooled_and_patch_features(tmp_path, images):
     patches = embed_images(model, [decode_image(names[0])], patch=True, precision="bf16")
     assert patches.shape == (1, 16, 32)  # 4x4 patch grid, register and cls tokens dropped
     assert np.abs(patches[0] - model.forward_features(x[:1])[0, 2:].detach().numpy()).max() < 0.1
+
+
+def test_prepare_for_transfer_new_zero_head_resampled_positions_and_probe(tmp_path):
+    from vitkit.interop.transfer import prepare_for_transfer
+
+    src = vitkit.create_model("vit_tiny_patch16_224", **tiny_kwargs())
+    path = src.save(tmp_path / "m.safetensors")
+    model = prepare_for_transfer(path, num_classes=3, img_size=48, freeze_backbone=True, labels=["a", "b", "c"])
+    assert model.cfg.num_classes == 3 and model.cfg.img_size == (48, 48) and model.labels == ["a", "b", "c"]
+    assert model.pos_embed.shape[1] == 1 + 36 and torch.equal(model.pos_embed[:, :1], src.pos_embed[:, :1])
+    assert torch.count_nonzero(model.head.weight) == 0
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"head.weight", "head.bias"}
+    same = prepare_for_transfer(path, num_classes=5)  # equal class count: still a new head
+    assert torch.count_nonzero(same.head.weight) == 0 and all(p.requires_grad for p in same.parameters())
