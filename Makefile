@@ -3,8 +3,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vitkit-installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test test-slow lint bench clean
+.PHONY: setup demo test test-slow lint bench clean browser
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -20,6 +21,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q -m "not slow"
+
+# Debian's Chromium for the Playwright browser test (tests/test_browser.py skips without it unless CI=true).
+browser:
+	@test -x /usr/bin/chromium || { $(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow

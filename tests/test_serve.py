@@ -121,7 +121,7 @@ def test_explain_returns_a_png(client, params):
     assert r.headers["content-type"] == "image/png"
     img = Image.open(io.BytesIO(r.content))
     assert img.format == "PNG" and min(img.size) >= 100
-    assert "register tokens left out" in r.headers["x-vitkit-map"].replace("%20", " ")
+    assert "register token left out" in r.headers["x-vitkit-map"].replace("%20", " ")
     assert r.headers["x-vitkit-top"].split("%20")[0].split(" ")[0] in LABELS
 
 

@@ -118,7 +118,7 @@ class Explainer:
             discard = f", lowest {self.discard:.0%} discarded" if self.discard else ""
             text = f"attention rollout, layers 0-{self.layer}, {heads_text}{discard}, {what}"
         if cfg.reg_tokens:
-            text += f"; {cfg.reg_tokens} register tokens left out"
+            text += f"; {cfg.reg_tokens} register token{'s' if cfg.reg_tokens > 1 else ''} left out"
         return text
 
     def layers_needed(self) -> list[int]:
