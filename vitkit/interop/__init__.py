@@ -31,19 +31,32 @@ def load_with_report(source: str | Path, strict: bool = True, **overrides: Any) 
     path = Path(source)
     if not path.exists():
         raise CheckpointError(f"checkpoint '{source}' does not exist")
-    if detect_format(path) == "vitkit":
+    if _reading(detect_format, path) == "vitkit":
         model = load_model(path)
         report = LoadReport(str(path), "vitkit")
         report.mapped = [(k, k) for k in model.state_dict()]
         report.log()
         model = apply_overrides(model, **overrides)
     else:
-        conv = load_foreign(path)
+        conv = _reading(load_foreign, path)
         report = conv.report
         size_and_head = {k: overrides.pop(k) for k in ("img_size", "num_classes") if k in overrides}
         model = apply_overrides(build_model(conv, overrides, strict), **size_and_head)
     model.load_report = report
     return model, report
+
+
+def _reading(read: Any, path: Path) -> Any:
+    """Run a format reader; a defect it did not foresee (a config.json field of the wrong type) still gives a
+    CheckpointError naming the file rather than a traceback."""
+    try:
+        return read(path)
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(
+            f"'{path}': malformed checkpoint or config.json ({type(e).__name__}: {e}); check the file"
+        ) from e
 
 
 def convert(source: str | Path, dest: str | Path, strict: bool = True, **overrides: Any) -> LoadReport:

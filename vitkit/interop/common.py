@@ -46,8 +46,9 @@ def read_torch_file(path: Path) -> dict[str, Any]:
             f"never runs code from a checkpoint (torch.load weights_only=True). Re-save it as a plain state dict "
             f"or as safetensors. Detail: {str(e).splitlines()[0]}"
         ) from e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"'{path}' is not a readable PyTorch checkpoint: {str(e).splitlines()[0]}") from e
+    except Exception as e:  # damaged files raise RuntimeError, EOFError, OSError, KeyError... (often with no text)
+        detail = (str(e) or type(e).__name__).splitlines()[0]
+        raise CheckpointError(f"'{path}' is not a readable PyTorch checkpoint: {detail}") from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"'{path}' holds a {type(obj).__name__}, not a state dict")
     return obj
@@ -206,7 +207,7 @@ def build_model(conv: Converted, overrides: dict[str, Any], strict: bool) -> Vis
     fields.update(arch)
     try:
         cfg = ViTConfig(**fields)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, ZeroDivisionError) as e:  # ZeroDivisionError: num_heads=0 from a config.json
         raise CheckpointError(f"'{report.source}': the inferred config is not valid ({e}); inferred {fields}") from e
 
     pre = conv.preprocess or PreprocessConfig(input_size=cfg.img_size)

@@ -6,7 +6,9 @@ The write is atomic (temp file, fsync, rename), so a crash never leaves a half-w
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -84,49 +86,167 @@ def is_vitkit_checkpoint(path: str | Path) -> bool:
         return False
 
 
+# Limits on what a checkpoint's metadata may ask us to build: a file must not be able to make us allocate more
+# than it holds (its tensors are checked against the config before the model gets real memory).
+MAX_DEPTH = 1024
+MAX_BUFFER_ELEMENTS = 2**28  # non-persistent buffers (sincos position table): 1 GiB of float32
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _config_problems(raw: dict[str, Any]) -> list[str]:
+    """What is wrong with a config dict read from a file: types and ranges, checked before ViTConfig sees it."""
+    v = {f.name: f.default for f in dataclasses.fields(ViTConfig)} | raw
+    problems = []
+    ints = {"in_chans": 1, "num_classes": 0, "embed_dim": 1, "depth": 0, "num_heads": 1, "reg_tokens": 0}
+    for key, low in ints.items():
+        if not _is_int(v[key]) or v[key] < low:
+            problems.append(f"{key}={v[key]!r} (expected an integer >= {low})")
+    if _is_int(v["depth"]) and v["depth"] > MAX_DEPTH:
+        problems.append(f"depth={v['depth']} (more than {MAX_DEPTH} blocks)")
+    for key in ("img_size", "patch_size"):
+        pair = v[key] if isinstance(v[key], (list, tuple)) else [v[key]]
+        if not 1 <= len(pair) <= 2 or not all(_is_int(x) and x >= 1 for x in pair):
+            problems.append(f"{key}={v[key]!r} (expected a positive integer or a pair of them)")
+    for key in ("qkv_bias", "qk_norm", "class_token", "no_embed_class", "pre_norm", "dynamic_img_size"):
+        if not isinstance(v[key], bool):
+            problems.append(f"{key}={v[key]!r} (expected true or false)")
+    if v["fc_norm"] is not None and not isinstance(v["fc_norm"], bool):
+        problems.append(f"fc_norm={v['fc_norm']!r} (expected true, false or null)")
+    for key in ("mlp_ratio", "norm_eps"):
+        if not _is_real(v[key]) or v[key] <= 0:
+            problems.append(f"{key}={v[key]!r} (expected a positive number)")
+    if v["init_values"] is not None and not _is_real(v["init_values"]):
+        problems.append(f"init_values={v['init_values']!r} (expected a number or null)")
+    for key in ("drop_rate", "pos_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate"):
+        if not _is_real(v[key]) or not 0 <= v[key] < 1:
+            problems.append(f"{key}={v[key]!r} (expected a number in [0, 1))")
+    for key in ("global_pool", "pos_embed", "stem", "attn_backend"):
+        if not isinstance(v[key], str):
+            problems.append(f"{key}={v[key]!r} (expected a string)")
+    return problems
+
+
+def _preprocess_problems(pre: PreprocessConfig, in_chans: int) -> list[str]:
+    problems = []
+    if not all(_is_int(x) and x >= 1 for x in pre.input_size):
+        problems.append(f"input_size={pre.input_size!r} (expected positive integers)")
+    for key in ("mean", "std"):
+        v = getattr(pre, key)
+        if len(v) != in_chans or not all(math.isfinite(x) for x in v):
+            problems.append(f"{key}={v!r} (expected {in_chans} finite numbers, one per input channel)")
+    if any(x <= 0 for x in pre.std):
+        problems.append(f"std={pre.std!r} (expected positive numbers)")
+    if pre.interpolation not in INTERPOLATIONS:
+        problems.append(f"interpolation={pre.interpolation!r} (expected one of {INTERPOLATIONS})")
+    if not _is_real(pre.crop_pct) or not 0 < pre.crop_pct <= 4:
+        problems.append(f"crop_pct={pre.crop_pct!r} (expected a number in (0, 4])")
+    return problems
+
+
+def _json_object(meta: dict[str, str], key: str, path: str | Path) -> Any:
+    value = meta[key]
+    if not isinstance(value, str):
+        raise CheckpointError(f"'{path}': metadata '{key}' is a {type(value).__name__}, expected a JSON string")
+    try:
+        return json.loads(value)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointError(f"'{path}': metadata '{key}' is not valid JSON ({e})") from None
+
+
 def parse_metadata(
     meta: dict[str, str], path: str | Path = "<memory>"
 ) -> tuple[ViTConfig, PreprocessConfig, list | None]:
     """Config, preprocessing and labels from vitkit metadata; every defect is a CheckpointError naming the file."""
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"'{path}' is not a vitkit checkpoint (metadata format={meta.get('format')!r})")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise CheckpointError(
+            f"'{path}' is not a vitkit checkpoint (metadata format={found!r}); foreign checkpoints load through "
+            "vitkit.from_pretrained"
+        )
+    if "config" not in meta:
+        raise CheckpointError(f"'{path}': metadata lacks 'config'; the file is damaged or was not written by vitkit")
+    raw_cfg = _json_object(meta, "config", path)
+    raw_pre = _json_object(meta, "preprocess", path) if "preprocess" in meta else {}
+    labels = _json_object(meta, "labels", path) if "labels" in meta else None
+    for key, value in (("config", raw_cfg), ("preprocess", raw_pre)):
+        if not isinstance(value, dict):
+            raise CheckpointError(f"'{path}': metadata '{key}' is a JSON {type(value).__name__}, expected an object")
+    problems = _config_problems(raw_cfg)
+    if problems:
+        raise CheckpointError(f"'{path}': malformed config in metadata: {'; '.join(problems)}")
     try:
-        cfg = ViTConfig.from_dict(json.loads(meta["config"]))
-        pre = PreprocessConfig.from_dict(json.loads(meta.get("preprocess", "{}")))
-        labels = json.loads(meta["labels"]) if "labels" in meta else None
-    except KeyError as e:
-        raise CheckpointError(f"'{path}': metadata lacks {e}") from e
-    except (json.JSONDecodeError, TypeError, ValueError) as e:
-        raise CheckpointError(f"'{path}': malformed metadata: {e}") from e
-    if labels is not None and (not isinstance(labels, list) or len(labels) != cfg.num_classes):
-        raise CheckpointError(f"'{path}': labels do not match num_classes={cfg.num_classes}")
+        cfg = ViTConfig.from_dict(raw_cfg)
+    except Exception as e:  # ViTConfig's own checks (unknown keys, divisibility, choices)
+        raise CheckpointError(f"'{path}': malformed config in metadata: {e}") from None
+    try:
+        pre = PreprocessConfig.from_dict(raw_pre)
+    except Exception as e:
+        raise CheckpointError(f"'{path}': malformed preprocess in metadata: {e}") from None
+    problems = _preprocess_problems(pre, cfg.in_chans)
+    if problems:
+        raise CheckpointError(f"'{path}': malformed preprocess in metadata: {'; '.join(problems)}")
+    if labels is not None:
+        if not isinstance(labels, list) or not all(isinstance(x, (str, int)) for x in labels):
+            raise CheckpointError(f"'{path}': metadata 'labels' must be a JSON list of class names")
+        if len(labels) != cfg.num_classes:
+            raise CheckpointError(f"'{path}': {len(labels)} labels do not match num_classes={cfg.num_classes}")
+        labels = [str(x) for x in labels]
     return cfg, pre, labels
 
 
+def _is_float_dtype(safetensors_dtype: str) -> bool:
+    return safetensors_dtype.startswith(("F", "BF"))  # F16, F32, F64, BF16, F8_*
+
+
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
-    """Rebuild a VisionTransformer from a vitkit safetensors file, checking every tensor's name and shape."""
+    """Rebuild a VisionTransformer from a vitkit safetensors file, checking every tensor's name and shape.
+
+    The config is checked against the file's tensor shapes on the meta device first, so a file cannot make us
+    allocate more memory than its own tensors take.
+    """
     from .vit import VisionTransformer
 
     path = Path(path)
     cfg, pre, labels = parse_metadata(read_metadata(path), path)
-    model = VisionTransformer(cfg, preprocess=pre, labels=labels)
-    expected = model.state_dict()
-    state: dict[str, torch.Tensor] = {}
-    with safe_open(str(path), framework="pt", device=str(map_location)) as f:
-        for k in f.keys():
-            state[k] = f.get_tensor(k)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            file_specs = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+    except Exception as e:
+        raise CheckpointError(f"'{path}' is not a readable safetensors file: {e}") from None
+    with torch.device("meta"):
+        skeleton = VisionTransformer(cfg, preprocess=pre, labels=labels)  # (no memory: shapes only)
+    buffer_elements = sum(b.numel() for b in skeleton.buffers())
+    if buffer_elements > MAX_BUFFER_ELEMENTS:
+        raise CheckpointError(f"'{path}': its config needs {buffer_elements:,} buffer elements; refused")
+    expected = {k: (tuple(v.shape), v.dtype) for k, v in skeleton.state_dict().items()}
+    missing = sorted(set(expected) - set(file_specs))
+    unexpected = sorted(set(file_specs) - set(expected))
     wrong = [
-        f"{k}: file {tuple(state[k].shape)} {state[k].dtype}, model {tuple(v.shape)} {v.dtype}"
-        for k, v in expected.items()
-        if k in state
-        and (state[k].shape != v.shape or not state[k].dtype.is_floating_point == v.dtype.is_floating_point)
+        f"{k}: file {file_specs[k][0]} {file_specs[k][1]}, model {shape} {dtype}"
+        for k, (shape, dtype) in expected.items()
+        if k in file_specs
+        and (file_specs[k][0] != shape or _is_float_dtype(file_specs[k][1]) != dtype.is_floating_point)
     ]
     if missing or unexpected or wrong:
         raise CheckpointError(
             f"'{path}' does not fit its own config: missing {missing[:5]}, unexpected {unexpected[:5]}, "
             f"wrong shape/dtype {wrong[:5]}"
         )
-    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
+    model = VisionTransformer(cfg, preprocess=pre, labels=labels)
+    state: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(path), framework="pt", device=str(map_location)) as f:
+            for k in f.keys():
+                state[k] = f.get_tensor(k).to(expected[k][1])
+    except Exception as e:  # e.g. a file truncated after its header
+        raise CheckpointError(f"'{path}': tensor data could not be read ({e}); the file is damaged") from None
+    model.load_state_dict(state)
     return model.eval()
