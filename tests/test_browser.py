@@ -22,7 +22,7 @@ from vitkit.infer.predict import Predictor
 
 from .conftest import tiny_kwargs
 
-CHROMIUM = "/usr/bin/chromium"
+CHROMIUM = os.environ.get("VITKIT_CHROMIUM", "/usr/bin/chromium")
 ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOT_DIR = Path(os.environ.get("VITKIT_SCREENSHOT_DIR", ROOT / "runs" / "browser"))
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
