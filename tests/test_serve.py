@@ -3,9 +3,11 @@
 
 import asyncio
 import io
+import re
 import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import unquote
 
 import numpy as np
 import pytest
@@ -121,8 +123,12 @@ def test_explain_returns_a_png(client, params):
     assert r.headers["content-type"] == "image/png"
     img = Image.open(io.BytesIO(r.content))
     assert img.format == "PNG" and min(img.size) >= 100
-    assert "register token left out" in r.headers["x-vitkit-map"].replace("%20", " ")
-    assert r.headers["x-vitkit-top"].split("%20")[0].split(" ")[0] in LABELS
+    raw = r.headers["x-vitkit-map"]
+    assert re.fullmatch(r"(?:[^%]|%[0-9A-F]{2})*", raw)  # valid for the page's decodeURIComponent
+    caption = unquote(raw)
+    assert "register token left out" in caption
+    assert ("lowest 90% discarded" in caption) == ("discard" in params)
+    assert unquote(r.headers["x-vitkit-top"]).split(" ")[0] in LABELS
 
 
 def test_healthz_and_page(client):

@@ -204,11 +204,12 @@ def overlay(crop: np.ndarray, heat: np.ndarray, size: int = 320, alpha: float = 
     return ((1 - alpha) * base + alpha * color + 0.5).clip(0, 255).astype(np.uint8)
 
 
-def overlay_png(expl: Explanation, size: int = 320) -> bytes:
-    """A plain PNG of the overlay (the mean map, or every head's maps side by side)."""
+def overlay_png(expl: Explanation, size: int = 320, max_width: int = 4096) -> bytes:
+    """A plain PNG of the overlay (the mean map, or every head's maps side by side, at most max_width wide)."""
     from PIL import Image
 
     maps = expl.heat if expl.heat.ndim == 3 else expl.heat[None]
+    size = max(32, min(size, max_width // len(maps)))
     tiles = [overlay(expl.crop, m, size) for m in maps]
     buf = io.BytesIO()
     Image.fromarray(np.concatenate(tiles, axis=1)).save(buf, format="PNG")

@@ -147,7 +147,7 @@ def create_app(
         expl = Explanation(name, crop, heat.numpy(), explainer.description, pred)
         png = await run_in_threadpool(figure_png if figure else overlay_png, expl, size)
         headers = {
-            "X-Vitkit-Map": quote(explainer.description, safe=" ,;:()-%"),
+            "X-Vitkit-Map": quote(explainer.description, safe=" ,;:()-"),
             "X-Vitkit-Top": quote(f"{pred.labels[0]} {pred.probs[0]:.4f}", safe=" "),
             "Cache-Control": "no-store",
         }
