@@ -173,3 +173,11 @@ def test_cli_explain_writes_pngs_and_names_bad_files(tmp_path, capsys):
     assert rc == 1
     assert (tmp_path / "maps" / "photo_attention.png").is_file()
     assert "broken.jpg" in err and "predicted" in o
+
+
+def test_grayscale_model_shows_the_luminance_it_sees():
+    model = vitkit.create_model("vit_small_patch16_224", **tiny_kwargs(in_chans=1))
+    (ex,) = Explainer(Predictor(model)).explain([noise()])
+    assert ex.crop.shape == (32, 32, 3)
+    assert (ex.crop[..., 0] == ex.crop[..., 1]).all() and (ex.crop[..., 1] == ex.crop[..., 2]).all()
+    assert ex.heat.shape == (4, 4)

@@ -149,7 +149,11 @@ class Predictor:
         """The picture the model sees, before normalisation: (h, w, 3) uint8 at the preprocessed crop."""
         rgb = trim_extreme_aspect(rgb, self.preprocess)
         t = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)  # (3, H, W)
-        return resize_and_crop(t, self.preprocess).permute(1, 2, 0).numpy()
+        crop = resize_and_crop(t, self.preprocess).permute(1, 2, 0).numpy()  # (h, w, 3)
+        if self.model.cfg.in_chans == 1:  # a grayscale model sees luminance: show that
+            gray = crop.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+            crop = np.repeat((gray + 0.5).clip(0, 255).astype(np.uint8)[..., None], 3, axis=2)
+        return crop
 
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) float32 -> (B, classes) float32 through the backend."""
