@@ -1,0 +1,545 @@
+"""Dataset sources: turn `--data SPEC` into one uint8 image array, decoded once and cached.
+
+A spec is one of:
+  * a directory in ImageFolder layout (`root/<class>/.../img.jpg`; the class level is found automatically),
+  * a `.tar` / `.tar.gz` / `.tgz` of such a directory, read in place with `tarfile` (never unpacked to disk),
+  * a `.csv` of `path,label` rows (paths relative to the CSV; header optional; labels as names or ints),
+  * `digits` (scikit-learn's 8x8 digits), `cifar10` / `cifar100` (torchvision's downloader; `:test` for the test split).
+
+Every image file goes through `decode_image`, so odd formats convert and broken files are skipped and named in
+`ImageArrayDataset.skipped` instead of stopping the run. Decoded arrays are written once to a `.npy` memmap in the
+cache folder, keyed by the source's path, sizes and modification times, so a second load never decodes again.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import tarfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .decode import ImageDecodeError, decode_image
+
+log = logging.getLogger("vitkit.data")
+
+IMAGE_EXTENSIONS = frozenset(
+    ".jpg .jpeg .jpe .jfif .png .bmp .gif .tif .tiff .webp .ppm .pgm .pbm .pnm .tga .ico".split()
+)
+CACHE_FORMAT_VERSION = 1  # bump when the cached layout or decoding rules change
+_DECODE_WORKERS = 2  # PIL releases the GIL while decoding; the machine this targets has 2 cores
+
+
+class DataSourceError(ValueError):
+    """The data could not be used (empty, wrong labels, unreachable download); the message says what to do."""
+
+
+@dataclass
+class ImageArrayDataset:
+    """A whole dataset as one uint8 array, decoded once."""
+
+    images: np.ndarray  # (N, H, W, C) uint8, in memory or an np.memmap of the cache file
+    labels: np.ndarray  # (N,) int64 class indices into `classes`
+    classes: list[str]  # index -> class name
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file name, reason) for each bad file
+    source: str = ""  # human-readable description
+    cache_path: str | None = None  # folder holding the decoded arrays, when cached on disk
+    from_cache: bool = False  # True when this load read the cache instead of decoding
+    load_seconds: float = 0.0  # wall time of this load (decode + cache write, or cache read)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return (int(self.images.shape[1]), int(self.images.shape[2]))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+# ----------------------------------------------------------------------------------------------------------- entry
+
+
+def default_cache_dir() -> Path:
+    """`$VITKIT_CACHE`, else `$XDG_CACHE_HOME/vitkit`, else `~/.cache/vitkit`."""
+    if os.environ.get("VITKIT_CACHE"):
+        return Path(os.environ["VITKIT_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "vitkit"
+
+
+def load_source(
+    spec: str,
+    *,
+    cache_dir: str | Path | None = None,
+    image_size: int | tuple[int, int] | None = None,
+    progress: bool = True,
+    classes: Sequence[str] | None = None,
+) -> ImageArrayDataset:
+    """Load a dataset from `spec` (folder, tar, CSV, `digits`, `cifar10`, `cifar100`) as a uint8 array.
+
+    Args:
+        spec: what `--data` received (see the module docstring).
+        cache_dir: where decoded arrays (and torchvision downloads) are kept; default `default_cache_dir()`.
+        image_size: resize every image to this (H, W); None keeps the most common size and resizes the rest.
+        progress: show a progress bar while decoding.
+        classes: class names to map labels onto (e.g. the training set's, for a `--val-data`); a label not among
+            them is a DataSourceError.
+
+    Returns:
+        ImageArrayDataset with images (N, H, W, 3) uint8 (digits: (N, 8, 8, 1)), labels (N,) int64.
+
+    Raises:
+        DataSourceError: unknown spec, no images, label mismatch, or a download that cannot happen.
+    """
+    start = time.perf_counter()
+    size = _as_size(image_size)
+    cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    name = spec.strip()
+    path = Path(name).expanduser()
+    if not path.exists() and name.lower().split(":")[0] in _BUILTINS:
+        ds = _BUILTINS[name.lower().split(":")[0]](name.lower(), cache_root, size)
+    elif path.is_dir():
+        ds = _load_cached(path, "folder", cache_root, size, progress, lambda: _folder_items(path))
+    elif path.is_file() and _is_tar(path):
+        ds = _load_cached(path, "tar", cache_root, size, progress, lambda: _tar_items(path))
+    elif path.is_file() and path.suffix.lower() == ".csv":
+        ds = _load_cached(path, "csv", cache_root, size, progress, lambda: _csv_items(path))
+    elif not path.exists():
+        raise DataSourceError(
+            f"data source '{spec}' does not exist; pass an image folder (root/<class>/img.jpg), a .tar/.tar.gz of "
+            f"one, a .csv of path,label rows, or one of: {', '.join(sorted(_BUILTINS))}"
+        )
+    else:
+        raise DataSourceError(
+            f"data source '{spec}' is not a folder, a .tar/.tar.gz/.tgz archive or a .csv file; "
+            "pass one of those (or digits / cifar10 / cifar100)"
+        )
+    if classes is not None:
+        ds = align_classes(ds, classes)
+    ds.load_seconds = time.perf_counter() - start
+    return ds
+
+
+def align_classes(ds: ImageArrayDataset, classes: Sequence[str]) -> ImageArrayDataset:
+    """Re-index `ds.labels` onto `classes` (e.g. a validation set onto the training set's classes).
+
+    Raises:
+        DataSourceError: `ds` has a class that `classes` lacks.
+    """
+    classes = [str(c) for c in classes]
+    if list(ds.classes) == classes:
+        return ds
+    missing = [c for c in ds.classes if c not in classes]
+    if missing:
+        raise DataSourceError(
+            f"{ds.source}: classes {missing[:10]} are not among the {len(classes)} training classes "
+            f"({classes[:10]}{'...' if len(classes) > 10 else ''}); use data with the same class names"
+        )
+    remap = np.array([classes.index(c) for c in ds.classes], dtype=np.int64)
+    return ImageArrayDataset(
+        images=ds.images,
+        labels=remap[ds.labels],
+        classes=classes,
+        skipped=ds.skipped,
+        source=ds.source,
+        cache_path=ds.cache_path,
+        from_cache=ds.from_cache,
+        load_seconds=ds.load_seconds,
+    )
+
+
+def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split indices into (train, val) so every class keeps its share in both; same seed, same split.
+
+    Each class with n samples gives round(n * val_fraction) of them to val (at least one when n >= 2 and the
+    fraction is positive, and never all of them). Both index arrays come back sorted.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    train_parts, val_parts = [], []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        idx = idx[rng.permutation(len(idx))]
+        n_val = int(round(len(idx) * val_fraction))
+        if val_fraction > 0 and len(idx) >= 2:
+            n_val = min(max(n_val, 1), len(idx) - 1)
+        val_parts.append(idx[:n_val])
+        train_parts.append(idx[n_val:])
+    train = np.sort(np.concatenate(train_parts)) if train_parts else np.zeros(0, np.int64)
+    val = np.sort(np.concatenate(val_parts)) if val_parts else np.zeros(0, np.int64)
+    return train.astype(np.int64), val.astype(np.int64)
+
+
+# ----------------------------------------------------------------------------------------------- listing sources
+# Each lister returns (items, classes, description): items are (name, read_bytes_or_path, label) in a fixed order.
+
+Item = tuple[str, "Callable[[], bytes] | bytes | Path", int]
+
+
+def _is_image_name(name: str) -> bool:
+    parts = name.replace("\\", "/").split("/")
+    if any(p.startswith(".") or p == "__MACOSX" for p in parts if p):
+        return False  # hidden files and macOS resource forks
+    return Path(parts[-1]).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _class_of_paths(rel_paths: list[tuple[str, ...]], where: str) -> tuple[list[str | None], list[str]]:
+    """Find the class level: the first folder below the deepest folder shared by all images.
+
+    `rel_paths` are the images' path components (file name last). Images lying above the class level get None.
+    """
+    parents = [p[:-1] for p in rel_paths]
+    common = list(parents[0])
+    for p in parents[1:]:
+        n = 0
+        while n < min(len(common), len(p)) and common[n] == p[n]:
+            n += 1
+        del common[n:]
+        if not common:
+            break
+    if all(len(p) == len(common) for p in parents):  # all images in one folder: that folder is the only class
+        if not common:
+            raise DataSourceError(
+                f"{where}: images lie directly in the top folder; put them in one subfolder per class "
+                "(root/<class>/img.jpg) or use a CSV of path,label"
+            )
+        common = common[:-1]
+    depth = len(common)
+    names = [p[depth] if len(p) > depth else None for p in parents]
+    return names, sorted({n for n in names if n is not None})
+
+
+def _label_items(entries: list[tuple[str, tuple[str, ...], object]], where: str) -> tuple[list[Item], list[str]]:
+    """(name, path parts, reader) -> items labelled by the inferred class folder."""
+    if not entries:
+        raise DataSourceError(f"{where}: no image files found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    names, classes = _class_of_paths([e[1] for e in entries], where)
+    index = {c: i for i, c in enumerate(classes)}
+    loose = [e[0] for e, c in zip(entries, names) if c is None]
+    if loose:
+        log.warning("%s: ignored %d image(s) outside the class folders, e.g. %s", where, len(loose), loose[:3])
+    return [(e[0], e[2], index[c]) for e, c in zip(entries, names) if c is not None], classes
+
+
+def _walk_files(root: Path) -> Iterable[Path]:
+    """All files under `root`, following symlinked folders once each (a symlink loop cannot hang the walk)."""
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []  # been here through another link: do not descend again
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for f in sorted(filenames):
+            yield Path(dirpath) / f
+
+
+def _folder_items(root: Path) -> tuple[list[Item], list[str], str]:
+    entries = []
+    for p in _walk_files(root):
+        rel = p.relative_to(root)
+        if _is_image_name(rel.as_posix()):
+            entries.append((rel.as_posix(), rel.parts, p))
+    items, classes = _label_items(entries, f"image folder '{root}'")
+    return items, classes, f"image folder {root}"
+
+
+def _is_tar(path: Path) -> bool:
+    n = path.name.lower()
+    return n.endswith((".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz"))
+
+
+def _tar_items(path: Path) -> tuple[list[Item], list[str], str]:
+    # Read members in archive order: a compressed tar only streams forwards, so random access would re-inflate.
+    entries = []
+    try:
+        with tarfile.open(path, "r:*") as tf:
+            for m in tf:
+                if not m.isfile() or not _is_image_name(m.name):
+                    continue
+                f = tf.extractfile(m)
+                data = f.read() if f is not None else b""
+                parts = tuple(p for p in m.name.replace("\\", "/").split("/") if p not in ("", "."))
+                entries.append((m.name, parts, data))
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise DataSourceError(f"archive '{path}' could not be read ({e}); check the file is a complete tar") from None
+    entries.sort(key=lambda e: e[0])  # the order of the archive does not matter to the labels
+    items, classes = _label_items(entries, f"archive '{path}'")
+    return items, classes, f"tar archive {path}"
+
+
+_HEADER_WORDS = {"path", "file", "filename", "file_name", "image", "img", "filepath", "image_path", "name"}
+
+
+def _csv_items(path: Path) -> tuple[list[Item], list[str], str]:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataSourceError(f"CSV '{path}' could not be read ({e})") from None
+    rows = [r for r in csv.reader(text.splitlines()) if r and any(c.strip() for c in r)]
+    if rows and rows[0][0].strip().lower() in _HEADER_WORDS:
+        rows = rows[1:]
+    pairs = []
+    for line_no, r in enumerate(rows, start=1):
+        if len(r) < 2 or not r[0].strip() or not r[1].strip():
+            raise DataSourceError(f"CSV '{path}': row {line_no} {r!r} is not 'path,label'; every row needs both")
+        pairs.append((r[0].strip(), r[1].strip()))
+    if not pairs:
+        raise DataSourceError(f"CSV '{path}' has no rows; expected lines of 'path,label'")
+    raw = [lab for _, lab in pairs]
+    if all(_is_int(lab) for lab in raw):  # integer labels are class indices
+        ints = [int(lab) for lab in raw]
+        if min(ints) < 0:
+            raise DataSourceError(f"CSV '{path}': negative label {min(ints)}; labels are names or indices >= 0")
+        classes = [str(i) for i in range(max(ints) + 1)]
+        labels = ints
+    else:
+        classes = sorted(set(raw))
+        index = {c: i for i, c in enumerate(classes)}
+        labels = [index[lab] for lab in raw]
+    items: list[Item] = []
+    for (rel, _), lab in zip(pairs, labels):
+        p = Path(rel) if Path(rel).is_absolute() else path.parent / rel
+        items.append((rel, p, lab))
+    return items, classes, f"CSV {path}"
+
+
+def _is_int(s: str) -> bool:
+    try:
+        int(s)
+        return True
+    except ValueError:
+        return False
+
+
+# ------------------------------------------------------------------------------------------------ decode + cache
+
+
+def _as_size(image_size: int | tuple[int, int] | Sequence[int] | None) -> tuple[int, int] | None:
+    if image_size is None:
+        return None
+    if isinstance(image_size, int):
+        return (image_size, image_size)
+    h, w = image_size
+    return (int(h), int(w))
+
+
+def _fingerprint(path: Path, kind: str, size: tuple[int, int] | None) -> str:
+    """A hash of what the decoded arrays depend on: the files' paths, sizes and modification times."""
+    h = hashlib.sha256()
+    st = path.stat()
+    h.update(repr((CACHE_FORMAT_VERSION, kind, str(path.resolve()), st.st_size, st.st_mtime_ns, size)).encode())
+    if kind in ("folder", "csv"):  # a folder's own mtime misses edits inside it: include every file's stat
+        files = _walk_files(path) if kind == "folder" else (p for _, p, _ in _csv_items(path)[0])
+        for p in files:
+            try:
+                s = p.stat()
+                h.update(f"{p}\0{s.st_size}\0{s.st_mtime_ns}\n".encode())
+            except OSError:
+                h.update(f"{p}\0missing\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _resize(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(H, W, C) uint8 -> (h, w, C): scale the shorter side to fit, then center-crop (keeps the aspect ratio)."""
+    h, w = size
+    if img.shape[:2] == (h, w):
+        return img
+    pil = Image.fromarray(img)
+    scale = max(h / img.shape[0], w / img.shape[1])
+    rh, rw = max(h, round(img.shape[0] * scale)), max(w, round(img.shape[1] * scale))
+    pil = pil.resize((rw, rh), Image.Resampling.BICUBIC)
+    top, left = (rh - h) // 2, (rw - w) // 2
+    return np.asarray(pil.crop((left, top, left + w, top + h)), dtype=np.uint8)
+
+
+def _decode_one(item: Item, size: tuple[int, int] | None) -> np.ndarray | str:
+    """Decoded (H, W, 3) array, or the reason the file was skipped."""
+    name, src, _ = item
+    try:
+        img = decode_image(src() if callable(src) else src, name=name)
+    except ImageDecodeError as e:
+        return str(e)
+    return _resize(img, size) if size is not None else img
+
+
+def _decode_all(
+    items: list[Item], size: tuple[int, int] | None, progress: bool, where: str
+) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
+    from tqdm.auto import tqdm
+
+    arrays: list[np.ndarray] = []
+    labels: list[int] = []
+    skipped: list[tuple[str, str]] = []
+    with ThreadPoolExecutor(max_workers=_DECODE_WORKERS) as pool:
+        results = pool.map(lambda it: _decode_one(it, size), items, chunksize=64)
+        bar = tqdm(results, total=len(items), desc="decoding", unit="img", disable=not progress, leave=False)
+        for item, res in zip(items, bar):
+            if isinstance(res, str):
+                skipped.append((item[0], res))
+            else:
+                arrays.append(res)
+                labels.append(item[2])
+    if skipped:
+        shown = "; ".join(f"{n} ({r})" for n, r in skipped[:3])
+        log.warning("%s: skipped %d unreadable file(s): %s%s", where, len(skipped), shown, " ..." * (len(skipped) > 3))
+    if not arrays:
+        raise DataSourceError(f"{where}: none of the {len(items)} image files could be decoded; e.g. {skipped[:3]}")
+    if size is None:  # different sizes: resize the odd ones to the most common size
+        size = Counter(a.shape[:2] for a in arrays).most_common(1)[0][0]
+        odd = sum(a.shape[:2] != size for a in arrays)
+        if odd:
+            log.info("%s: resized %d image(s) to the most common size %dx%d", where, odd, size[0], size[1])
+            arrays = [_resize(a, size) for a in arrays]
+    return np.stack(arrays), np.asarray(labels, dtype=np.int64), skipped
+
+
+def _load_cached(
+    path: Path,
+    kind: str,
+    cache_root: Path,
+    size: tuple[int, int] | None,
+    progress: bool,
+    lister: Callable[[], tuple[list[Item], list[str], str]],
+) -> ImageArrayDataset:
+    """Read the decoded arrays from the cache, or decode everything once and write the cache."""
+    key = _fingerprint(path, kind, size)
+    folder = cache_root / "decoded" / f"{path.name}-{key}"
+    if (folder / "meta.json").exists():
+        try:
+            meta = json.loads((folder / "meta.json").read_text())
+            images = np.load(folder / "images.npy", mmap_mode="r")
+            labels = np.load(folder / "labels.npy")
+            log.info("%s: %d images from the decode cache %s", meta["source"], len(labels), folder)
+            return ImageArrayDataset(
+                images=images,
+                labels=labels.astype(np.int64),
+                classes=list(meta["classes"]),
+                skipped=[tuple(s) for s in meta["skipped"]],
+                source=meta["source"],
+                cache_path=str(folder),
+                from_cache=True,
+            )
+        except (OSError, ValueError, KeyError) as e:
+            log.warning("decode cache %s is unreadable (%s); decoding again", folder, e)
+    t0 = time.perf_counter()
+    items, classes, source = lister()
+    images, labels, skipped = _decode_all(items, size, progress, source)
+    present = set(labels.tolist())
+    empty = [c for i, c in enumerate(classes) if i not in present]
+    if empty and kind != "csv":
+        log.warning("%s: classes with no readable image: %s", source, empty[:10])
+    log.info("%s: decoded %d images in %.1f s", source, len(labels), time.perf_counter() - t0)
+    ds = ImageArrayDataset(images=images, labels=labels, classes=classes, skipped=skipped, source=source)
+    try:
+        _write_cache(folder, ds)
+        ds.images = np.load(folder / "images.npy", mmap_mode="r")
+        ds.cache_path = str(folder)
+    except OSError as e:
+        log.warning("could not write the decode cache to %s (%s); keeping the images in memory only", folder, e)
+    return ds
+
+
+def _write_cache(folder: Path, ds: ImageArrayDataset) -> None:
+    """Write arrays + meta into a temp folder, then rename it into place (a crash never leaves half a cache)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    mm = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=ds.images.shape)
+    mm[:] = ds.images
+    mm.flush()
+    del mm
+    np.save(tmp / "labels.npy", ds.labels)
+    meta = {"classes": ds.classes, "skipped": [list(s) for s in ds.skipped], "source": ds.source}
+    (tmp / "meta.json").write_text(json.dumps(meta))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
+# ------------------------------------------------------------------------------------------------------ builtins
+
+
+def _digits(spec: str, cache_root: Path, size: tuple[int, int] | None) -> ImageArrayDataset:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = np.clip(np.round(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)[..., None]  # (N, 8, 8, 1)
+    if size is not None and size != (8, 8):
+        images = np.stack([_resize(im[..., 0], size)[..., None] for im in images])
+    return ImageArrayDataset(
+        images=images,
+        labels=d.target.astype(np.int64),
+        classes=[str(i) for i in range(10)],
+        source="scikit-learn digits (8x8 grayscale)",
+    )
+
+
+_CIFAR_URLS = {
+    "cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+    "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+}
+DOWNLOAD_TIMEOUT_S = 10.0
+
+
+def _cifar(spec: str, cache_root: Path, size: tuple[int, int] | None) -> ImageArrayDataset:
+    from torchvision import datasets
+
+    name, _, split = spec.partition(":")
+    if split not in ("", "train", "test"):
+        raise DataSourceError(f"'{spec}': the split after ':' must be train or test")
+    train = split != "test"
+    cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    root = cache_root / "torchvision"
+    try:
+        ds = cls(str(root), train=train, download=False)
+    except RuntimeError:  # not downloaded yet (or corrupt): fetch it, but never hang when offline
+        old = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+        try:
+            ds = cls(str(root), train=train, download=True)
+        except Exception as e:  # URLError, timeouts, HTTP errors, checksum failures: all mean "no copy here"
+            raise DataSourceError(
+                f"could not download {name.upper()} from {_CIFAR_URLS[name]} into {root} ({type(e).__name__}: {e}). "
+                "If this machine is offline, pass a local copy instead: --data path/to/folder-or-tar (an image "
+                f"folder root/<class>/img.png or a .tar/.tar.gz of one), or put {Path(_CIFAR_URLS[name]).name} "
+                f"into {root}"
+            ) from None
+        finally:
+            socket.setdefaulttimeout(old)
+    images = np.asarray(ds.data, dtype=np.uint8)  # (N, 32, 32, 3)
+    if size is not None and size != images.shape[1:3]:
+        images = np.stack([_resize(im, size) for im in images])
+    return ImageArrayDataset(
+        images=images,
+        labels=np.asarray(ds.targets, dtype=np.int64),
+        classes=list(ds.classes),
+        source=f"{name.upper()} {'train' if train else 'test'} (torchvision, {root})",
+        cache_path=str(root),
+        from_cache=True,
+    )
+
+
+_BUILTINS: dict[str, Callable[[str, Path, tuple[int, int] | None], ImageArrayDataset]] = {
+    "digits": _digits,
+    "cifar10": _cifar,
+    "cifar100": _cifar,
+}
