@@ -16,6 +16,7 @@ a resumed run draw the very same augmentations.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from ..config import PreprocessConfig
+from .autoaugment import BatchRandAugment, BatchTrivialAugmentWide
 from .preprocess import interpolation_mode, normalize, resize_and_crop
 
 AUTO_AUGMENTS = ("randaugment", "trivialaugment", "autoaugment")
@@ -235,13 +237,16 @@ def _match_channels(x: torch.Tensor, in_chans: int) -> torch.Tensor:
     return x
 
 
-def _auto_augment_module(aug: AugmentConfig) -> v2.Transform | None:
+def _auto_augment_module(aug: AugmentConfig) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """uint8 (B, C, H, W) -> uint8, every image with its own draw. RandAugment / TrivialAugmentWide run batched
+    (vitkit.data.autoaugment); AutoAugment's sub-policies run through torchvision one image at a time."""
     if aug.auto_augment == "randaugment":
-        return v2.RandAugment(aug.aa_num_ops, aug.aa_magnitude, aug.aa_magnitude_bins)
+        return BatchRandAugment(aug.aa_num_ops, aug.aa_magnitude, aug.aa_magnitude_bins)
     if aug.auto_augment == "trivialaugment":
-        return v2.TrivialAugmentWide(aug.aa_magnitude_bins)
+        return BatchTrivialAugmentWide(aug.aa_magnitude_bins)
     if aug.auto_augment == "autoaugment":
-        return v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET)
+        per_image = v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET)
+        return lambda x: torch.stack([per_image(img) for img in x])
     return None
 
 
@@ -273,8 +278,8 @@ class TrainTransform:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.geometry(_match_channels(x, self.in_chans))
-        if self.auto_augment is not None:  # per image: each draws its own ops and magnitudes
-            x = torch.stack([self.auto_augment(img) for img in x])
+        if self.auto_augment is not None:  # each image draws its own ops and magnitudes
+            x = self.auto_augment(x)
         x = normalize(x, self.pre, self.in_chans)  # float32 (B, C, h, w)
         if self.aug.random_erasing > 0:
             x = random_erasing(x, self.aug.random_erasing)
