@@ -1,0 +1,164 @@
+"""Training pieces: schedule, param groups, EMA, checkpoints, non-finite hook, recipes (each well under a second)."""
+
+import math
+import os
+
+import pytest
+import torch
+
+import vitkit
+from vitkit.model.serialization import CheckpointError
+from vitkit.train.checkpoint import load_checkpoint, save_checkpoint
+from vitkit.train.ema import ModelEma
+from vitkit.train.loop import StepState, TrainingDiverged, train_one_epoch
+from vitkit.train.optim import build_optimizer, layer_decay_param_groups, param_groups
+from vitkit.train.recipe import TrainConfig, build_config, load_recipe
+from vitkit.train.schedule import WarmupCosine, apply_lr
+
+from .conftest import tiny_kwargs
+
+
+def test_warmup_cosine_values():
+    s = WarmupCosine(base_lr=1.0, total_steps=110, warmup_steps=10, min_lr=0.1)
+    assert s.lr_at(0) == pytest.approx(0.1)  # (0 + 1) / 10
+    assert s.lr_at(4) == pytest.approx(0.5)
+    assert s.lr_at(9) == pytest.approx(1.0)
+    assert s.lr_at(10) == pytest.approx(1.0)  # cosine starts at the peak
+    assert s.lr_at(60) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 0.5)))  # half way: mid value
+    assert s.lr_at(110) == pytest.approx(0.1) and s.lr_at(500) == pytest.approx(0.1)
+    lrs = [s.lr_at(i) for i in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # monotone decay after warmup
+    s.relayout(20)  # budget re-estimate: warmup capped at a quarter
+    assert (s.total_steps, s.warmup_steps) == (20, 5)
+
+
+def test_param_groups_split_decay():
+    m = vitkit.create_model("vit_cifar_patch4_32", **tiny_kwargs(reg_tokens=2, init_values=1e-5, stem="conv"))
+    groups = param_groups(m, 0.05)
+    names = {id(p): n for n, p in m.named_parameters()}
+    decay = {names[id(p)] for p in groups[0]["params"]}
+    no_decay = {names[id(p)] for p in groups[1]["params"]}
+    assert groups[0]["weight_decay"] == 0.05 and groups[1]["weight_decay"] == 0.0
+    assert {"blocks.0.attn.qkv.weight", "blocks.1.mlp.fc2.weight", "head.weight", "patch_embed.proj.weight"} <= decay
+    assert {
+        "cls_token",
+        "reg_token",
+        "pos_embed",
+        "norm.weight",
+        "norm.bias",
+        "blocks.0.ls1.gamma",
+        "blocks.0.attn.qkv.bias",
+        "blocks.0.norm1.weight",
+        "head.bias",
+    } <= no_decay
+    assert not any(".bias" in n or "norm" in n for n in decay)
+    assert decay | no_decay == {n for n, _ in m.named_parameters()}
+    opt = build_optimizer(m, 1e-3, 0.05, impl="fused")
+    assert opt.defaults["fused"]
+
+
+def test_layer_decay_scales():
+    m = vitkit.create_model("vit_cifar_patch4_32", **tiny_kwargs(depth=3))
+    groups = layer_decay_param_groups(m, 0.05, layer_decay=0.5)
+    scale = {}
+    names = {id(p): n for n, p in m.named_parameters()}
+    for g in groups:
+        for p in g["params"]:
+            scale[names[id(p)]] = g["lr_scale"]
+            assert g["weight_decay"] == (0.05 if p.ndim >= 2 and names[id(p)] not in m.no_weight_decay() else 0.0)
+    assert scale["head.weight"] == 1.0 and scale["norm.weight"] == 1.0
+    assert scale["blocks.2.mlp.fc1.weight"] == 0.5 and scale["blocks.0.attn.qkv.weight"] == 0.125
+    assert scale["pos_embed"] == scale["patch_embed.proj.weight"] == 0.0625
+    opt = torch.optim.AdamW(groups, lr=1.0)
+    apply_lr(opt, 0.1)
+    assert sorted({round(g["lr"], 6) for g in opt.param_groups}) == [0.00625, 0.0125, 0.025, 0.05, 0.1]
+
+
+def test_ema_update_math():
+    m = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    ema = ModelEma(m, decay=0.9, warmup=False)
+    before = {k: v.clone() for k, v in ema.state_dict().items()}
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(1.0)
+    m.train()
+    m(torch.randn(4, 3))  # moves BatchNorm's running stats and its integer counter
+    ema.update(m, step=0)
+    for k, v in ema.state_dict().items():
+        new = m.state_dict()[k]
+        if v.dtype.is_floating_point:
+            torch.testing.assert_close(v, 0.9 * before[k] + 0.1 * new)
+        else:
+            assert torch.equal(v, new)
+    warm = ModelEma(m, decay=0.999)
+    assert warm.decay_at(0) == pytest.approx(0.1) and warm.decay_at(10**6) == 0.999
+    assert all(not p.requires_grad for p in warm.module.parameters())
+
+
+def test_checkpoint_atomic_no_temp_files_and_corrupt_file(tmp_path, monkeypatch):
+    path = tmp_path / "last.ckpt"
+    state = {
+        "model": {"w": torch.arange(4.0)},
+        "optimizer": {},
+        "schedule": {},
+        "step": 3,
+        "epoch": 0,
+        "config": {"a": (1, 2)},
+        "model_meta": {},
+    }
+    save_checkpoint(path, state)
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temp file left behind
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.arange(4.0))
+
+    # a write that fails half-way (disk full at fsync) leaves the previous checkpoint intact and no temp file
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError):
+        save_checkpoint(path, dict(state, step=4))
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+    assert load_checkpoint(path)["step"] == 3
+
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(CheckpointError, match="not a readable vitkit training checkpoint"):
+        load_checkpoint(path)
+    path.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="last.ckpt"):
+        load_checkpoint(path)
+
+
+def test_nonfinite_loss_skips_then_stops():
+    m = vitkit.create_model("vit_cifar_patch4_32", **tiny_kwargs(num_classes=3))
+    opt = build_optimizer(m, 1e-3, 0.05)
+    sched = WarmupCosine(1e-3, 10)
+    good = (torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0]))
+    bad = (torch.full((4, 3, 32, 32), float("nan")), good[1])
+    state = StepState()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.warns(UserWarning, match="non-finite"):
+        train_one_epoch(m, [bad], opt, sched, state, device=torch.device("cpu"), max_bad_steps=3)
+    assert state.step == 0 and state.bad_streak == 1
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())  # the bad step changed nothing
+    train_one_epoch(m, [good], opt, sched, state, device=torch.device("cpu"), max_bad_steps=3)
+    assert state.step == 1 and state.bad_streak == 0
+    with pytest.warns(UserWarning), pytest.raises(TrainingDiverged, match="NaN/Inf for 3 steps"):
+        train_one_epoch(m, [bad] * 5, opt, sched, state, device=torch.device("cpu"), max_bad_steps=3)
+
+
+def test_recipe_precedence(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "# header\nlr: 0.004\nbatch_size: 64\nminutes: 3\naugment:\n  cutmix_alpha: 1.0\n"
+        "  label_smoothing: 0.1\nmodel_kwargs:\n  stem: conv\n"
+    )
+    cfg = build_config(recipe, lr=0.01, epochs=2, augment={"label_smoothing": 0.2, "mixup_alpha": None})
+    assert (cfg.lr, cfg.batch_size, cfg.epochs, cfg.minutes) == (0.01, 64, 2, None)  # flag beats recipe
+    assert cfg.augment.cutmix_alpha == 1.0 and cfg.augment.label_smoothing == 0.2
+    assert cfg.model_kwargs == {"stem": "conv"}
+    with pytest.raises(ValueError, match="unknown training option"):
+        TrainConfig.from_dict({"learning_rate": 1})
+    shipped = load_recipe("cifar10_budget")  # the shipped recipe parses and names only known options
+    assert shipped["minutes"] == 10

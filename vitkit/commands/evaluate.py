@@ -1,0 +1,66 @@
+"""vitkit evaluate: top-1, top-5 and per-class accuracy of a checkpoint on labelled images; confusion-matrix PNG."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+HELP = "evaluate a checkpoint on labelled images: top-1/top-5/per-class accuracy and a confusion-matrix PNG"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a .safetensors model, a run folder (its model.safetensors) or a last.ckpt")
+    p.add_argument("--data", required=True, help="labelled images: folder, .tar(.gz), .csv, digits, cifar10...")
+    p.add_argument(
+        "--val-split",
+        type=float,
+        default=None,
+        help="evaluate only the stratified held-out fraction a training run with this split used",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of that split (default 0, as `vitkit train`)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("--cache-dir", help="decode cache folder")
+    p.add_argument("--confusion", help="where to write the confusion-matrix PNG (default: next to the checkpoint)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (top1, top5, per_class) last")
+
+
+def load_any(path: str):
+    """A model from a .safetensors / foreign checkpoint, a run folder, or a training checkpoint (.ckpt)."""
+    from ..interop import from_pretrained
+    from ..train.checkpoint import model_from_checkpoint
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / "model.safetensors" if (p / "model.safetensors").is_file() else p / "last.ckpt"
+    if p.suffix == ".ckpt":
+        return model_from_checkpoint(p), p
+    return from_pretrained(p), p
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..data.sources import load_source, stratified_split
+    from ..infer.evaluate import evaluate_model
+
+    model, ckpt = load_any(args.checkpoint)
+    if not model.labels:
+        raise ValueError(f"'{ckpt}' has no class names; evaluate needs a model trained with labels")
+    ds = load_source(args.data, cache_dir=args.cache_dir, progress=not args.json, classes=model.labels)
+    indices = None
+    if args.val_split:
+        _, indices = stratified_split(ds.labels, args.val_split, args.seed)
+    data_name = Path(args.data.rstrip("/")).name.split(".")[0] or "data"
+    png = Path(args.confusion) if args.confusion else ckpt.parent / f"confusion_{data_name}.png"
+    report = evaluate_model(model, ds, indices, batch_size=args.batch_size, precision=args.precision, confusion_png=png)
+    if ds.skipped:
+        print(f"skipped {len(ds.skipped)} unreadable file(s), e.g. {ds.skipped[0][0]}: {ds.skipped[0][1]}")
+    print(f"{ckpt} on {ds.source}: {report.n} images")
+    print(f"top-1 {report.top1:.2%}   top-{min(5, len(report.classes))} {report.top5:.2%}   loss {report.loss:.4f}")
+    width = max(len(c) for c in report.classes)
+    for name, acc in report.per_class.items():
+        print(f"  {name:<{width}}  {'-' if acc is None else f'{acc:.2%}'}")
+    print(f"confusion matrix: {report.confusion_png}")
+    if args.json:
+        print(json.dumps(report.to_dict()))
+    return 0

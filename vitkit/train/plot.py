@@ -1,0 +1,54 @@
+"""`vitkit plot RUN`: training curves (loss, learning rate, validation accuracy, throughput) from metrics.jsonl."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .logging import read_metrics
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Draw a 2x2 figure of the run's curves and save it as PNG (default `RUN/curves.png`); returns the path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir)
+    train = [r for r in records if r.get("kind") == "train"]
+    val = [r for r in records if r.get("kind") in ("val", "final") and r.get("val_top1") is not None]
+    if not train and not val:
+        raise ValueError(f"'{run_dir / 'metrics.jsonl'}' has no training records yet; plot after a few steps")
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    panels = [
+        (axes[0, 0], train, "loss", "training loss"),
+        (axes[0, 1], train, "lr", "learning rate"),
+        (axes[1, 1], train, "img_per_s", "images / s"),
+    ]
+    for ax, rows, key, title in panels:
+        pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts), lw=1.2)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    ax = axes[1, 0]
+    epochs = [r for r in val if r.get("kind") == "val"]
+    if epochs:
+        ax.plot([r["step"] for r in epochs], [100 * r["val_top1"] for r in epochs], "o-", label="top-1")
+        ax.plot([r["step"] for r in epochs], [100 * r["val_top5"] for r in epochs], "s--", alpha=0.6, label="top-5")
+    for r in (r for r in val if r.get("kind") == "final"):
+        ax.plot([r["step"]], [100 * r["val_top1"]], "r*", ms=12, label=f"final ({r.get('best_weights', 'raw')})")
+    ax.set_title("validation accuracy (%)")
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(loc="lower right", fontsize=8)
+    fig.suptitle(f"run: {run_dir.resolve().name}")
+    fig.tight_layout()
+    out = Path(out) if out is not None else run_dir / "curves.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

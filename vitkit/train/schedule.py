@@ -1,0 +1,54 @@
+"""Learning-rate schedule: linear warmup, then cosine decay to a floor, evaluated per optimizer step.
+
+A pure function of the step plus three numbers, so it resumes exactly from a checkpoint and can be re-laid
+when a wall-clock budget (`--minutes`) learns how many steps will fit.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+@dataclass
+class WarmupCosine:
+    """lr(step) = base_lr * (step + 1) / warmup_steps during warmup, then cosine from base_lr to min_lr.
+
+    Args:
+        base_lr: peak learning rate, reached at the end of warmup.
+        total_steps: optimizer steps in the whole run (the cosine ends here; later steps stay at min_lr).
+        warmup_steps: steps of linear warmup (0: start at base_lr).
+        min_lr: floor of the cosine.
+    """
+
+    base_lr: float
+    total_steps: int
+    warmup_steps: int = 0
+    min_lr: float = 0.0
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.base_lr * (step + 1) / self.warmup_steps
+        decay_steps = max(self.total_steps - self.warmup_steps, 1)
+        progress = min((step - self.warmup_steps) / decay_steps, 1.0)
+        return self.min_lr + 0.5 * (self.base_lr - self.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+    def relayout(self, total_steps: int) -> None:
+        """Stretch or shrink the cosine to end at `total_steps` (warmup is kept, capped at a quarter of it)."""
+        self.total_steps = max(int(total_steps), 1)
+        self.warmup_steps = min(self.warmup_steps, self.total_steps // 4)
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+
+
+def apply_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every param group's lr to `lr` times its `lr_scale` (layer-wise decay puts one there; default 1)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
