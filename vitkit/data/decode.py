@@ -82,6 +82,7 @@ def decode_image(
         raise ImageDecodeError(f"image '{name}' is empty (0 bytes)")
     try:
         with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # PIL notes on corrupt EXIF etc.: the outcome is what counts
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             w, h = img.size
