@@ -1,7 +1,8 @@
 """Inference latency: onnxruntime (the `vitkit export --dynamic` graph) vs PyTorch fp32 and bf16 autocast.
 
-Same weights, same random input, same thread count for both engines; median wall time of repeated calls after
-warm-up. Ratios are PyTorch time / onnxruntime time (> 1: onnxruntime faster).
+Same weights, same random input, same thread count for both engines (onnxruntime without spinning idle threads,
+which would otherwise steal the cores from PyTorch); median wall time of calls taken in turns after warm-up.
+Ratios are PyTorch time / onnxruntime time (> 1: onnxruntime faster).
 
     flock /tmp/vitkit-heavy.lock .venv/bin/python benchmarks/onnx_latency.py
 """
@@ -9,6 +10,7 @@ warm-up. Ratios are PyTorch time / onnxruntime time (> 1: onnxruntime faster).
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import tempfile
@@ -27,17 +29,23 @@ MODELS = {  # label -> (name, overrides)
 }
 
 
-def median_seconds(fn, x: torch.Tensor, min_reps: int, min_seconds: float) -> float:
-    """Median time of fn(x) over at least `min_reps` calls and `min_seconds`, after two warm-up calls."""
-    for _ in range(2):
-        fn(x)
-    times: list[float] = []
+def median_ms(runners: dict, x: torch.Tensor, min_reps: int, min_seconds: float) -> dict[str, float]:
+    """Median ms per call of each runner, after two warm-up calls each.
+
+    The runners take turns (round robin) until each has at least `min_reps` calls and `min_seconds` have passed,
+    so load from other processes on the machine hits all of them alike.
+    """
+    for fn in runners.values():
+        for _ in range(2):
+            fn(x)
+    times: dict[str, list[float]] = {k: [] for k in runners}
     start = time.perf_counter()
-    while len(times) < min_reps or time.perf_counter() - start < min_seconds:
-        t0 = time.perf_counter()
-        fn(x)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    while min(map(len, times.values())) < min_reps or time.perf_counter() - start < min_seconds:
+        for k, fn in runners.items():
+            t0 = time.perf_counter()
+            fn(x)
+            times[k].append(time.perf_counter() - t0)
+    return {k: 1000 * statistics.median(v) for k, v in times.items()}
 
 
 def torch_runner(model: torch.nn.Module, bf16: bool):
@@ -66,6 +74,7 @@ def main() -> None:
     ap.add_argument("--min-seconds", type=float, default=3.0)
     args = ap.parse_args()
     print(f"machine: {machine()}")
+    print("load average at start (other processes on the machine): {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     print("| model | batch | onnxruntime fp32 ms | torch fp32 ms | torch bf16 ms | fp32 / ort | bf16 / ort |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     tmp = Path(tempfile.mkdtemp(prefix="vitkit-bench-"))
@@ -74,16 +83,18 @@ def main() -> None:
         torch.manual_seed(0)
         model = vitkit.create_model(name, **overrides).eval()
         path = export_onnx(model, tmp / f"{name.replace('/', '_')}.onnx", dynamic=True).path
-        ort = OnnxModel(path, threads=torch.get_num_threads())
+        # no busy-waiting of onnxruntime's idle threads: it would steal the cores from PyTorch's turn
+        ort = OnnxModel(path, threads=torch.get_num_threads(), session_config={"session.intra_op.allow_spinning": "0"})
         runners = {"ort": ort, "fp32": torch_runner(model, False), "bf16": torch_runner(model, True)}
         for batch in args.batches:
             x = torch.randn(batch, 3, *model.cfg.img_size)
-            ms = {k: 1000 * median_seconds(fn, x, args.min_reps, args.min_seconds) for k, fn in runners.items()}
+            ms = median_ms(runners, x, args.min_reps, args.min_seconds)
             print(
                 f"| {label} | {batch} | {ms['ort']:.1f} | {ms['fp32']:.1f} | {ms['bf16']:.1f} | "
                 f"{ms['fp32'] / ms['ort']:.2f} | {ms['bf16'] / ms['ort']:.2f} |",
                 flush=True,
             )
+    print("load average at end: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
 
 
 if __name__ == "__main__":

@@ -43,7 +43,13 @@ class OnnxModel:
     `dynamic` (bool: any batch and image size), `metadata` (all vitkit.* entries).
     """
 
-    def __init__(self, path: str | Path, threads: int | None = None, providers: list[str] | None = None):
+    def __init__(
+        self,
+        path: str | Path,
+        threads: int | None = None,
+        providers: list[str] | None = None,
+        session_config: dict[str, str] | None = None,
+    ):
         ort = _require_onnxruntime()
         self.path = Path(path)
         if not self.path.is_file():
@@ -51,6 +57,8 @@ class OnnxModel:
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
+        for key, value in (session_config or {}).items():  # e.g. {"session.intra_op.allow_spinning": "0"}
+            opts.add_session_config_entry(key, value)
         try:
             self.session = ort.InferenceSession(str(self.path), opts, providers=providers or ["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types for unreadable graphs
