@@ -28,8 +28,15 @@ def test_warmup_cosine_values():
     assert s.lr_at(110) == pytest.approx(0.1) and s.lr_at(500) == pytest.approx(0.1)
     lrs = [s.lr_at(i) for i in range(10, 111)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # monotone decay after warmup
-    s.relayout(20)  # budget re-estimate: warmup capped at a quarter
+    s.relayout(20)  # budget re-estimate before the cosine starts: warmup capped at a quarter
     assert (s.total_steps, s.warmup_steps) == (20, 5)
+    s = WarmupCosine(base_lr=1.0, total_steps=110, warmup_steps=10)
+    before = s.lr_at(50)
+    s.relayout(200, at_step=50)  # mid-cosine: the curve continues from the same lr, then ends at step 200
+    assert s.lr_at(50) == pytest.approx(before) and s.lr_at(51) < before
+    assert s.lr_at(200) == pytest.approx(0.0) and s.lr_at(125) == pytest.approx(
+        0.5 * (1 + math.cos(math.pi * (0.4 + 0.3)))
+    )
 
 
 def test_param_groups_split_decay():

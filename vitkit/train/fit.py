@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -412,27 +413,37 @@ def fit(cfg: TrainConfig, resume: bool | None = None) -> FitResult:
         return step >= schedule.total_steps or clock.out_of_time()
 
     step_times: list[float] = []
+    recent: deque[tuple[int, float]] = deque(maxlen=101)  # (step, time) of the last steps: the current pace
 
     def on_timing(step: int, seconds: float) -> None:
-        if cfg.minutes is None or clock.calibrated:
+        """--minutes: after the first steps lay the schedule over the steps that fit; then re-check every 10."""
+        if cfg.minutes is None:
             return
-        step_times.append(seconds)
-        if len(step_times) >= clock.skip_steps + clock.calib_steps:
-            sec = float(np.median(step_times[clock.skip_steps :]))
-            schedule.relayout(clock.estimate_total(step, sec * 1.04))  # a little slack for evals and checkpoints
-            clock.calibrated = True
-            logger.set_total(schedule.total_steps)
-            say(
-                f"budget: {sec * 1000:.0f} ms/step measured -> schedule laid over {schedule.total_steps} steps "
-                f"(~{schedule.total_steps / steps_per_epoch:.1f} epochs) in {cfg.minutes:g} min"
-            )
+        recent.append((step, time.perf_counter()))
+        if not clock.calibrated:
+            step_times.append(seconds)
+            if len(step_times) >= clock.skip_steps + clock.calib_steps:
+                sec = float(np.median(step_times[clock.skip_steps :]))
+                schedule.relayout(clock.estimate_total(step, sec * 1.05), at_step=step)  # slack: evals, saves
+                clock.calibrated = True
+                logger.set_total(schedule.total_steps)
+                say(
+                    f"budget: {sec * 1000:.0f} ms/step measured -> schedule laid over {schedule.total_steps} steps "
+                    f"(~{schedule.total_steps / steps_per_epoch:.1f} epochs) in {cfg.minutes:g} min"
+                )
+            return
+        if step % 10 == 0 and len(recent) >= 11:  # the machine's pace changes (other jobs): follow it smoothly
+            (s0, t0), (s1, t1) = recent[0], recent[-1]
+            new_total = clock.estimate_total(step, (t1 - t0) / (s1 - s0))
+            if abs(new_total - schedule.total_steps) > 0.01 * schedule.total_steps:
+                schedule.relayout(new_total, at_step=step)
+                logger.set_total(schedule.total_steps)
 
     def after_step(step: int) -> None:
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
             checkpoint()
 
     hooks = EpochHooks(should_stop=should_stop, after_step=after_step, on_timing=on_timing)
-    calib_t0, calib_step0 = None, step_state.step
 
     # ---- epochs
     while not should_stop(step_state.step):
@@ -472,16 +483,6 @@ def fit(cfg: TrainConfig, resume: bool | None = None) -> FitResult:
             f"epoch {loader.epoch}: loss {stats['loss']:.4f}, {ips:.0f} img/s"
             + (f", val top-1 {record['val_top1']:.2%}" if "val_top1" in record else "")
         )
-        # budget: re-estimate from the whole measured pace (evals and checkpoints included)
-        if cfg.minutes and clock.calibrated:
-            if calib_t0 is None:
-                calib_t0, calib_step0 = time.perf_counter(), step_state.step
-            elif step_state.step > calib_step0:
-                pace = (time.perf_counter() - calib_t0) / (step_state.step - calib_step0)
-                new_total = clock.estimate_total(step_state.step, pace)
-                if abs(new_total - schedule.total_steps) > 0.02 * schedule.total_steps:
-                    schedule.relayout(new_total)
-                    logger.set_total(new_total)
         checkpoint()
 
     stopped_early = (

@@ -27,18 +27,36 @@ class WarmupCosine:
     total_steps: int
     warmup_steps: int = 0
     min_lr: float = 0.0
+    anchor_step: int | None = None  # set by a re-layout mid-cosine: the cosine continues from here ...
+    anchor_progress: float = 0.0  # ... at this fraction of its way, so the lr never jumps
+
+    def progress_at(self, step: int) -> float:
+        """How far along the cosine `step` is, in [0, 1] (0 during warmup)."""
+        start = self.warmup_steps if self.anchor_step is None else self.anchor_step
+        frac = min(max(step - start, 0) / max(self.total_steps - start, 1), 1.0)
+        return self.anchor_progress + (1.0 - self.anchor_progress) * frac
 
     def lr_at(self, step: int) -> float:
         if step < self.warmup_steps:
             return self.base_lr * (step + 1) / self.warmup_steps
-        decay_steps = max(self.total_steps - self.warmup_steps, 1)
-        progress = min((step - self.warmup_steps) / decay_steps, 1.0)
+        progress = self.progress_at(step)
         return self.min_lr + 0.5 * (self.base_lr - self.min_lr) * (1.0 + math.cos(math.pi * progress))
 
-    def relayout(self, total_steps: int) -> None:
-        """Stretch or shrink the cosine to end at `total_steps` (warmup is kept, capped at a quarter of it)."""
-        self.total_steps = max(int(total_steps), 1)
-        self.warmup_steps = min(self.warmup_steps, self.total_steps // 4)
+    def relayout(self, total_steps: int, at_step: int | None = None) -> None:
+        """Make the cosine end at `total_steps` instead.
+
+        Before the cosine has started (at_step None or still in warmup) the whole schedule is re-laid (warmup kept,
+        capped at a quarter of the run). Mid-cosine, the rest of the curve is stretched or squeezed from `at_step`
+        on, continuing from the lr reached there: a wall-clock budget can re-estimate as often as it likes.
+        """
+        if at_step is None or at_step <= self.warmup_steps:
+            self.total_steps = max(int(total_steps), 1)
+            self.warmup_steps = min(self.warmup_steps, self.total_steps // 4)
+            self.anchor_step, self.anchor_progress = None, 0.0
+            return
+        self.anchor_progress = self.progress_at(at_step)
+        self.anchor_step = int(at_step)
+        self.total_steps = max(int(total_steps), at_step + 1)
 
     def state_dict(self) -> dict:
         return asdict(self)
