@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 HELP = "train a ViT on an image folder / archive / CSV / built-in set; resumable, logged, budgeted"
@@ -65,6 +66,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=int, help="also write last.ckpt every N steps")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    p.add_argument(
+        "--fsdp",
+        action="store_true",
+        default=None,
+        help="under torchrun: shard weights/gradients/optimizer with FSDP2 instead of DDP (large models)",
+    )
+    p.add_argument(
+        "--grad-checkpointing",
+        action="store_true",
+        default=None,
+        help="recompute activations in backward: less memory, ~30%% more compute",
+    )
 
 
 def config_from_args(args: argparse.Namespace):
@@ -109,6 +122,8 @@ def config_from_args(args: argparse.Namespace):
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
         threads=args.threads,
+        fsdp=args.fsdp,
+        grad_checkpointing=args.grad_checkpointing,
         progress=False if args.no_progress else None,
         augment=augment,
         model_kwargs=model_kwargs,
@@ -129,6 +144,8 @@ def run(args: argparse.Namespace) -> int:
     except (TrainingDiverged, CheckpointError) as e:
         print(f"vitkit train: error: {e}", file=sys.stderr)
         return 1
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+        return 0
     if res.model_path is None:
         print(f"checkpoint: {res.checkpoint_path}")
         return 0

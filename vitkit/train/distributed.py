@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import datetime
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,6 +132,9 @@ def prepare_model(model: nn.Module, env: DistEnv, fsdp: bool = False, bf16_param
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    # A conv weight with a size-1 dim (e.g. a 1-channel patch embedding) has two valid contiguous stride sets;
+    # DDP then warns on every step that the grad's strides differ from its bucket's. Harmless: silence just that.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     return DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
 
 

@@ -36,6 +36,7 @@ from .distributed import (
     full_optimizer_state_dict,
     gather_rank_states,
     init_distributed,
+    is_fsdp,
     load_full_model_state_dict,
     load_full_optimizer_state_dict,
     prepare_model,
@@ -63,6 +64,7 @@ RESUMABLE_CHANGES = {
     "cache_dir",
     "threads",
     "max_bad_steps",
+    "grad_checkpointing",  # recomputes the same activations (RNG replayed): the continuation stays exact
 }
 
 
@@ -281,7 +283,10 @@ def fit(cfg: TrainConfig, resume: bool | None = None) -> FitResult:
             f"stem {model.cfg.stem}, {n_params:,} parameters; input {model.preprocess.input_size}"
         )
     core = model
-    model = prepare_model(model, env)
+    core.set_grad_checkpointing(cfg.grad_checkpointing)
+    if cfg.fsdp and cfg.ema_decay > 0:
+        raise ValueError("--ema-decay is not supported with --fsdp (the EMA copy would not be sharded); drop one")
+    model = prepare_model(model, env, fsdp=cfg.fsdp)
     optimizer = build_optimizer(unwrap(model), cfg.lr, cfg.weight_decay, cfg.betas, cfg.layer_decay, cfg.optimizer_impl)
     ema = ModelEma(unwrap(model), cfg.ema_decay) if cfg.ema_decay > 0 else None
 
@@ -314,8 +319,8 @@ def fit(cfg: TrainConfig, resume: bool | None = None) -> FitResult:
             max(256, micro),
             shuffle=False,
             drop_last=False,
-            rank=env.rank,
-            world_size=env.world_size,
+            rank=0 if cfg.fsdp else env.rank,  # FSDP: every forward is collective, so every rank evaluates all
+            world_size=1 if cfg.fsdp else env.world_size,
             transform=eval_tf,
         )
     steps_per_epoch = len(loader) // cfg.grad_accum
@@ -403,9 +408,8 @@ def fit(cfg: TrainConfig, resume: bool | None = None) -> FitResult:
             return None
         val_loader.set_epoch(0)
         val_loader.batch_index = 0
-        return _reduce_eval(
-            evaluate(which, val_loader, len(ds.classes), device=env.device, precision=cfg.precision), env
-        )
+        res = evaluate(which, val_loader, len(ds.classes), device=env.device, precision=cfg.precision)
+        return res if cfg.fsdp else _reduce_eval(res, env)
 
     def should_stop(step: int) -> bool:
         if cfg.stop_after_steps is not None and step >= cfg.stop_after_steps:
@@ -504,7 +508,7 @@ def fit(cfg: TrainConfig, resume: bool | None = None) -> FitResult:
             step_state.step,
             loader.epoch,
             step_state.train_seconds,
-            step_state.images_seen / max(step_state.train_seconds, 1e-9),
+            step_state.images_seen * env.world_size / max(step_state.train_seconds, 1e-9),
             data_seconds,
             False,
         )
@@ -517,10 +521,15 @@ def fit(cfg: TrainConfig, resume: bool | None = None) -> FitResult:
         best = "ema"  # no validation data: the average of the weights is the usual safer pick
     chosen = res_ema if best == "ema" else res_raw
     final_model = core
+    if is_fsdp(model):  # sharded weights: gather the full state (collective), rank 0 saves it
+        full = full_model_state_dict(model, env)
+        if env.is_main:
+            final_model = model_from_meta(model_meta(core))
+            final_model.load_state_dict(full)
     if best == "ema":
         final_model = model_from_meta(model_meta(core))
         final_model.load_state_dict(ema.state_dict())
-    record = {"epoch": step_state.images_seen / max(len(train_idx), 1), "best_weights": best}
+    record = {"epoch": step_state.images_seen * env.world_size / max(len(train_idx), 1), "best_weights": best}
     for tag, res in (("raw", res_raw), ("ema", res_ema)):
         if res is not None:
             record.update({f"{tag}_top1": res["top1"], f"{tag}_top5": res["top5"]})
@@ -546,7 +555,7 @@ def fit(cfg: TrainConfig, resume: bool | None = None) -> FitResult:
             print(f"validation top-1: raw weights {res_raw['top1']:.2%}{ema_txt} -> kept the {best} weights")
         print(
             f"trained {step_state.step} steps ({record['epoch']:.2f} epochs) in {step_state.train_seconds:.0f} s "
-            f"({step_state.images_seen / max(step_state.train_seconds, 1e-9):.0f} img/s)"
+            f"({step_state.images_seen * env.world_size / max(step_state.train_seconds, 1e-9):.0f} img/s)"
         )
     return FitResult(
         out,
@@ -558,7 +567,7 @@ def fit(cfg: TrainConfig, resume: bool | None = None) -> FitResult:
         step_state.step,
         record["epoch"],
         step_state.train_seconds,
-        step_state.images_seen / max(step_state.train_seconds, 1e-9),
+        step_state.images_seen * env.world_size / max(step_state.train_seconds, 1e-9),
         data_seconds,
         True,
         res_raw,

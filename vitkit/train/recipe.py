@@ -54,6 +54,8 @@ class TrainConfig:
     log_every: int = 10  # steps between `train` records in metrics.jsonl
     progress: bool = True
     threads: int | None = None  # torch.set_num_threads; None: torch's default
+    fsdp: bool = False  # under torchrun: shard weights, gradients, optimizer state with FSDP2 (default: DDP)
+    grad_checkpointing: bool = False  # recompute block activations in backward: less memory, ~30 % more compute
 
     def __post_init__(self) -> None:
         if isinstance(self.augment, dict):
