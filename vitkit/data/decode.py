@@ -29,6 +29,35 @@ def display_name(path: str | bytes | os.PathLike) -> str:
     return raw.decode("utf-8", "backslashreplace")
 
 
+_MAGIC = {
+    b"\xff\xd8": "JPEG",
+    b"\x89PNG": "PNG",
+    b"GIF8": "GIF",
+    b"RIFF": "WebP",
+    b"II*\x00": "TIFF",
+    b"MM\x00*": "TIFF",
+}
+
+
+def _looks_like(data: bytes) -> str:
+    """A hint for a file PIL does not recognise: a web page saved under an image name is the usual culprit."""
+    for magic, kind in _MAGIC.items():
+        if data.startswith(magic):
+            return f"it starts like a {kind} but is truncated or damaged"
+    head = data[:256].lstrip().lower()
+    if head.startswith((b"<!doctype html", b"<html", b"<head", b"<body")):
+        return "it is an HTML page, perhaps a failed download saved under an image name"
+    if head.startswith(b"<?xml") and b"<svg" not in head:
+        return "it is XML text"
+    if head.startswith((b"<svg", b"<?xml")):
+        return "it is an SVG drawing; convert it to PNG first"
+    try:
+        data[:256].decode("utf-8")
+        return "it is text"
+    except UnicodeDecodeError:
+        return f"unknown or damaged format; first bytes {data[:8].hex(' ')}"
+
+
 def _read_file(path: Path, name: str) -> bytes:
     """The bytes of a regular file; directories, FIFOs, devices and unreadable paths are refused, not waited on."""
     try:
@@ -100,7 +129,7 @@ def decode_image(
     except ImageDecodeError:
         raise
     except UnidentifiedImageError:
-        raise ImageDecodeError(f"image '{name}' is not an image file PIL can read") from None
+        raise ImageDecodeError(f"image '{name}' is not an image file PIL can read ({_looks_like(data)})") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageDecodeError(f"image '{name}' refused as a possible decompression bomb ({e})") from None
     except MemoryError:
