@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data.decode import ImageDecodeError
+from ..data.decode import ImageDecodeError, display_name
 from .attention_maps import (
     HeadChoice,
     attention_rollout,
@@ -236,7 +236,7 @@ def figure_png(expl: Explanation, size: int = 320) -> bytes:
     for ax in axes:
         ax.axis("off")
     desc = _wrap(expl.description, 30 * cols)
-    fig.suptitle(f"{expl.image}: predicted {expl.title}\n{desc}", fontsize=9)
+    fig.suptitle(f"{display_name(expl.image)}: predicted {expl.title}\n{desc}", fontsize=9)  # non-UTF-8 names
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
