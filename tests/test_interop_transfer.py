@@ -1,5 +1,7 @@
 """Transfer: embeddings from a checkpoint (pooled and patch) and fine-tuning from a foreign checkpoint."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -52,3 +54,29 @@ def test_prepare_for_transfer_new_zero_head_resampled_positions_and_probe(tmp_pa
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {"head.weight", "head.bias"}
     same = prepare_for_transfer(path, num_classes=5)  # equal class count: still a new head
     assert torch.count_nonzero(same.head.weight) == 0 and all(p.requires_grad for p in same.parameters())
+
+
+def test_finetune_full_and_linear_probe_on_digits(tmp_path, monkeypatch, capsys):
+    from vitkit.commands.finetune import finetune
+
+    src = vitkit.create_model("vit_digits_patch2_8", num_classes=3, depth=1)
+    src.labels = ["x", "y", "z"]
+    src.preprocess.mean, src.preprocess.std = (0.5,), (0.5,)  # one channel (create_model's default has three)
+    path = src.save(tmp_path / "src.safetensors")
+    res = finetune(path, "digits", num_classes=10, out=tmp_path / "ft", epochs=0.3, batch_size=128, progress=False,
+                   cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    model = vitkit.from_pretrained(res.model_path)
+    assert model.cfg.num_classes == 10 and len(model.labels) == 10 and res.val_top1 is not None
+    assert not torch.equal(model.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)  # the encoder trained
+
+    monkeypatch.setenv("VITKIT_CACHE", str(tmp_path / "cache"))
+    assert main(["finetune", "--from", str(path), "--data", "digits", "--freeze-backbone", "--out",
+                 str(tmp_path / "probe"), "--no-progress"]) == 0  # fmt: skip
+    assert "linear-probe: validation top-1" in capsys.readouterr().out
+    probe = json.loads((tmp_path / "probe" / "probe.json").read_text())
+    model = vitkit.from_pretrained(tmp_path / "probe" / "model.safetensors")
+    assert probe["val_top1"] > 0.3  # chance is 0.1
+    assert torch.equal(model.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)  # the encoder did not
+    assert torch.count_nonzero(model.head.weight) > 0
+    with pytest.raises(ValueError, match="has 10 classes"):
+        finetune(path, "digits", num_classes=5, out=tmp_path / "bad", progress=False, cache_dir=str(tmp_path / "cache"))

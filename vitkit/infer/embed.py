@@ -85,4 +85,26 @@ def embed_images(
     return np.concatenate(chunks)
 
 
-__all__ = ["embed_images", "embed_batch", "expand_image_paths"]
+def embed_array(
+    model: VisionTransformer, images: np.ndarray, patch: bool = False, batch_size: int = 256, precision: str = "bf16"
+) -> np.ndarray:
+    """Embed a dataset's uint8 image array (N, H, W, C) with the model's evaluation preprocessing.
+
+    Returns float32 (N, D) pooled features (or (N, h*w, D) with patch=True), in the array's order.
+    """
+    from ..data.transforms import build_eval_transform
+
+    model = model.eval()
+    device = next(model.parameters()).device
+    tf = build_eval_transform(model.preprocess, model.cfg.in_chans)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    chunks = []
+    for start in range(0, len(images), batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).permute(0, 3, 1, 2)
+        with autocast:
+            feats = embed_batch(model, tf(x).to(device), patch)  # uint8 (B, C, H, W) -> float (B, C, h, w)
+        chunks.append(feats.float().cpu().numpy())
+    return np.concatenate(chunks)
+
+
+__all__ = ["embed_images", "embed_array", "embed_batch", "expand_image_paths"]
