@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
 import struct
+import subprocess
+import sys
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save as st_save
 
 import vitkit
@@ -245,3 +249,60 @@ def test_malformed_folder_config_json_gives_a_clear_error(tmp_path, tiny, config
         assert "config.json" in str(e) or "model" in str(e), str(e)
     else:  # a config defect that can be worked around must still give a working model
         assert model(torch.randn(1, 3, *model.cfg.img_size)).shape[0] == 1
+
+
+# ------------------------------------------------------------------------------------------------ training runs
+
+
+def test_training_checkpoint_carrying_code_is_refused(tmp_path):
+    from vitkit.train.checkpoint import CKPT_FORMAT, load_checkpoint, model_from_checkpoint
+
+    marker = tmp_path / "pwned_ckpt"
+    evil = {"format": CKPT_FORMAT, "version": 1, "model": {}, "optimizer": CreatesFile(str(marker))}
+    torch.save(evil, tmp_path / "last.ckpt")
+    for load in (load_checkpoint, model_from_checkpoint):
+        _refused(load, tmp_path / "last.ckpt", match="last.ckpt")
+    assert not marker.exists()
+
+
+@pytest.mark.timeout(120)
+def test_cli_refuses_a_pickle_payload_with_one_clear_line(tmp_path):
+    """`vitkit predict evil.pth` and `vitkit train` resuming from an evil last.ckpt: exit 1, no traceback."""
+    from vitkit.train.checkpoint import CKPT_FORMAT
+
+    marker = tmp_path / "pwned_cli"
+    torch.save({"state_dict": {}, "x": CreatesFile(str(marker))}, tmp_path / "evil.pth")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    torch.save({"format": CKPT_FORMAT, "model": CreatesFile(str(marker))}, run_dir / "last.ckpt")
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, "PNG")
+    (tmp_path / "x.png").write_bytes(png.getvalue())
+    commands = {
+        "predict": ["predict", "evil.pth", "x.png"],
+        "train": [
+            "train",
+            "--data",
+            "digits",
+            "--out",
+            "run",
+            "--epochs",
+            "1",
+            "--cache-dir",
+            "cache",
+            "--no-progress",
+        ],
+    }
+    for verb, args in commands.items():
+        r = subprocess.run(
+            [sys.executable, "-m", "vitkit", *args],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            env={**os.environ},
+            timeout=120,
+        )
+        assert r.returncode == 1, (verb, r.stdout, r.stderr)
+        assert "Traceback" not in r.stderr, r.stderr
+        assert f"vitkit {verb}: error:" in r.stderr and ("evil.pth" in r.stderr or "last.ckpt" in r.stderr), r.stderr
+        assert not marker.exists(), f"vitkit {verb} ran the payload"
