@@ -162,3 +162,52 @@ def test_unmutated_file_loads(tmp_path):
     header = json.dumps(HEADER).encode()
     path.write_bytes(struct.pack("<Q", len(header)) + header + DATA)
     assert torch.equal(load_model(path).head.weight, MODEL.head.weight)
+
+
+def _training_checkpoint_bytes() -> bytes:
+    import io
+
+    from vitkit.train.checkpoint import CKPT_FORMAT
+
+    buf = io.BytesIO()
+    state = {"model": {k: v.clone() for k, v in list(MODEL.state_dict().items())[:3]}, "optimizer": {}, "step": 3}
+    torch.save({"format": CKPT_FORMAT, "version": 1, **state}, buf)
+    return buf.getvalue()
+
+
+TRAIN_CKPT = _training_checkpoint_bytes()
+
+
+@st.composite
+def mutated_training_checkpoint(draw) -> bytes:
+    data = bytearray(TRAIN_CKPT)
+    for _ in range(draw(st.integers(1, 4))):
+        if not data:
+            break
+        i = draw(st.integers(0, len(data) - 1))
+        op = draw(st.sampled_from(["flip", "overwrite", "truncate"]))
+        if op == "flip":
+            data[i] ^= 1 << draw(st.integers(0, 7))
+        elif op == "overwrite":
+            chunk = draw(st.binary(min_size=1, max_size=8))
+            data[i : i + len(chunk)] = chunk
+        else:
+            del data[i:]
+    return bytes(data)
+
+
+@pytest.mark.timeout(120)
+@FUZZ
+@given(mutated_training_checkpoint())
+def test_mutated_training_checkpoint_loads_or_raises_checkpoint_error(blob):
+    from vitkit.train.checkpoint import load_checkpoint
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "last.ckpt"
+        path.write_bytes(blob)
+        try:
+            state = load_checkpoint(path)
+        except CheckpointError as e:
+            assert "last.ckpt" in str(e)
+        else:
+            assert isinstance(state, dict)
