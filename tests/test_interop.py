@@ -282,3 +282,22 @@ def test_convert_cli_writes_checkpoint_and_prints_report(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "bad.pth"), str(tmp_path / "bad.safetensors")]) == 1
     assert "norm.bias" in capsys.readouterr().err and not (tmp_path / "bad.safetensors").exists()
     assert main(["convert", str(tmp_path / "bad.pth"), str(tmp_path / "ok.safetensors"), "--no-strict"]) == 0
+
+
+def test_non_square_bare_state_dict_needs_and_takes_img_size(tmp_path):
+    ambiguous = timm_vit(img_size=(32, 48))  # 4 x 6 + cls = 25 = 5 x 5: the asked size settles which it is
+    torch.save(ambiguous.state_dict(), tmp_path / "a.pth")
+    model = vitkit.from_pretrained(tmp_path / "a.pth", img_size=(32, 48))
+    x = torch.randn(1, 3, 32, 48)
+    with torch.no_grad():
+        assert model.cfg.img_size == (32, 48) and max_diff(model(x), ambiguous(x)) <= TOL
+
+    peer = timm_vit(img_size=(32, 40))  # 4 x 5 patches + cls = 21 positions: no square grid fits
+    torch.save(peer.state_dict(), tmp_path / "m.pth")
+    with pytest.raises(CheckpointError, match="img_size"):
+        vitkit.from_pretrained(tmp_path / "m.pth")
+    model = vitkit.from_pretrained(tmp_path / "m.pth", img_size=(32, 40))
+    assert model.cfg.img_size == (32, 40)
+    x = torch.randn(1, 3, 32, 40)
+    with torch.no_grad():
+        assert max_diff(model(x), peer(x)) <= TOL

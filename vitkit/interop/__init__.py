@@ -41,7 +41,8 @@ def load_with_report(source: str | Path, strict: bool = True, **overrides: Any) 
         conv = _reading(load_foreign, path)
         report = conv.report
         size_and_head = {k: overrides.pop(k) for k in ("img_size", "num_classes") if k in overrides}
-        model = apply_overrides(build_model(conv, overrides, strict), **size_and_head)
+        model = build_model(conv, overrides, strict, size_hint=size_and_head.get("img_size"))
+        model = apply_overrides(model, **size_and_head)
     model.load_report = report
     return model, report
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import HEADS_BY_WIDTH, PreprocessConfig, ViTConfig, field_names
+from ..config import HEADS_BY_WIDTH, PreprocessConfig, ViTConfig, field_names, to_2tuple
 from ..model import VisionTransformer
 from ..model.serialization import CheckpointError
 from .report import LoadReport
@@ -156,30 +156,33 @@ def infer_config(state: dict[str, torch.Tensor], hints: dict[str, Any], source: 
     if "pos_embed" in state:
         L = state["pos_embed"].shape[1]
         cfg["pos_embed"] = "learn"
-        if hint_size is not None:
-            hs, ws = (hint_size, hint_size) if isinstance(hint_size, int) else hint_size
-            n = (hs // ph) * (ws // pw)
-            if L not in (n, n + prefix):
-                raise CheckpointError(
-                    f"'{source}': pos_embed has {L} positions, but image size {hs}x{ws} with patch {ph}x{pw} "
-                    f"gives {n} patches (+{prefix} prefix tokens)"
-                )
-            cfg["no_embed_class"] = L == n and prefix > 0
-            cfg["img_size"] = (hs, ws)
-        elif _is_square(L - prefix):
-            side = math.isqrt(L - prefix)
-            cfg.update(no_embed_class=False, img_size=(side * ph, side * pw))
-        elif _is_square(L):
-            side = math.isqrt(L)
-            cfg.update(no_embed_class=True, img_size=(side * ph, side * pw))
-        else:
+        # the format's record, else the size the caller asked for when it fits L, else a square grid
+        size, asked = hint_size, hints.get("fallback_img_size")
+        if size is None and asked is not None:
+            ah, aw = to_2tuple(asked)
+            if L in ((ah // ph) * (aw // pw), (ah // ph) * (aw // pw) + prefix):
+                size = (ah, aw)
+        if size is None and (_is_square(L - prefix) or _is_square(L)):
+            side = math.isqrt(L - prefix) if _is_square(L - prefix) else math.isqrt(L)
+            size = (side * ph, side * pw)
+        size = size or asked
+        if size is None:
             raise CheckpointError(
                 f"'{source}': cannot infer the patch grid from {L} position embeddings ({prefix} prefix tokens); "
-                "pass img_size=(H, W)"
+                "pass img_size=(H, W) (CLI: --img-size H W)"
             )
+        hs, ws = to_2tuple(size)
+        n = (hs // ph) * (ws // pw)
+        if L not in (n, n + prefix):
+            raise CheckpointError(
+                f"'{source}': pos_embed has {L} positions, but image size {hs}x{ws} with patch {ph}x{pw} "
+                f"gives {n} patches (+{prefix} prefix tokens)"
+            )
+        cfg["no_embed_class"] = L == n and prefix > 0
+        cfg["img_size"] = (hs, ws)
     else:
         cfg["pos_embed"] = hints.get("pos_embed", "none")
-        cfg["img_size"] = hint_size or 224
+        cfg["img_size"] = hint_size or hints.get("fallback_img_size") or 224
     for k in ("norm_eps", "dynamic_img_size"):
         if k in hints:
             cfg[k] = hints[k]
@@ -187,7 +190,7 @@ def infer_config(state: dict[str, torch.Tensor], hints: dict[str, Any], source: 
 
 
 # ------------------------------------------------------------------------------------------- build + load
-def build_model(conv: Converted, overrides: dict[str, Any], strict: bool) -> VisionTransformer:
+def build_model(conv: Converted, overrides: dict[str, Any], strict: bool, size_hint: Any = None) -> VisionTransformer:
     """Infer the config, apply architectural overrides, build, load and complete the report.
 
     `img_size` and `num_classes` overrides are left to the caller (apply_overrides): they need the loaded
@@ -198,7 +201,7 @@ def build_model(conv: Converted, overrides: dict[str, Any], strict: bool) -> Vis
     unknown = set(arch) - set(field_names())
     if unknown:
         raise TypeError(f"unknown override(s) {sorted(unknown)}; known: {field_names()}")
-    hints = dict(conv.hints)
+    hints = dict(conv.hints, fallback_img_size=size_hint)  # the requested size, when the file cannot say its own
     if "num_heads" in arch:
         hints["num_heads"] = arch["num_heads"]
     if "global_pool" in arch:
@@ -210,6 +213,14 @@ def build_model(conv: Converted, overrides: dict[str, Any], strict: bool) -> Vis
     except (ValueError, TypeError, ZeroDivisionError) as e:  # ZeroDivisionError: num_heads=0 from a config.json
         raise CheckpointError(f"'{report.source}': the inferred config is not valid ({e}); inferred {fields}") from e
 
+    report.note(
+        f"architecture: width {cfg.embed_dim}, depth {cfg.depth}, {cfg.num_heads} heads, patch {cfg.patch_size}, "
+        f"image {cfg.img_size}, {cfg.num_prefix_tokens} prefix tokens"
+        f"{' (no position embedding for them)' if cfg.no_embed_class else ''}, pool {cfg.global_pool}, "
+        f"{cfg.num_classes} classes, LayerNorm eps {cfg.norm_eps:g}"
+        + (", qk-norm" if cfg.qk_norm else "")
+        + (", LayerScale" if cfg.init_values else "")
+    )
     pre = conv.preprocess or PreprocessConfig(input_size=cfg.img_size)
     pre.input_size = cfg.img_size
     labels = conv.labels
