@@ -90,17 +90,24 @@ def _linear_probe(model: Any, ds: Any, out: Path, opts: dict[str, Any]) -> Finet
     from ..infer.embed import embed_array
     from ..interop.transfer import fit_linear_head
 
-    train_idx, val_idx = stratified_split(ds.labels, float(opts.get("val_split", 0.1)), int(opts.get("seed", 0)))
+    val_ds = ds
+    if opts.get("val_data"):  # a separate validation source, mapped onto the training classes
+        from ..data.sources import load_source
+
+        val_ds = load_source(opts["val_data"], image_size=ds.image_size, classes=ds.classes, progress=False)
+        train_idx, val_idx = np.arange(len(ds)), np.arange(len(val_ds))
+    else:
+        train_idx, val_idx = stratified_split(ds.labels, float(opts.get("val_split", 0.1)), int(opts.get("seed", 0)))
     precision = opts.get("precision", "bf16")
     feats = torch.from_numpy(embed_array(model, ds.images[train_idx], precision=precision))  # (N, D)
     labels = torch.from_numpy(np.asarray(ds.labels[train_idx]))
     loss = fit_linear_head(model.head, feats, labels)
     top1 = None
     if len(val_idx):
-        val = torch.from_numpy(embed_array(model, ds.images[val_idx], precision=precision))
+        val = torch.from_numpy(embed_array(model, val_ds.images[val_idx], precision=precision))
         with torch.no_grad():
             pred = model.head(val).argmax(-1).numpy()
-        top1 = float((pred == np.asarray(ds.labels[val_idx])).mean())
+        top1 = float((pred == np.asarray(val_ds.labels[val_idx])).mean())
     for p in model.parameters():
         p.requires_grad = True
     path = model.save(out / "model.safetensors")
