@@ -3,8 +3,8 @@
 - SIGKILL at a random moment, then rerun the command: the final weights equal those of an uninterrupted run.
 - SIGKILL while the checkpoint is being written (paused just before its fsync): the previous checkpoint is intact,
   loads, and the resumed run still ends bit-identical.
-- The disk fills up (ENOSPC) while writing a checkpoint: the run stops with one clear line, exit code 1, no
-  traceback, and the last good checkpoint is kept; rerunning resumes from it.
+- The disk fills up (ENOSPC) while writing a checkpoint (or the final model): the run stops with one clear line
+  naming the file, exit code 1, no traceback, and the last good checkpoint is kept; rerunning resumes from it.
 - NaN/Inf losses: each bad step is skipped with a warning; a run that keeps diverging stops with a clear error.
 
 Faults are injected by a small driver (below) that patches `os.fsync` / the model's forward in the child process and
@@ -36,12 +36,13 @@ DRIVER = textwrap.dedent(
 
     fault, _, arg = os.environ.get("VITKIT_FAULT", "").partition(":")
     marker = os.environ.get("VITKIT_FAULT_MARKER", "")
+    target = os.environ.get("VITKIT_FAULT_FILE", "last.ckpt")
     real_fsync = os.fsync
     writes = 0
 
     def fsync(fd):
         global writes
-        if ".last.ckpt." in os.readlink(f"/proc/self/fd/{fd}"):  # the temp file of a checkpoint being written
+        if f".{target}." in os.readlink(f"/proc/self/fd/{fd}"):  # the temp file of `target` being written
             writes += 1
             if fault.endswith("ckpt-write") and writes == int(arg):
                 if fault == "pause-ckpt-write":  # the data is written but not yet synced or renamed: wait to die
@@ -53,19 +54,20 @@ DRIVER = textwrap.dedent(
 
     os.fsync = fsync
 
-    if fault == "nan-forward":  # these training forward calls return NaN logits
-        import torch
+    slow = float(os.environ.get("VITKIT_SLOW_STEP", "0"))  # seconds of sleep per training forward
+    if fault == "nan-forward" or slow:
         from vitkit.model.vit import VisionTransformer
 
-        bad_calls = {int(i) for i in arg.split(",")}
+        bad_calls = {int(i) for i in arg.split(",")} if fault == "nan-forward" else set()
         real_forward = VisionTransformer.forward
         calls = 0
 
-        def forward(self, *a, **kw):
+        def forward(self, *a, **kw):  # these training forward calls return NaN logits
             global calls
             out = real_forward(self, *a, **kw)
             if self.training:
                 calls += 1
+                time.sleep(slow)
                 if calls in bad_calls:
                     return out * float("nan")
             return out
@@ -112,8 +114,9 @@ def train_args(work: Path, out: Path, epochs: int = 2, *extra: str) -> list[str]
     ]
 
 
-def launch(work: Path, args: list[str], fault: str = "", marker: Path | None = None) -> subprocess.Popen:
+def launch(work: Path, args: list[str], fault: str = "", marker: Path | None = None, **env_extra) -> subprocess.Popen:
     env = {**os.environ, "VITKIT_FAULT": fault, "VITKIT_FAULT_MARKER": str(marker or ""), "PYTHONUNBUFFERED": "1"}
+    env.update(env_extra)
     env.pop("VITKIT_DECODE_WORKERS", None)
     return subprocess.Popen(
         [sys.executable, str(work / "driver.py"), *args],
@@ -130,8 +133,8 @@ def finish(proc: subprocess.Popen, timeout: float = 120) -> tuple[int, str, str]
     return proc.returncode, out, err
 
 
-def run(work: Path, args: list[str], fault: str = "") -> tuple[int, str, str]:
-    return finish(launch(work, args, fault))
+def run(work: Path, args: list[str], fault: str = "", **env_extra) -> tuple[int, str, str]:
+    return finish(launch(work, args, fault, **env_extra))
 
 
 def kill(proc: subprocess.Popen) -> None:
@@ -175,9 +178,9 @@ def checkpoint_step(out: Path) -> int:
 @pytest.mark.timeout(180)
 def test_sigkill_during_training_then_resume_gives_identical_weights(work, baseline):
     out = work / "killed"
-    proc = launch(work, train_args(work, out))
+    proc = launch(work, train_args(work, out), VITKIT_SLOW_STEP="0.03")  # >= 1.5 s from step 5 to the end
     wait_for(lambda: (out / "last.ckpt").exists(), proc)
-    time.sleep(random.Random(os.getpid()).uniform(0.0, 0.8))  # somewhere in the middle of the run
+    time.sleep(random.Random(os.getpid()).uniform(0.0, 1.0))  # somewhere in the middle of the run
     kill(proc)
     assert not (out / "model.safetensors").exists(), "the run finished before the kill; the test proves nothing"
     step = checkpoint_step(out)  # the checkpoint on disk is whole
@@ -212,6 +215,20 @@ def test_disk_full_during_a_checkpoint_write_stops_cleanly(work):
     assert str(out / "last.ckpt") in err
     assert not [p for p in out.iterdir() if p.name.startswith(".last.ckpt.")], "a temp file was left behind"
     assert checkpoint_step(out) == 10 and not (out / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_disk_full_at_the_final_model_save_names_the_file_and_a_rerun_finishes(work):
+    out = work / "disk_full_at_save"
+    args = train_args(work, out, 1)
+    rc, stdout, err = run(work, args, fault="enospc-ckpt-write:1", VITKIT_FAULT_FILE="model.safetensors")
+    assert rc == 1 and "Traceback" not in err, stdout + err
+    assert f"No space left on device: '{out / 'model.safetensors'}'" in err, err
+    assert not (out / "model.safetensors").exists() and not list(out.glob(".model.safetensors.*"))
+    assert checkpoint_step(out) == STEPS_PER_EPOCH  # the finished run's checkpoint is whole
+    rc, stdout, err = run(work, args)
+    assert rc == 0 and (out / "model.safetensors").is_file(), stdout + err
 
 
 @pytest.mark.timeout(120)

@@ -29,7 +29,12 @@ class CheckpointError(ValueError):
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write `data` to `path` so that readers see either the old file or the complete new one."""
+    """Write `data` to `path` so that readers see either the old file or the complete new one.
+
+    Raises:
+        OSError: the write failed (disk full, read-only, ...); its filename is `path`, the old file is untouched
+            and no temp file is left behind.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -39,6 +44,11 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        if e.filename is None:  # "[Errno 28] No space left on device" alone does not say where
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
