@@ -140,3 +140,29 @@ def test_npz_object_arrays_are_refused(tmp_path):
     np.savez(tmp_path / "obj.npz", **{"embedding/kernel": np.array([{"a": 1}], dtype=object)})
     with pytest.raises(vitkit.model.serialization.CheckpointError, match="plain arrays"):
         vitkit.from_pretrained(tmp_path / "obj.npz")
+
+
+def _bv_sincos(h: int, w: int, width: int) -> np.ndarray:
+    """big_vision's posemb_sincos_2d, transcribed with numpy's mgrid/einsum as it is written there."""
+    y, x = np.mgrid[:h, :w]
+    omega = 1.0 / (10_000.0 ** (np.arange(width // 4) / (width // 4 - 1)))
+    y, x = np.einsum("m,d->md", y.flatten(), omega), np.einsum("m,d->md", x.flatten(), omega)
+    return np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)[None].astype(np.float32)
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_big_vision_sincos_without_stored_pos_embedding(tmp_path, size):
+    kw = dict(class_token=False, global_pool="avg", fc_norm=False, img_size=size)
+    peer = timm_vit(**kw)
+    with torch.no_grad():
+        peer.pos_embed.copy_(torch.from_numpy(_bv_sincos(size // 8, size // 8, 192)))
+    write_npz(peer, tmp_path / "w.npz", "bv")
+    arrays = {k: v for k, v in np.load(tmp_path / "w.npz").items() if k != "params/pos_embedding"}
+    np.savez(tmp_path / "sincos.npz", **arrays)
+    model, report = load_with_report(tmp_path / "sincos.npz", **({"img_size": size} if size != 32 else {}))
+    if size == 32:  # no size asked: big_vision's default 224 is assumed, then asked sizes recompute exactly
+        assert model.cfg.img_size == (224, 224) and "sin-cos" in report.details()
+        model, report = load_with_report(tmp_path / "sincos.npz", img_size=32)
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        assert model.cfg.img_size == (size, size) and max_diff(model(x), peer(x)) <= TOL

@@ -38,7 +38,7 @@ def load_with_report(source: str | Path, strict: bool = True, **overrides: Any) 
         report.log()
         model = apply_overrides(model, **overrides)
     else:
-        conv = _reading(load_foreign, path)
+        conv = _reading(lambda p: load_foreign(p, img_size=overrides.get("img_size")), path)
         report = conv.report
         size_and_head = {k: overrides.pop(k) for k in ("img_size", "num_classes") if k in overrides}
         model = build_model(conv, overrides, strict, size_hint=size_and_head.get("img_size"))

@@ -49,8 +49,11 @@ def detect_format(path: str | Path) -> str:
     )
 
 
-def load_foreign(path: str | Path) -> Converted:
-    """Read and translate any non-vitkit checkpoint into vitkit names (nothing built yet)."""
+def load_foreign(path: str | Path, img_size: int | tuple[int, int] | None = None) -> Converted:
+    """Read and translate any non-vitkit checkpoint into vitkit names (nothing built yet).
+
+    img_size: the size asked for; only formats that compute (rather than store) a tensor use it.
+    """
     path = Path(path)
     kind = detect_format(path)
     if kind == "timm-hub":
@@ -58,7 +61,7 @@ def load_foreign(path: str | Path) -> Converted:
     if kind == "hf":
         return load_hf_folder(path)
     if kind == "npz":
-        return load_npz(path)
+        return load_npz(path, img_size)
     if kind == "vitkit":
         raise CheckpointError(f"'{path}' is a vitkit checkpoint; load it with from_pretrained")
     tensors: dict[str, Any] = read_weights(path)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import INCEPTION_MEAN, INCEPTION_STD, PreprocessConfig
+from ..config import INCEPTION_MEAN, INCEPTION_STD, PreprocessConfig, to_2tuple
 from .common import Converted, from_numpy, read_npz
 from .report import LoadReport
 
@@ -91,8 +91,23 @@ def _dense(r: _Reader, out: dict, src: str, dst: str, idx: int | None = None) ->
     r.put(out, f"{dst}.bias", f"{src}/bias", bias, tuple(bias.shape))
 
 
-def convert_npz(arrays: dict[str, np.ndarray], prefix: str, report: LoadReport) -> tuple[dict, dict]:
-    """Arrays in either layout -> (vitkit state dict, hints)."""
+def big_vision_sincos_2d(grid: tuple[int, int], dim: int, temperature: float = 10_000.0) -> torch.Tensor:
+    """big_vision's `posemb_sincos_2d` (1, h*w, dim): [sin x, cos x, sin y, cos y], frequencies over dim/4 - 1.
+
+    It differs from MoCo v3's table (vitkit's `sincos_2d`: y before x, frequencies over dim/4), so a big_vision
+    model keeps its own table as a fixed position embedding.
+    """
+    h, w = grid
+    y, x = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
+    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float64) / max(dim // 4 - 1, 1))
+    y, x = y.reshape(-1, 1) * omega, x.reshape(-1, 1) * omega  # (h*w, dim/4)
+    return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1).float().unsqueeze(0)
+
+
+def convert_npz(
+    arrays: dict[str, np.ndarray], prefix: str, report: LoadReport, img_size: int | tuple[int, int] | None = None
+) -> tuple[dict, dict]:
+    """Arrays in either layout -> (vitkit state dict, hints). img_size: only for big_vision's sin-cos table."""
     r = _Reader(arrays, prefix, report)
     keys = set(arrays)
     big_vision = (
@@ -113,11 +128,14 @@ def convert_npz(arrays: dict[str, np.ndarray], prefix: str, report: LoadReport) 
     if r.has(pos_key):
         pe = r.take(pos_key)
         r.put(out, "pos_embed", pos_key, pe.reshape(1, -1, pe.shape[-1]), tuple(pe.shape))
-    elif big_vision:
-        hints["pos_embed"] = "sincos2d"
+    elif big_vision:  # posemb="sincos2d": a fixed table, computed here exactly at the size asked for
+        size = to_2tuple(img_size or 224)
+        grid = (size[0] // k.shape[0], size[1] // k.shape[1])
+        out["pos_embed"] = big_vision_sincos_2d(grid, k.shape[-1])
+        hints["img_size"] = size
         report.note(
-            "no pos_embedding stored: big_vision's fixed sin-cos table (posemb='sincos2d'); img_size 224 "
-            "assumed unless given"
+            f"no pos_embedding stored: big_vision's fixed sin-cos table computed for {size[0]}x{size[1]} "
+            f"({'as asked' if img_size else 'default; pass img_size for another'}) and stored as vitkit's pos_embed"
         )
     _layernorm(r, out, "Transformer/encoder_norm", "norm")
     if r.has("head/kernel"):
@@ -168,7 +186,7 @@ def convert_npz(arrays: dict[str, np.ndarray], prefix: str, report: LoadReport) 
     return out, hints
 
 
-def load_npz(path: Path) -> Converted:
+def load_npz(path: Path, img_size: int | tuple[int, int] | None = None) -> Converted:
     arrays = read_npz(path)
     prefix = find_prefix(set(arrays))
     report = LoadReport(str(path), "JAX .npz")
@@ -179,7 +197,7 @@ def load_npz(path: Path) -> Converted:
             f"'{path}': no 'embedding/kernel' under any known prefix {PREFIXES}; not a ViT .npz "
             f"(first keys: {sorted(arrays)[:5]})"
         )
-    state, hints = convert_npz(arrays, prefix, report)
+    state, hints = convert_npz(arrays, prefix, report, img_size)
     conv = Converted(state, report, hints=hints)
     conv.preprocess = PreprocessConfig(mean=INCEPTION_MEAN, std=INCEPTION_STD, interpolation="bilinear", crop_pct=1.0)
     report.note(
