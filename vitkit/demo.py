@@ -20,7 +20,7 @@ from .train import TrainConfig, fit
 DEMO_MODEL = "vit_digits_patch2_8"
 
 
-def demo_config(out: str | Path, epochs: int = 60, seed: int = 0, batch_size: int = 64) -> TrainConfig:
+def demo_config(out: str | Path, epochs: int = 100, seed: int = 0, batch_size: int = 64) -> TrainConfig:
     """The demo's recipe: 1-pixel random shifts, label smoothing, AdamW with a short warmup and cosine decay."""
     return TrainConfig(
         data="digits",
@@ -42,7 +42,7 @@ def demo_config(out: str | Path, epochs: int = 60, seed: int = 0, batch_size: in
     )
 
 
-def run_demo(out: str | Path = "runs/demo", epochs: int = 60, seed: int = 0, batch_size: int = 64) -> dict:
+def run_demo(out: str | Path = "runs/demo", epochs: int = 100, seed: int = 0, batch_size: int = 64) -> dict:
     out = Path(out)
     (out / "last.ckpt").unlink(missing_ok=True)  # the demo always starts afresh
     (out / "metrics.jsonl").unlink(missing_ok=True)

@@ -141,7 +141,7 @@ def train_one_epoch(
         state.bad_streak = 0
         optimizer.step()
         if ema is not None:
-            ema.update(model, state.step)
+            ema.update(getattr(model, "module", model), state.step)  # DDP keeps the model in .module
         state.step += 1
         state.images_seen += n_img
         loss_sum, loss_n, images = loss_sum + step_loss, loss_n + 1, images + n_img
