@@ -203,3 +203,15 @@ def test_bad_files_are_skipped_named_and_odd_formats_convert(tmp_path, caplog):
     assert len(ds) == 6 + 5  # 2 per class + 5 converted, each once despite the loop
     assert ds.images.shape[1:] == (16, 16, 3)
     assert np.bincount(ds.labels).tolist() == [7, 2, 2]
+
+
+def test_parallel_decoding_keeps_order_and_skips(tmp_path, monkeypatch):
+    root = _make_folder(tmp_path / "imgs", per_class=5)
+    (root / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    serial = load_source(str(root), cache_dir=tmp_path / "c1", progress=False)
+    monkeypatch.setattr(sources, "DECODE_CHUNK", 2)  # many small chunks -> the forked worker pool runs
+    monkeypatch.setenv("VITKIT_DECODE_WORKERS", "2")
+    parallel = load_source(str(root), cache_dir=tmp_path / "c2", progress=False)
+    np.testing.assert_array_equal(np.asarray(parallel.images), np.asarray(serial.images))
+    assert parallel.labels.tolist() == serial.labels.tolist()
+    assert [n for n, _ in parallel.skipped] == ["dog/broken.png"] == [n for n, _ in serial.skipped]

@@ -17,14 +17,16 @@ import csv
 import hashlib
 import json
 import logging
+import multiprocessing as mp
 import os
 import shutil
 import socket
 import tarfile
 import time
-from collections import Counter
+import zlib
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,7 +41,7 @@ IMAGE_EXTENSIONS = frozenset(
     ".jpg .jpeg .jpe .jfif .png .bmp .gif .tif .tiff .webp .ppm .pgm .pbm .pnm .tga .ico".split()
 )
 CACHE_FORMAT_VERSION = 1  # bump when the cached layout or decoding rules change
-_DECODE_WORKERS = 2  # PIL releases the GIL while decoding; the machine this targets has 2 cores
+DECODE_CHUNK = 512  # images per task sent to a decoder process
 
 
 class DataSourceError(ValueError):
@@ -114,11 +116,11 @@ def load_source(
     if not path.exists() and name.lower().split(":")[0] in _BUILTINS:
         ds = _BUILTINS[name.lower().split(":")[0]](name.lower(), cache_root, size)
     elif path.is_dir():
-        ds = _load_cached(path, "folder", cache_root, size, progress, lambda: _folder_items(path))
+        ds = _load_cached(path, "folder", cache_root, size, progress, _folder_listing)
     elif path.is_file() and _is_tar(path):
-        ds = _load_cached(path, "tar", cache_root, size, progress, lambda: _tar_items(path))
+        ds = _load_cached(path, "tar", cache_root, size, progress, _tar_listing)
     elif path.is_file() and path.suffix.lower() == ".csv":
-        ds = _load_cached(path, "csv", cache_root, size, progress, lambda: _csv_items(path))
+        ds = _load_cached(path, "csv", cache_root, size, progress, _csv_listing)
     elif not path.exists():
         raise DataSourceError(
             f"data source '{spec}' does not exist; pass an image folder (root/<class>/img.jpg), a .tar/.tar.gz of "
@@ -188,9 +190,16 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
 
 
 # ----------------------------------------------------------------------------------------------- listing sources
-# Each lister returns (items, classes, description): items are (name, read_bytes_or_path, label) in a fixed order.
+# A listing streams (name, bytes-or-path) in a fixed order and, once the stream is spent, labels what it streamed.
 
-Item = tuple[str, "Callable[[], bytes] | bytes | Path", int]
+
+@dataclass
+class _Listing:
+    description: str
+    stream: Iterable[tuple[str, bytes | Path]]  # read lazily, so a tar is inflated while earlier chunks decode
+    label: Callable[[], tuple[list[int | None], list[str]]]  # after the stream: a label per entry (None: not a
+    # sample, e.g. an image above the class folders) and the class names
+    total: int | None = None  # number of entries when known up front (progress bar)
 
 
 def _is_image_name(name: str) -> bool:
@@ -205,6 +214,8 @@ def _class_of_paths(rel_paths: list[tuple[str, ...]], where: str) -> tuple[list[
 
     `rel_paths` are the images' path components (file name last). Images lying above the class level get None.
     """
+    if not rel_paths:
+        raise DataSourceError(f"{where}: no image files found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
     parents = [p[:-1] for p in rel_paths]
     common = list(parents[0])
     for p in parents[1:]:
@@ -226,16 +237,14 @@ def _class_of_paths(rel_paths: list[tuple[str, ...]], where: str) -> tuple[list[
     return names, sorted({n for n in names if n is not None})
 
 
-def _label_items(entries: list[tuple[str, tuple[str, ...], object]], where: str) -> tuple[list[Item], list[str]]:
-    """(name, path parts, reader) -> items labelled by the inferred class folder."""
-    if not entries:
-        raise DataSourceError(f"{where}: no image files found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
-    names, classes = _class_of_paths([e[1] for e in entries], where)
+def _labels_from_folders(names: list[str], parts: list[tuple[str, ...]], where: str):
+    """Label entries by their class folder; warn about images lying above the class level."""
+    folders, classes = _class_of_paths(parts, where)
     index = {c: i for i, c in enumerate(classes)}
-    loose = [e[0] for e, c in zip(entries, names) if c is None]
+    loose = [n for n, c in zip(names, folders) if c is None]
     if loose:
         log.warning("%s: ignored %d image(s) outside the class folders, e.g. %s", where, len(loose), loose[:3])
-    return [(e[0], e[2], index[c]) for e, c in zip(entries, names) if c is not None], classes
+    return [index[c] if c is not None else None for c in folders], classes
 
 
 def _walk_files(root: Path) -> Iterable[Path]:
@@ -252,14 +261,12 @@ def _walk_files(root: Path) -> Iterable[Path]:
             yield Path(dirpath) / f
 
 
-def _folder_items(root: Path) -> tuple[list[Item], list[str], str]:
-    entries = []
-    for p in _walk_files(root):
-        rel = p.relative_to(root)
-        if _is_image_name(rel.as_posix()):
-            entries.append((rel.as_posix(), rel.parts, p))
-    items, classes = _label_items(entries, f"image folder '{root}'")
-    return items, classes, f"image folder {root}"
+def _folder_listing(root: Path) -> _Listing:
+    where = f"image folder '{root}'"
+    files = [p for p in _walk_files(root) if _is_image_name(p.relative_to(root).as_posix())]
+    names = [p.relative_to(root).as_posix() for p in files]
+    labels, classes = _labels_from_folders(names, [p.relative_to(root).parts for p in files], where)
+    return _Listing(f"image folder {root}", list(zip(names, files)), lambda: (labels, classes), len(files))
 
 
 def _is_tar(path: Path) -> bool:
@@ -267,29 +274,34 @@ def _is_tar(path: Path) -> bool:
     return n.endswith((".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz"))
 
 
-def _tar_items(path: Path) -> tuple[list[Item], list[str], str]:
-    # Read members in archive order: a compressed tar only streams forwards, so random access would re-inflate.
-    entries = []
-    try:
-        with tarfile.open(path, "r:*") as tf:
-            for m in tf:
-                if not m.isfile() or not _is_image_name(m.name):
-                    continue
-                f = tf.extractfile(m)
-                data = f.read() if f is not None else b""
-                parts = tuple(p for p in m.name.replace("\\", "/").split("/") if p not in ("", "."))
-                entries.append((m.name, parts, data))
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise DataSourceError(f"archive '{path}' could not be read ({e}); check the file is a complete tar") from None
-    entries.sort(key=lambda e: e[0])  # the order of the archive does not matter to the labels
-    items, classes = _label_items(entries, f"archive '{path}'")
-    return items, classes, f"tar archive {path}"
+def _tar_listing(path: Path) -> _Listing:
+    where = f"archive '{path}'"
+    names: list[str] = []
+    parts: list[tuple[str, ...]] = []
+
+    def stream() -> Iterable[tuple[str, bytes]]:
+        # Members in archive order: a compressed tar only streams forwards, so random access would re-inflate it.
+        try:
+            with tarfile.open(path, "r:*") as tf:
+                for m in tf:
+                    if not m.isfile() or not _is_image_name(m.name):
+                        continue
+                    f = tf.extractfile(m)
+                    data = f.read() if f is not None else b""
+                    names.append(m.name)
+                    parts.append(tuple(p for p in m.name.replace("\\", "/").split("/") if p not in ("", ".")))
+                    yield m.name, data
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+            raise DataSourceError(f"{where} could not be read ({e}); check that the file is a complete tar") from None
+
+    return _Listing(f"tar archive {path}", stream(), lambda: _labels_from_folders(names, parts, where))
 
 
 _HEADER_WORDS = {"path", "file", "filename", "file_name", "image", "img", "filepath", "image_path", "name"}
 
 
-def _csv_items(path: Path) -> tuple[list[Item], list[str], str]:
+def _csv_rows(path: Path) -> tuple[list[tuple[str, Path]], list[int], list[str]]:
+    """(name, file) per row, the label indices and the class names of a `path,label` CSV."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
@@ -306,20 +318,26 @@ def _csv_items(path: Path) -> tuple[list[Item], list[str], str]:
         raise DataSourceError(f"CSV '{path}' has no rows; expected lines of 'path,label'")
     raw = [lab for _, lab in pairs]
     if all(_is_int(lab) for lab in raw):  # integer labels are class indices
-        ints = [int(lab) for lab in raw]
-        if min(ints) < 0:
-            raise DataSourceError(f"CSV '{path}': negative label {min(ints)}; labels are names or indices >= 0")
-        classes = [str(i) for i in range(max(ints) + 1)]
-        labels = ints
+        labels = [int(lab) for lab in raw]
+        if min(labels) < 0:
+            raise DataSourceError(f"CSV '{path}': negative label {min(labels)}; labels are names or indices >= 0")
+        if max(labels) >= 1_000_000:  # an id column taken for labels would build a billion-class list
+            raise DataSourceError(
+                f"CSV '{path}': label {max(labels)} means over a million classes; integer labels "
+                "must be class indices 0..K-1 (or use class names)"
+            )
+        classes = [str(i) for i in range(max(labels) + 1)]
     else:
         classes = sorted(set(raw))
         index = {c: i for i, c in enumerate(classes)}
         labels = [index[lab] for lab in raw]
-    items: list[Item] = []
-    for (rel, _), lab in zip(pairs, labels):
-        p = Path(rel) if Path(rel).is_absolute() else path.parent / rel
-        items.append((rel, p, lab))
-    return items, classes, f"CSV {path}"
+    files = [(rel, Path(rel) if Path(rel).is_absolute() else path.parent / rel) for rel, _ in pairs]
+    return files, labels, classes
+
+
+def _csv_listing(path: Path) -> _Listing:
+    files, labels, classes = _csv_rows(path)
+    return _Listing(f"CSV {path}", files, lambda: (list(labels), classes), len(files))
 
 
 def _is_int(s: str) -> bool:
@@ -348,13 +366,13 @@ def _fingerprint(path: Path, kind: str, size: tuple[int, int] | None) -> str:
     st = path.stat()
     h.update(repr((CACHE_FORMAT_VERSION, kind, str(path.resolve()), st.st_size, st.st_mtime_ns, size)).encode())
     if kind in ("folder", "csv"):  # a folder's own mtime misses edits inside it: include every file's stat
-        files = _walk_files(path) if kind == "folder" else (p for _, p, _ in _csv_items(path)[0])
+        files = _walk_files(path) if kind == "folder" else (p for _, p in _csv_rows(path)[0])
         for p in files:
             try:
                 s = p.stat()
-                h.update(f"{p}\0{s.st_size}\0{s.st_mtime_ns}\n".encode())
+                h.update(f"{p}\0{s.st_size}\0{s.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))  # non-UTF-8 names
             except OSError:
-                h.update(f"{p}\0missing\n".encode())
+                h.update(f"{p}\0missing\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()[:16]
 
 
@@ -371,45 +389,104 @@ def _resize(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(pil.crop((left, top, left + w, top + h)), dtype=np.uint8)
 
 
-def _decode_one(item: Item, size: tuple[int, int] | None) -> np.ndarray | str:
-    """Decoded (H, W, 3) array, or the reason the file was skipped."""
-    name, src, _ = item
-    try:
-        img = decode_image(src() if callable(src) else src, name=name)
-    except ImageDecodeError as e:
-        return str(e)
-    return _resize(img, size) if size is not None else img
+def _decode_chunk(chunk: list[tuple[str, bytes | Path]], size: tuple[int, int] | None) -> list[np.ndarray | str]:
+    """Decoded (H, W, 3) arrays, or for each bad file the reason it was skipped (runs in a worker process)."""
+    out: list[np.ndarray | str] = []
+    for name, src in chunk:
+        try:
+            img = decode_image(src, name=name)
+        except ImageDecodeError as e:
+            out.append(str(e))
+            continue
+        out.append(_resize(img, size) if size is not None else img)
+    return out
 
 
-def _decode_all(
-    items: list[Item], size: tuple[int, int] | None, progress: bool, where: str
-) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
+def decode_workers() -> int:
+    """Decoder processes: `$VITKIT_DECODE_WORKERS`, else up to 2 (0 or 1: decode in this process)."""
+    env = os.environ.get("VITKIT_DECODE_WORKERS")
+    if env is not None:
+        return max(int(env), 0)
+    return min(2, os.cpu_count() or 1)
+
+
+def _decode_stream(
+    stream: Iterable[tuple[str, bytes | Path]], size: tuple[int, int] | None, progress: bool, total: int | None
+) -> tuple[list[str], list[np.ndarray | str]]:
+    """Decode every entry of `stream`, in order. Chunks go to forked worker processes while the stream is still
+    being read (a tar inflates while earlier chunks decode); small datasets decode in this process."""
     from tqdm.auto import tqdm
 
+    names: list[str] = []
+    results: list[np.ndarray | str] = []
+    workers = decode_workers() if "fork" in mp.get_all_start_methods() else 0
+    pool: ProcessPoolExecutor | None = None
+    pending: deque = deque()
+    chunk: list[tuple[str, bytes | Path]] = []
+    bar = tqdm(total=total, desc="decoding", unit="img", disable=not progress, leave=False)
+
+    def collect(block: bool) -> None:
+        while pending and (block or pending[0].done()):
+            done = pending.popleft().result()
+            results.extend(done)
+            bar.update(len(done))
+
+    def submit(part: list[tuple[str, bytes | Path]]) -> None:
+        nonlocal pool
+        if workers > 1 and pool is None and len(names) > DECODE_CHUNK:  # big enough to be worth the processes
+            pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"))
+        if pool is None:
+            done = _decode_chunk(part, size)
+            results.extend(done)
+            bar.update(len(done))
+        else:
+            pending.append(pool.submit(_decode_chunk, part, size))
+            collect(block=len(pending) > 4 * workers)  # bounded queue: memory stays flat on huge archives
+
+    try:
+        for name, src in stream:
+            names.append(name)
+            chunk.append((name, src))
+            if len(chunk) == DECODE_CHUNK:
+                submit(chunk)
+                chunk = []
+        if chunk:
+            submit(chunk)
+        collect(block=True)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        bar.close()
+    return names, results
+
+
+def _assemble(
+    names: list[str], results: list, labels: list[int | None], size: tuple[int, int] | None, where: str
+) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
+    """Decoded results -> (images (N, H, W, C), labels (N,), skipped), ordered by file name."""
     arrays: list[np.ndarray] = []
-    labels: list[int] = []
+    kept: list[int] = []
     skipped: list[tuple[str, str]] = []
-    with ThreadPoolExecutor(max_workers=_DECODE_WORKERS) as pool:
-        results = pool.map(lambda it: _decode_one(it, size), items, chunksize=64)
-        bar = tqdm(results, total=len(items), desc="decoding", unit="img", disable=not progress, leave=False)
-        for item, res in zip(items, bar):
-            if isinstance(res, str):
-                skipped.append((item[0], res))
-            else:
-                arrays.append(res)
-                labels.append(item[2])
+    for i in sorted(range(len(names)), key=names.__getitem__):  # archive order must not matter: sort by name
+        if labels[i] is None:
+            continue
+        if isinstance(results[i], str):
+            skipped.append((names[i], results[i]))
+        else:
+            arrays.append(results[i])
+            kept.append(labels[i])
     if skipped:
         shown = "; ".join(f"{n} ({r})" for n, r in skipped[:3])
         log.warning("%s: skipped %d unreadable file(s): %s%s", where, len(skipped), shown, " ..." * (len(skipped) > 3))
     if not arrays:
-        raise DataSourceError(f"{where}: none of the {len(items)} image files could be decoded; e.g. {skipped[:3]}")
+        raise DataSourceError(f"{where}: none of the {len(names)} image files could be decoded; e.g. {skipped[:3]}")
     if size is None:  # different sizes: resize the odd ones to the most common size
         size = Counter(a.shape[:2] for a in arrays).most_common(1)[0][0]
         odd = sum(a.shape[:2] != size for a in arrays)
         if odd:
             log.info("%s: resized %d image(s) to the most common size %dx%d", where, odd, size[0], size[1])
             arrays = [_resize(a, size) for a in arrays]
-    return np.stack(arrays), np.asarray(labels, dtype=np.int64), skipped
+    return np.stack(arrays), np.asarray(kept, dtype=np.int64), skipped
 
 
 def _load_cached(
@@ -418,37 +495,28 @@ def _load_cached(
     cache_root: Path,
     size: tuple[int, int] | None,
     progress: bool,
-    lister: Callable[[], tuple[list[Item], list[str], str]],
+    lister: Callable[[Path], _Listing],
 ) -> ImageArrayDataset:
     """Read the decoded arrays from the cache, or decode everything once and write the cache."""
     key = _fingerprint(path, kind, size)
     folder = cache_root / "decoded" / f"{path.name}-{key}"
     if (folder / "meta.json").exists():
         try:
-            meta = json.loads((folder / "meta.json").read_text())
-            images = np.load(folder / "images.npy", mmap_mode="r")
-            labels = np.load(folder / "labels.npy")
-            log.info("%s: %d images from the decode cache %s", meta["source"], len(labels), folder)
-            return ImageArrayDataset(
-                images=images,
-                labels=labels.astype(np.int64),
-                classes=list(meta["classes"]),
-                skipped=[tuple(s) for s in meta["skipped"]],
-                source=meta["source"],
-                cache_path=str(folder),
-                from_cache=True,
-            )
+            return _read_cache(folder)
         except (OSError, ValueError, KeyError) as e:
             log.warning("decode cache %s is unreadable (%s); decoding again", folder, e)
+            shutil.rmtree(folder, ignore_errors=True)  # else _write_cache keeps the broken copy and we load it
     t0 = time.perf_counter()
-    items, classes, source = lister()
-    images, labels, skipped = _decode_all(items, size, progress, source)
+    listing = lister(path)
+    names, results = _decode_stream(listing.stream, size, progress, listing.total)
+    labels, classes = listing.label()
+    images, labels, skipped = _assemble(names, results, labels, size, listing.description)
     present = set(labels.tolist())
     empty = [c for i, c in enumerate(classes) if i not in present]
     if empty and kind != "csv":
-        log.warning("%s: classes with no readable image: %s", source, empty[:10])
-    log.info("%s: decoded %d images in %.1f s", source, len(labels), time.perf_counter() - t0)
-    ds = ImageArrayDataset(images=images, labels=labels, classes=classes, skipped=skipped, source=source)
+        log.warning("%s: classes with no readable image: %s", listing.description, empty[:10])
+    log.info("%s: decoded %d images in %.1f s", listing.description, len(labels), time.perf_counter() - t0)
+    ds = ImageArrayDataset(images=images, labels=labels, classes=classes, skipped=skipped, source=listing.description)
     try:
         _write_cache(folder, ds)
         ds.images = np.load(folder / "images.npy", mmap_mode="r")
@@ -458,21 +526,51 @@ def _load_cached(
     return ds
 
 
+def _read_cache(folder: Path) -> ImageArrayDataset:
+    meta = json.loads((folder / "meta.json").read_text())
+    images = np.load(folder / "images.npy", mmap_mode="r")
+    labels = np.load(folder / "labels.npy").astype(np.int64)
+    if len(images) != len(labels):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    log.info("%s: %d images from the decode cache %s", meta["source"], len(labels), folder)
+    return ImageArrayDataset(
+        images=images,
+        labels=labels,
+        classes=list(meta["classes"]),
+        skipped=[tuple(s) for s in meta["skipped"]],
+        source=meta["source"],
+        cache_path=str(folder),
+        from_cache=True,
+    )
+
+
 def _write_cache(folder: Path, ds: ImageArrayDataset) -> None:
-    """Write arrays + meta into a temp folder, then rename it into place (a crash never leaves half a cache)."""
+    """Write arrays + meta into a temp folder, then rename it into place (a crash never leaves half a cache).
+
+    When another process (another rank) finished the same cache first, its copy is kept and ours dropped.
+    """
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    mm = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=ds.images.shape)
-    mm[:] = ds.images
-    mm.flush()
-    del mm
-    np.save(tmp / "labels.npy", ds.labels)
-    meta = {"classes": ds.classes, "skipped": [list(s) for s in ds.skipped], "source": ds.source}
-    (tmp / "meta.json").write_text(json.dumps(meta))
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    try:
+        mm = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=ds.images.shape)
+        mm[:] = ds.images
+        mm.flush()
+        del mm
+        np.save(tmp / "labels.npy", ds.labels)
+        meta = {"classes": ds.classes, "skipped": [list(s) for s in ds.skipped], "source": ds.source}
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        if folder.exists() and not (folder / "meta.json").exists():
+            shutil.rmtree(folder, ignore_errors=True)  # a broken earlier cache
+        if not folder.exists():
+            try:
+                os.replace(tmp, folder)
+            except OSError:
+                if not (folder / "meta.json").exists():  # not a concurrent writer winning the race: a real error
+                    raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------------------ builtins
