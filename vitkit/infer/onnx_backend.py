@@ -11,6 +11,7 @@ given any other checkpoint it exports the loaded model to a temporary ONNX file 
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -118,9 +119,12 @@ def onnxruntime_backend(
     """
     if is_onnx_file(checkpoint):
         return OnnxModel(checkpoint, threads=threads)
-    tmp = Path(tempfile.mkdtemp(prefix="vitkit-onnx-")) / "model.onnx"
-    export_onnx(model, tmp, dynamic=True, check=False)
-    return OnnxModel(tmp, threads=threads)
+    folder = Path(tempfile.mkdtemp(prefix="vitkit-onnx-"))
+    try:
+        export_onnx(model, folder / "model.onnx", dynamic=True, check=False)
+        return OnnxModel(folder / "model.onnx", threads=threads)  # the session holds the graph in memory
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 __all__ = ["OnnxModel", "model_from_onnx", "onnxruntime_backend", "is_onnx_file"]
