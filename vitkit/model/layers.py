@@ -95,10 +95,13 @@ class Attention(nn.Module):
         attn = None
         if backend == "sdpa":
             x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
-        else:
-            attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, heads, N, N)
-            attn = attn.softmax(dim=-1)
-            x = self.attn_drop(attn) @ v  # (B, heads, N, head_dim)
+        else:  # heads folded into the batch, (B*heads, N, head_dim); the 1/sqrt(d) scale rides on the matmul
+            H, hd = self.num_heads, self.head_dim
+            q3, k3, v3 = (t.reshape(B * H, N, hd) for t in (q, k, v))
+            attn = torch.baddbmm(q3.new_zeros(()), q3, k3.transpose(1, 2), beta=0.0, alpha=self.scale)
+            attn = attn.softmax(dim=-1)  # (B*heads, N, N)
+            x = torch.bmm(self.attn_drop(attn), v3).view(B, H, N, hd)  # (B, heads, N, head_dim)
+            attn = attn.view(B, H, N, N)
         x = x.transpose(1, 2).reshape(B, N, C)  # (B, N, D)
         x = self.proj_drop(self.proj(x))
         return x, (attn if need_weights else None)

@@ -1,0 +1,319 @@
+"""Training and inference throughput of vitkit vs timm, Hugging Face transformers and torchvision, side by side.
+
+Same architecture in every library, models interleaved in one process (the order rotates every repetition so
+drift in machine load hits all of them alike), median of >= 5 timed repetitions after warm-up.
+
+    flock /tmp/vitkit-heavy.lock .venv/bin/python benchmarks/throughput.py            # full table, ~10 min
+    flock /tmp/vitkit-heavy.lock .venv/bin/python benchmarks/throughput.py --quick    # ViT-Ti/4 + S/16, < 2 min
+    ... --json                                    # also one JSON line with every ratio (vitkit / fastest peer)
+    ... --only ti4_32 --modes train --precisions bf16 --libs vitkit,timm              # a slice
+
+Each library is called the ordinary way: `create_model`-style constructor, `torch.autocast("cpu", bf16)` for bf16,
+`torch.optim.AdamW` for training, `torch.inference_mode()` for inference. Hugging Face runs with its `sdpa`
+attention unless `eager` is faster (both are timed during warm-up and the faster one is reported).
+TFLOP/s counts matrix-multiply FLOPs analytically (patch embedding, qkv, attention, proj, MLP, head; training =
+3 x forward). Peak = a large square matmul timed in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+@dataclass(frozen=True)
+class Arch:
+    key: str
+    title: str
+    img: int
+    patch: int
+    dim: int
+    depth: int
+    heads: int
+    classes: int
+    batch: int
+
+    @property
+    def tokens(self) -> int:
+        return (self.img // self.patch) ** 2 + 1
+
+    def matmul_flops(self) -> float:
+        """Forward matmul FLOPs per image (2 x multiply-adds)."""
+        N, D, P = self.tokens, self.dim, (self.img // self.patch) ** 2
+        per_block = 2 * N * D * 3 * D + 2 * 2 * N * N * D + 2 * N * D * D + 2 * 2 * N * D * 4 * D
+        return self.depth * per_block + 2 * P * 3 * self.patch**2 * D + 2 * D * self.classes
+
+
+ARCHS = {
+    "ti4_32": Arch("ti4_32", "ViT-Ti/4 @32", 32, 4, 192, 12, 3, 10, 128),
+    "s16_224": Arch("s16_224", "ViT-S/16 @224", 224, 16, 384, 12, 6, 1000, 32),
+    "b16_224": Arch("b16_224", "ViT-B/16 @224", 224, 16, 768, 12, 12, 1000, 16),
+}
+
+
+# ------------------------------------------------------------------------------------------- model builders
+def build_vitkit(a: Arch) -> torch.nn.Module:
+    import vitkit
+
+    return vitkit.create_model(
+        "vit_base_patch16_224", img_size=a.img, patch_size=a.patch, embed_dim=a.dim, depth=a.depth,
+        num_heads=a.heads, num_classes=a.classes,
+    )  # fmt: skip
+
+
+def build_timm(a: Arch) -> torch.nn.Module:
+    import timm
+
+    return timm.create_model(
+        "vit_base_patch16_224", img_size=a.img, patch_size=a.patch, embed_dim=a.dim, depth=a.depth,
+        num_heads=a.heads, num_classes=a.classes,
+    )  # fmt: skip
+
+
+def build_hf(a: Arch, attn: str) -> torch.nn.Module:
+    from transformers import ViTConfig, ViTForImageClassification
+
+    cfg = ViTConfig(
+        hidden_size=a.dim, num_hidden_layers=a.depth, num_attention_heads=a.heads, intermediate_size=4 * a.dim,
+        image_size=a.img, patch_size=a.patch, num_labels=a.classes, layer_norm_eps=1e-6,
+    )  # fmt: skip
+    cfg._attn_implementation = attn
+    model = ViTForImageClassification(cfg)
+
+    class Logits(torch.nn.Module):  # HF returns an output object; the other libraries return logits
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            return self.m(pixel_values=x).logits
+
+    return Logits(model)
+
+
+def build_torchvision(a: Arch) -> torch.nn.Module:
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(
+        image_size=a.img, patch_size=a.patch, num_layers=a.depth, num_heads=a.heads, hidden_dim=a.dim,
+        mlp_dim=4 * a.dim, num_classes=a.classes,
+    )  # fmt: skip
+
+
+LIBS = ("vitkit", "timm", "hf", "torchvision")
+
+
+def build(lib: str, a: Arch, hf_attn: str = "sdpa") -> torch.nn.Module:
+    if lib == "vitkit":
+        return build_vitkit(a)
+    if lib == "timm":
+        return build_timm(a)
+    if lib == "hf":
+        return build_hf(a, hf_attn)
+    return build_torchvision(a)
+
+
+# ----------------------------------------------------------------------------------------------- workloads
+def autocast(precision: str):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+
+
+def train_step_fn(model: torch.nn.Module, a: Arch, precision: str) -> Callable[[], None]:
+    """One optimisation step: forward, cross-entropy, backward, AdamW."""
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+    x = torch.randn(a.batch, 3, a.img, a.img)
+    y = torch.randint(0, a.classes, (a.batch,))
+
+    def step() -> None:
+        with autocast(precision):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def infer_fn(model: torch.nn.Module, a: Arch, precision: str, batch: int) -> Callable[[], None]:
+    model.eval()
+    x = torch.randn(batch, 3, a.img, a.img)
+
+    def run() -> None:
+        with torch.inference_mode(), autocast(precision):
+            model(x)
+
+    return run
+
+
+def timed(fn: Callable[[], None]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def make_fn(lib: str, a: Arch, mode: str, precision: str, hf_attn: str) -> Callable[[], None]:
+    torch.manual_seed(0)
+    model = build(lib, a, hf_attn)
+    if mode == "train":
+        return train_step_fn(model, a, precision)
+    return infer_fn(model, a, precision, a.batch if mode == "infer" else 1)
+
+
+def pick_hf_attention(a: Arch, mode: str, precision: str) -> str:
+    """Hugging Face's faster attention implementation for this workload (sdpa unless eager wins)."""
+    times = {}
+    for impl in ("sdpa", "eager"):
+        fn = make_fn("hf", a, mode, precision, impl)
+        fn()
+        times[impl] = min(timed(fn) for _ in range(2))
+    return min(times, key=times.get)
+
+
+def run_case(a: Arch, mode: str, precision: str, libs: list[str], reps: int, warmup: int) -> dict:
+    """Time every library on one workload, interleaved; returns {lib: median seconds} plus the HF choice."""
+    hf_attn = pick_hf_attention(a, mode, precision) if "hf" in libs else "sdpa"
+    fns = {lib: make_fn(lib, a, mode, precision, hf_attn) for lib in libs}
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {lib: [] for lib in libs}
+    order = list(libs)
+    for _ in range(reps):
+        for lib in order:
+            samples[lib].append(timed(fns[lib]))
+        order = order[1:] + order[:1]  # rotate so no library always runs first after another's cache pollution
+    return {"median_s": {lib: statistics.median(v) for lib, v in samples.items()}, "hf_attn": hf_attn}
+
+
+# ------------------------------------------------------------------------------------------------ machine
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    """TFLOP/s of an n x n x n matmul in this dtype on this machine, now."""
+    x = torch.randn(n, n).to(dtype)
+    y = torch.randn(n, n).to(dtype)
+    for _ in range(2):
+        x @ y
+    best = min(timed(lambda: x @ y) for _ in range(reps))
+    return 2 * n**3 / best / 1e12
+
+
+def machine_info() -> dict:
+    cpu = platform.processor()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for mod in ("timm", "transformers", "torchvision"):
+        with contextlib.suppress(ImportError):
+            versions[mod] = __import__(mod).__version__
+    load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "versions": versions, "load": load}
+
+
+# ------------------------------------------------------------------------------------------------ end-to-end
+def vitkit_train_throughput(steps: int) -> dict | None:
+    """img/s of vitkit's own training loop on CIFAR-10-shaped data (None when the trainer is not available)."""
+    try:
+        from benchmarks_e2e import e2e_train_throughput  # noqa: F401  (see benchmarks/e2e_train.py)
+    except ImportError:
+        pass
+    try:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from e2e_train import e2e_train_throughput
+    except ImportError:
+        return None
+    return e2e_train_throughput(steps)
+
+
+# ------------------------------------------------------------------------------------------------ main
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", action="store_true", help="also print one JSON line with all results and ratios")
+    p.add_argument("--quick", action="store_true", help="ViT-Ti/4 and ViT-S/16 bf16 only, fewer repetitions")
+    p.add_argument("--only", default=None, help="comma list of archs: " + ",".join(ARCHS))
+    p.add_argument("--modes", default="train,infer,latency")
+    p.add_argument("--precisions", default="bf16,fp32")
+    p.add_argument("--libs", default=",".join(LIBS))
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end `vitkit train` measurement")
+    args = p.parse_args(argv)
+
+    archs = args.only.split(",") if args.only else list(ARCHS)
+    precisions = args.precisions.split(",")
+    if args.quick and not args.only:
+        archs = ["ti4_32", "s16_224"]
+    if args.quick and args.precisions == "bf16,fp32":
+        precisions = ["bf16"]
+    modes = args.modes.split(",")
+    libs = args.libs.split(",")
+    reps = max(args.reps, 5)
+
+    info = machine_info()
+    print(f"machine: {info['cpu']}, {info['cores']} cores, torch threads {info['threads']}")
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()))
+    print(f"load before: {info['load']}")
+    peak = {"bf16": matmul_peak(torch.bfloat16), "fp32": matmul_peak(torch.float32)}
+    print(f"matmul peak (2048^3): bf16 {peak['bf16']:.2f} TFLOP/s, fp32 {peak['fp32']:.2f} TFLOP/s\n")
+
+    results = []
+    hdr = f"{'workload':<34}{'library':<13}{'img/s':>9}{'ms/it':>9}{'TFLOP/s':>9}{'%peak':>7}{'vs best peer':>14}"
+    print(hdr)
+    print("-" * len(hdr))
+    for key in archs:
+        a = ARCHS[key]
+        for mode in modes:
+            for prec in precisions:
+                big = key == "b16_224" or (prec == "fp32" and key == "s16_224")
+                warmup = 1 if big else 2
+                r = run_case(a, mode, prec, libs, reps, warmup)
+                batch = 1 if mode == "latency" else a.batch
+                flops = a.matmul_flops() * batch * (3 if mode == "train" else 1)
+                med = r["median_s"]
+                peers = {k: v for k, v in med.items() if k != "vitkit"}
+                best_peer = min(peers, key=peers.get) if peers else None
+                label = f"{a.title} {mode} b{batch} {prec}"
+                for lib, s in sorted(med.items(), key=lambda kv: kv[1]):
+                    name = f"hf({r['hf_attn']})" if lib == "hf" else lib
+                    ratio = peers[best_peer] / s if best_peer else float("nan")
+                    tf = flops / s / 1e12
+                    print(
+                        f"{label:<34}{name:<13}{batch / s:>9.1f}{s * 1e3:>9.1f}{tf:>9.3f}"
+                        f"{100 * tf / peak[prec]:>6.0f}%{ratio:>13.2f}x"
+                    )
+                    label = ""
+                entry = {"arch": key, "mode": mode, "precision": prec, "batch": batch, "hf_attn": r["hf_attn"]}
+                entry["ms"] = {k: round(v * 1e3, 2) for k, v in med.items()}
+                if best_peer and "vitkit" in med:
+                    entry["best_peer"] = best_peer
+                    entry["ratio"] = round(peers[best_peer] / med["vitkit"], 3)
+                results.append(entry)
+                print()
+
+    e2e = None if args.no_e2e else vitkit_train_throughput(steps=10 if args.quick else 20)
+    if e2e is not None:
+        print(f"end-to-end vitkit train: {e2e}")
+    load_after = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    print(f"load after: {load_after}")
+    if args.json:
+        ratios = {f"{e['arch']}/{e['mode']}/b{e['batch']}/{e['precision']}": e.get("ratio") for e in results}
+        out = {"machine": info, "load_after": load_after, "peak_tflops": peak, "ratios": ratios}
+        out.update(results=results, e2e=e2e)
+        print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
