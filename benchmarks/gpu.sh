@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# vitkit on one CUDA GPU, in at most ~8 minutes:
+#   1. the throughput table vs timm (bf16 autocast, flash attention through SDPA, eager and torch.compile);
+#   2. the CIFAR-10 recipe through `vitkit train`, reporting the time to 94 % validation top-1 (if reached).
+#
+#   benchmarks/gpu.sh                 # on the GPU machine (its python3 with torch, timm, transformers; no internet)
+#   benchmarks/gpu.sh --dry-run       # on a CPU: every code path in seconds (tiny models, 3 training steps)
+#
+# Environment: PYTHON (default: python3, or .venv/bin/python when present), CIFAR (default the shared tarball),
+# OUT (default runs/gpu), TRAIN_MINUTES (default 3), RECIPE (default cifar10_gpu if vitkit ships it, else
+# cifar10_budget with GPU-sized overrides).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=.
+
+DRY=0
+[[ "${1:-}" == "--dry-run" ]] && DRY=1
+PY="${PYTHON:-}"
+if [[ -z "$PY" ]]; then
+  if [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY=python3; fi
+fi
+CIFAR="${CIFAR:-/work/shared/datasets/cifar10-train.tar.gz}"
+OUT="${OUT:-runs/gpu}"
+MINUTES="${TRAIN_MINUTES:-3}"
+mkdir -p "$OUT"
+
+echo "== machine"
+"$PY" - <<'EOF'
+import platform, torch
+print("python", platform.python_version(), "| torch", torch.__version__, "| cuda", torch.cuda.is_available())
+if torch.cuda.is_available():
+    print("gpu:", torch.cuda.get_device_name(), "| flash sdpa:", torch.backends.cuda.flash_sdp_enabled())
+EOF
+
+echo "== throughput vs timm (bf16)"
+if (( DRY )); then
+  timeout 300 "$PY" benchmarks/gpu_bench.py --dry-run --json | tee "$OUT/throughput.txt"
+else
+  timeout 200 "$PY" benchmarks/gpu_bench.py --json | tee "$OUT/throughput.txt" || echo "throughput table: stopped at its 200 s limit"
+fi
+
+echo "== CIFAR-10: vitkit train, time to 94 % validation top-1"
+RECIPE="${RECIPE:-}"
+if [[ -z "$RECIPE" ]]; then
+  if [[ -f vitkit/recipes/cifar10_gpu.yaml ]]; then
+    RECIPE=cifar10_gpu; EXTRA=()
+  else  # no GPU recipe from the trainer yet: the CPU budget recipe, with a GPU-sized batch
+    RECIPE=cifar10_budget; EXTRA=(--batch-size 512 --lr 0.003)
+  fi
+else
+  EXTRA=()
+fi
+if [[ ! -f "$CIFAR" ]]; then
+  echo "CIFAR-10 archive $CIFAR not found; set CIFAR=/path/to/cifar10-train.tar.gz (skipping the training run)"
+  exit 0
+fi
+RUN="$OUT/cifar10"
+rm -rf "$RUN"
+if (( DRY )); then
+  # a 3-step run on the CPU: checks the recipe, the data path and the metrics parsing below, nothing more
+  "$PY" - "$CIFAR" "$RUN" "$RECIPE" <<'EOF'
+import sys
+from vitkit.train.fit import fit
+from vitkit.train.recipe import build_config
+data, out, recipe = sys.argv[1:4]
+fit(build_config(recipe, data=data, out=out, stop_after_steps=3, epochs=1, progress=False, val_split=0.02))
+EOF
+else
+  timeout $(( MINUTES * 60 + 90 )) "$PY" -m vitkit train --data "$CIFAR" --recipe "$RECIPE" --minutes "$MINUTES" \
+    --out "$RUN" --no-progress "${EXTRA[@]}" || echo "training run: stopped at its time limit"
+fi
+
+"$PY" - "$RUN" <<'EOF'
+import sys
+from vitkit.train.logging import read_metrics
+recs = [r for r in read_metrics(sys.argv[1]) if r.get("kind") == "val" and "val_top1" in r]
+hit = next((r for r in recs if r["val_top1"] >= 0.94), None)
+best = max((r["val_top1"] for r in recs), default=None)
+print(f"validation evaluations: {len(recs)}; best top-1: {best if best is None else f'{best:.2%}'}")
+print(f"time to 94 %: {hit['time']:.0f} s (step {hit['step']})" if hit else "time to 94 %: not reached in this run")
+EOF
