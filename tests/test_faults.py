@@ -191,6 +191,19 @@ def test_sigkill_during_training_then_resume_gives_identical_weights(work, basel
     assert_same_weights(final_weights(out), baseline)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_ctrl_c_stops_with_exit_130_and_a_whole_checkpoint(work):
+    out = work / "interrupted"
+    proc = launch(work, train_args(work, out), VITKIT_SLOW_STEP="0.03")
+    wait_for(lambda: (out / "last.ckpt").exists(), proc)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    rc, stdout, err = finish(proc)
+    assert rc == 130 and "interrupted" in err and "Traceback" not in err, stdout + err
+    assert 5 <= checkpoint_step(out) < 2 * STEPS_PER_EPOCH
+
+
 @pytest.mark.timeout(180)
 def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(work, baseline):
     out, marker = work / "killed_in_write", work / "in_write"
