@@ -36,7 +36,7 @@ echo "== throughput vs timm (bf16)"
 if (( DRY )); then
   timeout 300 "$PY" benchmarks/gpu_bench.py --dry-run --json | tee "$OUT/throughput.txt"
 else
-  timeout 200 "$PY" benchmarks/gpu_bench.py --json | tee "$OUT/throughput.txt" || echo "throughput table: stopped at its 200 s limit"
+  timeout 210 "$PY" benchmarks/gpu_bench.py --json | tee "$OUT/throughput.txt" || echo "throughput table: stopped at its 210 s limit"
 fi
 
 echo "== CIFAR-10: vitkit train, time to 94 % validation top-1"
@@ -66,7 +66,7 @@ data, out, recipe = sys.argv[1:4]
 fit(build_config(recipe, data=data, out=out, stop_after_steps=3, epochs=1, progress=False, val_split=0.02))
 EOF
 else
-  timeout $(( MINUTES * 60 + 90 )) "$PY" -m vitkit train --data "$CIFAR" --recipe "$RECIPE" --minutes "$MINUTES" \
+  timeout $(( MINUTES * 60 + 60 )) "$PY" -m vitkit train --data "$CIFAR" --recipe "$RECIPE" --minutes "$MINUTES" \
     --out "$RUN" --no-progress "${EXTRA[@]}" || echo "training run: stopped at its time limit"
 fi
 
