@@ -9,6 +9,7 @@ missing field or bad option -> 422, queue full -> 503.
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Hashable
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -60,6 +61,11 @@ def create_app(
 ) -> FastAPI:
     """Build the ASGI app around an already loaded Predictor (one model in memory)."""
     explainers: dict[tuple, Explainer] = {}
+    figure_lock = threading.Lock()  # matplotlib is not thread-safe; the plain PIL overlays need no lock
+
+    def render_figure(expl: Explanation, size: int) -> bytes:
+        with figure_lock:
+            return figure_png(expl, size)
 
     def explainer_for(method: str, layer: int, head: str, discard: float) -> Explainer:
         key = (method, layer, head, discard)
@@ -145,7 +151,7 @@ def create_app(
         logits, heat = await submit(("explain", (method, layer, head, discard)), x)
         pred = predictor.top_k(logits[None], [name], 5)[0]
         expl = Explanation(name, crop, heat.numpy(), explainer.description, pred)
-        png = await run_in_threadpool(figure_png if figure else overlay_png, expl, size)
+        png = await run_in_threadpool(render_figure if figure else overlay_png, expl, size)
         headers = {
             "X-Vitkit-Map": quote(explainer.description, safe=" ,;:()-"),
             "X-Vitkit-Top": quote(f"{pred.labels[0]} {pred.probs[0]:.4f}", safe=" "),
