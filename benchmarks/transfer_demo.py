@@ -1,7 +1,7 @@
 """Transfer, measured: a ViT pretrained on CIFAR-10 classes 0-4, fine-tuned on classes 5-9 with 10 % of their labels,
 against the same ViT trained from scratch on the same labelled images for the same wall-clock time.
 
-    flock /tmp/vitkit-heavy.lock .venv/bin/python benchmarks/transfer_demo.py            # ~5 min on 2 cores
+    flock /tmp/vitkit-heavy.lock .venv/bin/python benchmarks/transfer_demo.py            # ~7 min on 2 cores
     ... --pretrain-seconds 300 --train-seconds 90                                         # longer budgets
 
 Splits (seeded, stratified): classes 5-9 lose 10 % of their images to a validation set that neither run trains
@@ -110,14 +110,14 @@ def accuracy(model: vitkit.VisionTransformer, ds: ImageArrayDataset, idx: np.nda
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=DEFAULT_DATA)
-    p.add_argument("--pretrain-seconds", type=float, default=150.0)
+    p.add_argument("--pretrain-seconds", type=float, default=240.0)
     p.add_argument("--train-seconds", type=float, default=60.0, help="budget of each target run (fine-tune, scratch)")
     p.add_argument("--label-fraction", type=float, default=0.1)
     p.add_argument("--depth", type=int, default=6)
     p.add_argument("--dim", type=int, default=192)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3, help="pretraining and from-scratch peak lr")
-    p.add_argument("--finetune-lr", type=float, default=5e-4)
+    p.add_argument("--finetune-lr", type=float, default=1e-3)
     p.add_argument("--layer-decay", type=float, default=0.75)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/transfer_demo")
