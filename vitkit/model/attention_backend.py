@@ -1,14 +1,29 @@
 """How `attn_backend="auto"` chooses between PyTorch's fused SDPA and explicit matmul-softmax attention.
 
-The rule is a table of measurements, not a guess. Re-measure with `python benchmarks/attention_backend.py`
-and update MATH_MAX_TOKENS below with what it prints.
+The rule is a table of measurements, not a guess. Re-measure with
 
-Measured 2026-11-27 on the 2-core Xeon with AMX (torch 2.14.1, CPU build in a CUDA wheel), heads of 64
-channels, forward+backward under bf16 autocast, time per call, math / sdpa:
+    flock /tmp/vitkit-heavy.lock .venv/bin/python benchmarks/attention_backend.py
 
-    tokens   train (fwd+bwd)   inference (fwd)
-    see the table in benchmarks/README.md (section "attention backend"), reproduced by the script above.
+and update MATH_MAX_TOKENS below with the lengths it prints.
 
+Measured 2026-11-27 on the 2-core Xeon with AMX (Sapphire Rapids class, KVM), torch 2.14.1, one Attention layer
+(qkv + attention + proj) of width 384 / 6 heads, ~8k tokens per batch, bf16 autocast, median ms per call
+(load average ~2.2 from other jobs, so +-10 %):
+
+    tokens   train sdpa   train math   infer sdpa   infer math
+        17        167.8         62.8         11.8         12.5
+        65        155.2         52.3         11.4         11.0
+       145        143.9         56.8         18.0         16.1
+       197        109.0         70.5         14.7         18.5
+       257        115.0         71.8         18.4         20.3
+       401        114.4        122.2         20.2         45.4
+       577        182.4        164.7         21.8         62.2
+      1025        169.4        216.1         25.6         89.0
+
+Training (forward + backward): PyTorch's CPU SDPA backward is slow at short sequences, so explicit attention wins
+by 1.5-3x up to ~257 tokens; from ~400 tokens on SDPA is as fast or faster and needs no N x N buffer per head.
+Inference: the two tie up to ~150 tokens and SDPA wins above, so inference always uses SDPA. Width 192 / 3 heads
+gives the same crossing (train math wins at 17-257 tokens: 26.7 vs 97.9 ms at 17, 37.7 vs 54.3 ms at 257).
 On CUDA, fused SDPA (flash / memory-efficient kernels) wins at every length, so `auto` always picks it there.
 """
 
@@ -17,8 +32,8 @@ from __future__ import annotations
 # Longest sequence (tokens incl. cls/registers) at which explicit attention beats SDPA, per device and mode.
 # Above it `auto` uses SDPA. 0 means "always SDPA".
 MATH_MAX_TOKENS: dict[tuple[str, bool], int] = {
-    ("cpu", True): 1024,  # training: CPU SDPA backward is slow at short sequences
-    ("cpu", False): 0,  # inference: filled from measurement
+    ("cpu", True): 320,  # training: math wins 1.5-3x up to 257 tokens (ViT-*/16 @256 px), SDPA from ~400 on
+    ("cpu", False): 0,  # inference: a tie up to ~150 tokens, SDPA faster above
 }
 
 
