@@ -63,12 +63,12 @@ class LoadReport:
         )
 
     def details(self, limit: int = 20) -> str:
-        """Multi-line text: the summary, then every bucket that needs attention (and the notes)."""
+        """Multi-line text: the summary, then every bucket that needs attention, examples of reshapes, notes."""
         lines = [self.summary()]
 
-        def section(title: str, items: list[str]) -> None:
+        def section(title: str, items: list[str], count: int | None = None) -> None:
             if items:
-                lines.append(f"  {title} ({len(items)}):")
+                lines.append(f"  {title} ({len(items) if count is None else count}):")
                 lines.extend(f"    {s}" for s in items[:limit])
                 if len(items) > limit:
                     lines.append(f"    ... and {len(items) - limit} more")
@@ -79,19 +79,10 @@ class LoadReport:
         by_reason: dict[str, list[str]] = {}
         for src, reason in self.ignored:
             by_reason.setdefault(reason, []).append(src)
-        section(
-            "ignored",
-            [f"{', '.join(names[:4])}{' ...' if len(names) > 4 else ''}: {r}" for r, names in by_reason.items()],
-        )
-        section(
-            "reshaped",
-            [f"{s} {a} -> {d} {b}" for s, d, a, b in self.reshaped[:3]]
-            + (
-                [f"(all {len(self.reshaped)}: transposed / fused / split to vitkit's layout)"]
-                if len(self.reshaped) > 3
-                else []
-            ),
-        )
+        ignored = [f"{', '.join(n[:4])}{' ...' if len(n) > 4 else ''}: {r}" for r, n in by_reason.items()]
+        section("ignored", ignored, count=len(self.ignored))
+        examples = [f"{s} {a} -> {d} {b}" for s, d, a, b in self.reshaped[:3]]
+        section("reshaped (transposed / fused / split to vitkit's layout), e.g.", examples, count=len(self.reshaped))
         section("notes", self.notes)
         return "\n".join(lines)
 
