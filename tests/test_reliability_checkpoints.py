@@ -306,3 +306,22 @@ def test_cli_refuses_a_pickle_payload_with_one_clear_line(tmp_path):
         assert "Traceback" not in r.stderr, r.stderr
         assert f"vitkit {verb}: error:" in r.stderr and ("evil.pth" in r.stderr or "last.ckpt" in r.stderr), r.stderr
         assert not marker.exists(), f"vitkit {verb} ran the payload"
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(in_chans=1),  # RGB statistics on a grayscale model: normalize() averages them
+        dict(in_chans=4),
+        dict(pos_embed="sincos2d", class_token=False, global_pool="avg", reg_tokens=2),
+        dict(init_values=1e-5, qk_norm=True, fc_norm=False, img_size=(32, 48)),
+        dict(num_classes=0, global_pool="map"),
+    ],
+    ids=lambda kw: ",".join(kw),
+)
+def test_the_checks_do_not_refuse_valid_models(tmp_path, kw):
+    model = vitkit.create_model("vit_tiny_patch16_224", **tiny_kwargs(**kw))
+    model.save(tmp_path / "ok.safetensors")
+    loaded = vitkit.from_pretrained(tmp_path / "ok.safetensors")
+    assert loaded.cfg == model.cfg and loaded.preprocess == model.preprocess
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())

@@ -148,10 +148,12 @@ def _preprocess_problems(pre: PreprocessConfig, in_chans: int) -> list[str]:
     problems = []
     if not all(_is_int(x) and x >= 1 for x in pre.input_size):
         problems.append(f"input_size={pre.input_size!r} (expected positive integers)")
-    for key in ("mean", "std"):
+    for key in ("mean", "std"):  # one per channel, or RGB statistics that normalize() averages for other counts
         v = getattr(pre, key)
-        if len(v) != in_chans or not all(math.isfinite(x) for x in v):
+        if len(v) not in {1, 3, in_chans} or not all(math.isfinite(x) for x in v):
             problems.append(f"{key}={v!r} (expected {in_chans} finite numbers, one per input channel)")
+    if len(pre.mean) != len(pre.std):
+        problems.append(f"mean has {len(pre.mean)} values but std {len(pre.std)}")
     if any(x <= 0 for x in pre.std):
         problems.append(f"std={pre.std!r} (expected positive numbers)")
     if pre.interpolation not in INTERPOLATIONS:
