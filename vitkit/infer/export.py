@@ -145,10 +145,18 @@ def _save_onnx(program, path: Path, weight_bytes: int) -> None:
     os.close(fd)
     try:
         program.save(tmp, external_data=False)
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _publish(tmp: str, path: Path) -> None:
+    """Give the temp file the usual permissions (mkstemp makes it owner-only), then rename it into place."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
 
 
 def _check_onnx(net: VisionTransformer, result: ExportResult) -> ExportResult:
@@ -186,7 +194,7 @@ def export_pt2(model: VisionTransformer, path: str | Path, dynamic: bool = True,
     os.close(fd)
     try:
         torch.export.save(program, tmp, extra_files={"vitkit.json": json.dumps(meta)})
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
