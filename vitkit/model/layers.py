@@ -28,9 +28,9 @@ class PatchEmbed(nn.Module):
 class ConvStem(nn.Module):
     """Convolutional tokenizer for small images (Xiao et al. 2021, "Early convolutions help transformers see").
 
-    log2(p) stages of [3×3 conv stride 2 → BatchNorm → ReLU] reach the same patch grid as a p×p patch
-    embedding, then a 1×1 conv projects to the embedding width. Overlapping receptive fields give the
-    encoder locality that plain patches lack, which matters most on small datasets.
+    log2(p) stages of [3×3 conv stride 2 → BatchNorm → ReLU], widths doubling up to the embedding width (D/4,
+    D/2, D for p = 8), reach the same patch grid as a p×p patch embedding, then a 1×1 conv mixes the channels.
+    Overlapping receptive fields give the encoder locality that plain patches lack (most useful on small datasets).
     """
 
     def __init__(self, patch_size: tuple[int, int], in_chans: int, embed_dim: int):
@@ -42,7 +42,7 @@ class ConvStem(nn.Module):
         layers: list[nn.Module] = []
         chans = in_chans
         for i in range(n_stages):
-            out = max(embed_dim // 2 ** (n_stages - i), 16)
+            out = max(embed_dim // 2 ** (n_stages - 1 - i), 16)  # wide stages learn local features fast
             layers += [nn.Conv2d(chans, out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU()]
             chans = out
         self.stem = nn.Sequential(*layers)
