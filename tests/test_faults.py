@@ -216,6 +216,7 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(work, baseline
     rc, stdout, err = run(work, train_args(work, out))
     assert rc == 0, stdout + err
     assert_same_weights(final_weights(out), baseline)
+    assert not list(out.glob(".last.ckpt.*")), "the killed writer's temp file was not cleaned up"
 
 
 @pytest.mark.timeout(180)

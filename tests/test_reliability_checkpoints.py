@@ -325,3 +325,21 @@ def test_the_checks_do_not_refuse_valid_models(tmp_path, kw):
     loaded = vitkit.from_pretrained(tmp_path / "ok.safetensors")
     assert loaded.cfg == model.cfg and loaded.preprocess == model.preprocess
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_temp_files_of_killed_writers_are_removed_and_live_ones_kept(tmp_path):
+    import socket
+
+    from vitkit.model.serialization import atomic_write_bytes
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    orphan = tmp_path / f".last.ckpt.{host}-{dead.pid}.abc123.tmp"
+    live = tmp_path / f".last.ckpt.{host}-{os.getppid()}.def456.tmp"  # a writer still running
+    other = tmp_path / f".other.ckpt.{host}-{dead.pid}.ghi789.tmp"  # another file's temp: not ours to judge
+    for p in (orphan, live, other):
+        p.write_bytes(b"partial")
+    atomic_write_bytes(tmp_path / "last.ckpt", b"whole")
+    assert (tmp_path / "last.ckpt").read_bytes() == b"whole"
+    assert not orphan.exists() and live.exists() and other.exists()

@@ -7,9 +7,11 @@ The write is atomic (temp file, fsync, rename), so a crash never leaves a half-w
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import math
 import os
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,25 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, malformed, or does not fit the model."""
 
 
+def _remove_orphaned_temps(path: Path) -> None:
+    """Delete temp files of `path` left by a writer on this host that was killed mid-write (its pid is gone).
+
+    A run killed while saving leaves `.NAME.HOST-PID.XXXX.tmp` behind (as large as the checkpoint); without this,
+    every crash would leave one more.
+    """
+    host = socket.gethostname()
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.{glob.escape(host)}-*.tmp"):
+        pid = tmp.name[len(f".{path.name}.{host}-") :].split(".")[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass  # alive, owned by another user
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write `data` to `path` so that readers see either the old file or the complete new one.
 
@@ -37,7 +58,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _remove_orphaned_temps(path)
+    owner = f"{socket.gethostname()}-{os.getpid()}"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{owner}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
