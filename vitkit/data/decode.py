@@ -51,11 +51,15 @@ def _looks_like(data: bytes) -> str:
         return "it is XML text"
     if head.startswith((b"<svg", b"<?xml")):
         return "it is an SVG drawing; convert it to PNG first"
+    sample = data[:256]
     try:
-        data[:256].decode("utf-8")
+        sample.decode("utf-8")
+        utf8 = True
+    except UnicodeDecodeError as e:
+        utf8 = e.start >= len(sample) - 3  # only a character cut by the 256-byte window
+    if utf8 and not any(b < 32 and b not in b"\t\n\r" for b in sample):
         return "it is text"
-    except UnicodeDecodeError:
-        return f"unknown or damaged format; first bytes {data[:8].hex(' ')}"
+    return f"unknown or damaged format; first bytes {data[:8].hex(' ')}"
 
 
 def _read_file(path: Path, name: str) -> bytes:
