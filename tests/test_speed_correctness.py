@@ -24,6 +24,23 @@ def test_auto_rule_reads_the_measured_table():
     assert pick_backend("cpu", limit, training=True) == "math"
     assert pick_backend("cpu", limit + 1, training=True) == "sdpa"
     assert pick_backend("cuda", 65, training=True) == "sdpa"
+    assert pick_backend("cpu", 65, training=True, low_precision=False) == "sdpa"  # fp32: SDPA wins or ties
+
+
+def test_auto_uses_explicit_attention_only_for_bf16_training(monkeypatch):
+    import vitkit.model.layers as layers
+
+    seen = []
+    real = layers.pick_backend
+    monkeypatch.setattr(layers, "pick_backend", lambda *a: seen.append(real(*a)) or seen[-1])
+    model = vitkit.create_model("vit_tiny_patch16_224", **tiny_kwargs(depth=1))
+    x = torch.randn(2, 3, 32, 32)
+    model(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x)
+        with torch.no_grad():
+            model(x)
+    assert seen == ["sdpa", "math", "sdpa"]
 
 
 @pytest.mark.parametrize("qk_norm", [False, True])

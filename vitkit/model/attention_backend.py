@@ -29,15 +29,22 @@ On CUDA, fused SDPA (flash / memory-efficient kernels) wins at every length, so 
 
 from __future__ import annotations
 
-# Longest sequence (tokens incl. cls/registers) at which explicit attention beats SDPA, per device and mode.
-# Above it `auto` uses SDPA. 0 means "always SDPA".
+# Longest sequence (tokens incl. cls/registers) at which explicit attention beats SDPA, per device and mode, for
+# bf16/fp16 compute. Above it `auto` uses SDPA. 0 means "always SDPA".
 MATH_MAX_TOKENS: dict[tuple[str, bool], int] = {
     ("cpu", True): 320,  # training: math wins 1.5-3x up to 257 tokens (ViT-*/16 @256 px), SDPA from ~400 on
     ("cpu", False): 0,  # inference: a tie up to ~150 tokens, SDPA faster above
 }
 
 
-def pick_backend(device_type: str, seq_len: int, training: bool) -> str:
-    """Return "math" or "sdpa" for one attention call."""
+def pick_backend(device_type: str, seq_len: int, training: bool, low_precision: bool = True) -> str:
+    """Return "math" or "sdpa" for one attention call.
+
+    low_precision: the attention runs in bf16/fp16 (autocast or half weights). In fp32 explicit attention does not
+    pay: a whole ViT-S/16 training step took 4.60 s with it vs 3.51 s for SDPA (timm), a tie at 65 tokens
+    (benchmarks/throughput.py, same machine), so fp32 always uses SDPA.
+    """
+    if not low_precision:
+        return "sdpa"
     limit = MATH_MAX_TOKENS.get((device_type, training), 0)
     return "math" if seq_len <= limit else "sdpa"

@@ -91,7 +91,8 @@ class Attention(nn.Module):
 
         backend = "math" if need_weights else self.backend
         if backend == "auto":
-            backend = pick_backend(x.device.type, N, torch.is_grad_enabled() and x.requires_grad)
+            training = torch.is_grad_enabled() and x.requires_grad
+            backend = pick_backend(x.device.type, N, training, q.dtype != torch.float32)
         attn = None
         if backend == "sdpa":
             x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
