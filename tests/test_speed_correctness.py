@@ -124,3 +124,18 @@ def test_200_step_loss_curve_of_fast_path_matches_fp32_reference():
     assert ref_w[-1] < 0.2 * ref_w[0], "the reference did not learn the toy task; the test would prove nothing"
     # seed-to-seed noise of this curve is ~0.07 early and ~0.01 late; bf16 must stay inside that
     assert ((ref_w - fast_w).abs() <= 0.03 + 0.1 * ref_w).all(), (ref_w, fast_w)
+
+
+def test_low_precision_inference_copy_matches_fp32_and_leaves_the_model_alone():
+    from vitkit.model.precision import low_precision_inference
+
+    model = vitkit.create_model("vit_tiny_patch16_224", **tiny_kwargs(depth=4, embed_dim=64)).eval()
+    fast = low_precision_inference(model)
+    x = torch.randn(8, 3, 32, 32)
+    with torch.inference_mode():
+        ref, out = model(x), fast(x)
+        logits, maps = fast(x, return_attention=[0])
+    assert next(model.parameters()).dtype == torch.float32
+    assert next(fast.parameters()).dtype == torch.bfloat16
+    assert out.dtype == torch.float32 and (out - ref).abs().max() <= 0.03 * ref.abs().max()
+    assert (logits - out).abs().max() <= 0.03 * ref.abs().max() and maps[0].shape == (8, 4, 17, 17)
