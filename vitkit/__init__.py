@@ -6,6 +6,16 @@ from .model import VisionTransformer, create_model
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # Predictor pulls in the inference stack (PIL, torchvision transforms); import it only when asked for.
+    if name == "Predictor":
+        from .infer.predict import Predictor
+
+        return Predictor
+    raise AttributeError(f"module 'vitkit' has no attribute {name!r}")
+
+
 __all__ = [
     "ViTConfig",
     "PreprocessConfig",
@@ -14,5 +24,6 @@ __all__ = [
     "from_pretrained",
     "config_from_name",
     "list_models",
+    "Predictor",
     "__version__",
 ]
