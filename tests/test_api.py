@@ -78,3 +78,13 @@ def test_bad_checkpoints_are_clear_errors(tmp_path):
     junk.write_bytes(b"not a safetensors file at all")
     with pytest.raises(CheckpointError):
         vitkit.from_pretrained(junk)
+
+
+def test_single_channel_model_round_trips(tmp_path):
+    model = vitkit.create_model("vit_digits_patch2_8")
+    assert len(model.preprocess.mean) == 1
+    loaded = vitkit.from_pretrained(model.save(tmp_path / "d.safetensors"))
+    x = torch.randn(2, 1, 8, 8)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))

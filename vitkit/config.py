@@ -256,7 +256,8 @@ def list_models() -> list[str]:
 def default_preprocess(cfg: ViTConfig) -> PreprocessConfig:
     """A sensible preprocessing spec for a freshly built model: 0.5/0.5 normalisation, no crop for tiny images."""
     crop = 1.0 if max(cfg.img_size) <= 64 else 0.9
-    return PreprocessConfig(input_size=cfg.img_size, crop_pct=crop, interpolation="bicubic")
+    stats = (0.5,) * cfg.in_chans  # one mean/std per input channel, so 1-channel models round-trip
+    return PreprocessConfig(input_size=cfg.img_size, mean=stats, std=stats, crop_pct=crop, interpolation="bicubic")
 
 
 def field_names() -> list[str]:

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 
 def sincos_2d(grid: tuple[int, int], dim: int, temperature: float = 10000.0) -> torch.Tensor:
-    """Fixed 2-D sin-cos position embedding (MoCo v3 / big_vision `posemb_sincos_2d`).
+    """Fixed 2-D sin-cos position embedding (in the spirit of MoCo v3 / big_vision; not bit-equal to big_vision's table,
+    whose channel order and frequency denominator differ: interop stores big_vision's own table when loading).
 
     Returns (1, H*W, dim): for each position the first dim/2 channels encode the row (y), the rest the
     column (x); each half is [sin(p * w_k) ..., cos(p * w_k) ...] with w_k = 1 / temperature^(k / (dim/4)).
