@@ -15,7 +15,6 @@ Measures, on the machine it runs on:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import platform
 import shutil
@@ -25,6 +24,7 @@ import time
 import numpy as np
 import torch
 import torchvision
+from machine import cpu_model  # benchmarks/machine.py; scripts run as `python benchmarks/<name>.py`
 from torchvision.transforms import v2
 
 from vitkit.config import PreprocessConfig
@@ -34,9 +34,7 @@ from vitkit.data.transforms import AugmentConfig, build_train_transform
 
 
 def machine() -> str:
-    cpu = platform.processor()
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    cpu = cpu_model()
     return (
         f"{cpu}, {os.cpu_count()} cores; python {platform.python_version()}, torch {torch.__version__}, "
         f"torchvision {torchvision.__version__}, numpy {np.__version__}"

@@ -16,6 +16,8 @@ import subprocess
 import sys
 import time
 
+from machine import cpu_model  # benchmarks/machine.py; scripts run as `python benchmarks/<name>.py`
+
 
 def rss_mib() -> float:
     """Current resident set size of this process in MiB."""
@@ -60,7 +62,7 @@ def one_step(model_name: str, batch: int, checkpointing: bool) -> dict:
 def machine() -> str:
     import torch
 
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    cpu = cpu_model()
     return f"{cpu}, {torch.get_num_threads()} threads, Python {platform.python_version()}, torch {torch.__version__}"
 
 

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import cpu_model  # benchmarks/machine.py; scripts run as `python benchmarks/<name>.py`
 
 import vitkit
 from vitkit.infer.export import export_onnx
@@ -59,7 +60,7 @@ def torch_runner(model: torch.nn.Module, bf16: bool):
 def machine() -> str:
     import onnxruntime
 
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    cpu = cpu_model()
     return (
         f"{cpu}, {torch.get_num_threads()} threads; Python {platform.python_version()}, torch {torch.__version__}, "
         f"onnxruntime {onnxruntime.__version__}"

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from machine import cpu_model  # benchmarks/machine.py; scripts run as `python benchmarks/<name>.py`
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -212,9 +213,7 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
 
 
 def machine_info() -> dict:
-    cpu = platform.processor()
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    cpu = cpu_model()
     versions = {"python": platform.python_version(), "torch": torch.__version__}
     for mod in ("timm", "transformers", "torchvision"):
         with contextlib.suppress(ImportError):

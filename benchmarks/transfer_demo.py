@@ -28,6 +28,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from machine import cpu_model  # benchmarks/machine.py; scripts run as `python benchmarks/<name>.py`
+
 import vitkit  # noqa: E402
 from vitkit.data.loader import BatchLoader  # noqa: E402
 from vitkit.data.sources import ImageArrayDataset, load_source, stratified_split  # noqa: E402
@@ -41,11 +43,7 @@ DEFAULT_DATA = "/work/shared/datasets/cifar10-train.tar.gz"
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = platform.processor() or cpu
+    cpu = cpu_model()
     return (
         f"{cpu}, {os.cpu_count()} logical CPUs, {torch.get_num_threads()} threads; Python "
         f"{platform.python_version()}, torch {torch.__version__}, vitkit {vitkit.__version__}"
