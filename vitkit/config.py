@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -273,5 +273,5 @@ __all__ = [
     "to_2tuple",
     "HEADS_BY_WIDTH",
     "WIDTHS",
-    "field",
+    "field_names",
 ]
