@@ -56,6 +56,28 @@ def test_conv_stem_and_in_chans():
         vitkit.create_model("vit_tiny_patch14_224", stem="conv")
 
 
+def test_conv_stem_layers_roundtrip(tmp_path):
+    """stem_layers builds one conv per (width, stride), and the layout survives save -> from_pretrained."""
+    layers = [(8, 2), (8, 1), (16, 2)]  # YAML / JSON give lists; the config keeps tuples
+    model = vitkit.create_model(
+        "vit_cifar_patch4_32", stem="conv", stem_layers=layers, embed_dim=32, depth=1, num_heads=2
+    )
+    convs = [m for m in model.patch_embed.stem if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.out_channels, c.stride[0]) for c in convs] == layers
+    assert model.cfg.stem_layers == ((8, 2), (8, 1), (16, 2))
+    x = torch.randn(2, 3, 32, 32)
+    assert model.patch_embed(x).shape == (2, 32, 8, 8)
+    model.eval()
+    model.save(tmp_path / "m.safetensors")
+    back = vitkit.from_pretrained(tmp_path / "m.safetensors").eval()
+    assert back.cfg.stem_layers == model.cfg.stem_layers
+    torch.testing.assert_close(back(x), model(x))
+    with pytest.raises(ValueError, match="multiply to the"):
+        vitkit.create_model("vit_cifar_patch4_32", stem="conv", stem_layers=[(8, 2), (8, 1)])
+    with pytest.raises(ValueError, match="needs stem='conv'"):
+        vitkit.create_model("vit_cifar_patch4_32", stem_layers=[(8, 2), (8, 2)])
+
+
 def test_wrong_input_size_is_a_clear_error():
     model = vitkit.create_model("vit_tiny_patch16_224", **tiny_kwargs())
     with pytest.raises(ValueError, match="dynamic_img_size"):

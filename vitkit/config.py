@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -80,6 +81,9 @@ class ViTConfig:
     fc_norm: bool | None = None  # None: LayerNorm after pooling iff global_pool == "avg" (timm's rule)
     pre_norm: bool = False  # LayerNorm before the blocks (CLIP-style)
     stem: str = "patch"  # patch: one strided conv; conv: a small conv stack for tiny images
+    # stem="conv" layers as (out_channels, stride) pairs, 3x3 conv + BatchNorm + ReLU each; the strides multiply
+    # to the patch size. None: log2(patch) stride-2 layers with widths doubling up to embed_dim.
+    stem_layers: tuple[tuple[int, int], ...] | None = None
     drop_rate: float = 0.0  # dropout before the head
     pos_drop_rate: float = 0.0
     proj_drop_rate: float = 0.0
@@ -94,6 +98,8 @@ class ViTConfig:
         self.patch_size = to_2tuple(self.patch_size)
         if self.global_pool == "":
             self.global_pool = "none"
+        if self.stem_layers is not None:  # JSON / YAML give lists
+            self.stem_layers = tuple((int(c), int(st)) for c, st in self.stem_layers)
         checks = [
             (self.global_pool in POOLS, f"global_pool must be one of {POOLS}, got {self.global_pool!r}"),
             (self.pos_embed in POS_EMBEDS, f"pos_embed must be one of {POS_EMBEDS}, got {self.pos_embed!r}"),
@@ -102,6 +108,16 @@ class ViTConfig:
             (self.embed_dim % self.num_heads == 0, f"embed_dim {self.embed_dim} not divisible by {self.num_heads}"),
             (self.global_pool != "token" or self.class_token, "global_pool='token' needs class_token=True"),
             (self.reg_tokens >= 0 and self.depth >= 0, "reg_tokens and depth must be >= 0"),
+            (self.stem_layers is None or self.stem == "conv", "stem_layers needs stem='conv'"),
+            (
+                self.stem_layers is None
+                or (
+                    self.patch_size[0] == self.patch_size[1] == math.prod(st for _, st in self.stem_layers)
+                    and all(c > 0 and st > 0 for c, st in self.stem_layers)
+                ),
+                f"stem_layers {self.stem_layers}: the strides must multiply to the (square) patch size "
+                f"{self.patch_size} and every width and stride be positive",
+            ),
             (
                 all(i % p == 0 for i, p in zip(self.img_size, self.patch_size)),
                 f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}",

@@ -28,24 +28,34 @@ class PatchEmbed(nn.Module):
 class ConvStem(nn.Module):
     """Convolutional tokenizer for small images (Xiao et al. 2021, "Early convolutions help transformers see").
 
-    log2(p) stages of [3×3 conv stride 2 → BatchNorm → ReLU], widths doubling up to the embedding width (D/4,
-    D/2, D for p = 8), reach the same patch grid as a p×p patch embedding, then a 1×1 conv mixes the channels.
-    Overlapping receptive fields give the encoder locality that plain patches lack (most useful on small datasets).
+    A stack of [3×3 conv → BatchNorm → ReLU] layers whose strides multiply to the patch size reaches the same
+    patch grid as a p×p patch embedding; a 1×1 conv then maps the channels to the embedding width. `layers` gives
+    (out_channels, stride) per conv; the default is log2(p) stride-2 layers with widths doubling up to D (D/4, D/2,
+    D for p = 8). Overlapping receptive fields give the encoder locality that plain patches lack, and stride-1
+    layers between the downsamplings let it learn local features fast on small datasets (CIFAR: 57 % -> 67 % in
+    a 3-minute CPU budget, see vitkit/recipes/cifar10_budget.yaml).
     """
 
-    def __init__(self, patch_size: tuple[int, int], in_chans: int, embed_dim: int):
+    def __init__(
+        self,
+        patch_size: tuple[int, int],
+        in_chans: int,
+        embed_dim: int,
+        layers: tuple[tuple[int, int], ...] | None = None,
+    ):
         super().__init__()
         if patch_size[0] != patch_size[1] or patch_size[0] & (patch_size[0] - 1):
             raise ValueError(f"stem='conv' needs a square power-of-two patch size, got {patch_size}")
         self.patch_size = patch_size
-        n_stages = patch_size[0].bit_length() - 1
-        layers: list[nn.Module] = []
+        if layers is None:
+            n = patch_size[0].bit_length() - 1
+            layers = tuple((max(embed_dim // 2 ** (n - 1 - i), 16), 2) for i in range(n))
+        convs: list[nn.Module] = []
         chans = in_chans
-        for i in range(n_stages):
-            out = max(embed_dim // 2 ** (n_stages - 1 - i), 16)  # wide stages learn local features fast
-            layers += [nn.Conv2d(chans, out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU()]
+        for out, stride in layers:
+            convs += [nn.Conv2d(chans, out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU()]
             chans = out
-        self.stem = nn.Sequential(*layers)
+        self.stem = nn.Sequential(*convs)
         self.proj = nn.Conv2d(chans, embed_dim, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

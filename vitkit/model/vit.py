@@ -52,8 +52,10 @@ class VisionTransformer(nn.Module):
         self.num_prefix_tokens = cfg.num_prefix_tokens
 
         # 1. patches -> linear embedding
-        stem = ConvStem if cfg.stem == "conv" else PatchEmbed
-        self.patch_embed = stem(cfg.patch_size, cfg.in_chans, D)
+        if cfg.stem == "conv":
+            self.patch_embed = ConvStem(cfg.patch_size, cfg.in_chans, D, cfg.stem_layers)
+        else:
+            self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, D)
 
         # 2. cls / register tokens and position embedding
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.class_token else None
