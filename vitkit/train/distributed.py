@@ -270,6 +270,20 @@ def all_reduce_sum(values: list[float] | torch.Tensor, env: DistEnv) -> torch.Te
     return t.cpu()
 
 
+def all_ranks_true(flag: bool | torch.Tensor, env: DistEnv | None) -> bool:
+    """True only when `flag` is true on every rank (a MIN all-reduce of 0/1; collective: all ranks call it).
+
+    For decisions that change control flow, e.g. skipping a step on a NaN loss: if one rank skipped backward
+    while another ran it, their gradient all-reduces would pair up with the wrong steps (or hang).
+    One process: the flag itself.
+    """
+    if env is None or not env.distributed:
+        return bool(flag)
+    t = torch.as_tensor(flag).to(device=env.device, dtype=torch.int32).reshape(1)  # (1,) 0/1 on this rank's device
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
 def print_main(env: DistEnv, *args: Any, **kwargs: Any) -> None:
     """print() on rank 0 only."""
     if env.is_main:
@@ -293,6 +307,7 @@ __all__ = [
     "gather_rank_states",
     "restore_rank_state",
     "all_reduce_sum",
+    "all_ranks_true",
     "print_main",
     "env_world_size",
 ]

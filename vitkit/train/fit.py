@@ -469,6 +469,7 @@ def fit(cfg: TrainConfig, resume: bool | None = None) -> FitResult:
             log_every=max(min(cfg.log_every, steps_per_epoch), 1),
             epoch=epoch,
             hooks=hooks,
+            env=env,
         )
         if loader.epoch == epoch:  # stopped mid-epoch (budget, stop_after_steps)
             break

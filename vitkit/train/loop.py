@@ -19,6 +19,7 @@ from torch import nn
 
 from ..data.transforms import soft_target_cross_entropy
 from ..infer.evaluate import evaluate_batches
+from .distributed import DistEnv, all_ranks_true
 from .ema import ModelEma
 from .logging import RunLogger
 from .schedule import WarmupCosine, apply_lr
@@ -88,11 +89,14 @@ def train_one_epoch(
     log_every: int = 10,
     epoch: int = 0,
     hooks: EpochHooks | None = None,
+    env: DistEnv | None = None,
 ) -> dict[str, float]:
     """One pass over `loader` (or until `hooks.should_stop`), one optimizer step per `grad_accum` batches.
 
     A step whose loss or gradient norm is NaN/Inf is skipped with a warning; after `max_bad_steps` in a row the
-    run stops with TrainingDiverged. Returns {"loss": mean loss, "images": images, "seconds": wall time}.
+    run stops with TrainingDiverged. Under torchrun pass `env`: a NaN loss on any rank then skips the step on
+    every rank (the ranks must run the same backward passes, or their gradient all-reduces mismatch and hang).
+    Returns {"loss": mean loss, "images": images, "seconds": wall time}.
     """
     hooks = hooks or EpochHooks()
     model.train()
@@ -114,7 +118,7 @@ def train_one_epoch(
             with autocast(precision, device):
                 logits = model(x)  # (B, K)
             loss = compute_loss(logits, y, label_smoothing) / grad_accum
-            if not torch.isfinite(loss):
+            if not all_ranks_true(torch.isfinite(loss.detach()), env):  # one rank's NaN: every rank skips
                 finite = False
                 break
             loss.backward()
