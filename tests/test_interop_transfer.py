@@ -57,7 +57,9 @@ def test_prepare_for_transfer_new_zero_head_resampled_positions_and_probe(tmp_pa
 
 
 def test_finetune_full_and_linear_probe_on_digits(tmp_path, monkeypatch, capsys):
-    from vitkit.commands.finetune import finetune
+    from vitkit.train import finetune  # the Python API; `vitkit finetune` only parses flags and calls it
+
+    assert finetune.__module__ == "vitkit.train.finetune"
 
     src = vitkit.create_model("vit_digits_patch2_8", num_classes=3, depth=1)
     src.labels = ["x", "y", "z"]

@@ -1,10 +1,12 @@
-"""Training: `fit(TrainConfig)` runs a whole job; loop.py holds the plain `train_one_epoch()` and `evaluate()`.
+"""Training: `fit(TrainConfig)` runs a whole job; loop.py holds the plain `train_one_epoch()` and `evaluate()`;
+`finetune()` adapts a pretrained ViT to new data (a new head, then `fit`, or a linear probe).
 
 Pieces, one job each: optim (AdamW param groups, layer-wise lr decay), schedule (warmup + cosine), ema,
 checkpoint (atomic, exact resume), logging (bar, JSONL, TensorBoard), recipe (YAML + flags), plot, distributed.
 """
 
+from .finetune import FinetuneResult, finetune
 from .fit import FitResult, fit
 from .recipe import TrainConfig, build_config, load_recipe
 
-__all__ = ["fit", "FitResult", "TrainConfig", "build_config", "load_recipe"]
+__all__ = ["fit", "FitResult", "finetune", "FinetuneResult", "TrainConfig", "build_config", "load_recipe"]
