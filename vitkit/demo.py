@@ -76,11 +76,9 @@ def run_demo(out: str | Path = "runs/demo", epochs: int = 100, seed: int = 0, ba
 
 def draw_attention(model, images, x, y, probs, path: Path) -> Path:
     """Each image (uint8 (B, 1, H, W)) above its last-layer class-token attention (heads averaged); x: model input."""
-    import matplotlib
+    from .optional import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot("the demo's attention figure")
     with torch.no_grad():
         _, maps = model(x, return_attention=[-1])
     heat = cls_attention(maps[len(model.blocks) - 1], model.num_prefix_tokens, model.cfg.grid_size)  # (B, h, w)

@@ -42,7 +42,11 @@ def load_any(path: str):
 def run(args: argparse.Namespace) -> int:
     from ..data.sources import load_source, stratified_split
     from ..infer.evaluate import evaluate_model
+    from ..optional import available, require
 
+    plot = available("matplotlib")
+    if args.confusion and not plot:  # asked for by name: fail now, not after the evaluation
+        require("matplotlib", "--confusion (the confusion-matrix plot)")
     model, ckpt = load_any(args.checkpoint)
     if not model.labels:
         raise ValueError(f"'{ckpt}' has no class names; evaluate needs a model trained with labels")
@@ -52,6 +56,9 @@ def run(args: argparse.Namespace) -> int:
         _, indices = stratified_split(ds.labels, args.val_split, args.seed)
     data_name = Path(args.data.rstrip("/")).name.split(".")[0] or "data"
     png = Path(args.confusion) if args.confusion else ckpt.parent / f"confusion_{data_name}.png"
+    if not plot:  # the default plot is a nicety: the numbers below are the result
+        print("confusion-matrix plot skipped: matplotlib is not installed (pip install matplotlib)")
+        png = None
     report = evaluate_model(model, ds, indices, batch_size=args.batch_size, precision=args.precision, confusion_png=png)
     if ds.skipped:
         print(f"skipped {len(ds.skipped)} unreadable file(s), e.g. {ds.skipped[0][0]}: {ds.skipped[0][1]}")
@@ -60,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
     width = max(len(c) for c in report.classes)
     for name, acc in report.per_class.items():
         print(f"  {name:<{width}}  {'-' if acc is None else f'{acc:.2%}'}")
-    print(f"confusion matrix: {report.confusion_png}")
+    if report.confusion_png is not None:
+        print(f"confusion matrix: {report.confusion_png}")
     if args.json:
         print(json.dumps(report.to_dict()))
     return 0

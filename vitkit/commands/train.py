@@ -64,6 +64,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     aug.add_argument("--no-flip", action="store_true", default=None, help="no horizontal flips")
     aug.add_argument("--label-smoothing", type=float)
     p.add_argument("--checkpoint-every", type=int, help="also write last.ckpt every N steps")
+    p.add_argument(
+        "--stop-after-steps",
+        type=int,
+        help="stop (with a checkpoint) after N optimizer steps, schedule unchanged: a smoke test, or a pause",
+    )
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     p.add_argument(
@@ -121,6 +126,7 @@ def config_from_args(args: argparse.Namespace):
         precision=args.precision,
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
+        stop_after_steps=args.stop_after_steps,
         threads=args.threads,
         fsdp=args.fsdp,
         grad_checkpointing=args.grad_checkpointing,

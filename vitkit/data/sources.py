@@ -577,9 +577,9 @@ def _write_cache(folder: Path, ds: ImageArrayDataset) -> None:
 
 
 def _digits(spec: str, cache_root: Path, size: tuple[int, int] | None) -> ImageArrayDataset:
-    from sklearn.datasets import load_digits
+    from ..optional import require
 
-    d = load_digits()
+    d = require("sklearn.datasets", "the built-in 'digits' set").load_digits()
     images = np.clip(np.round(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)[..., None]  # (N, 8, 8, 1)
     if size is not None and size != (8, 8):
         images = np.stack([_resize(im[..., 0], size)[..., None] for im in images])

@@ -130,11 +130,9 @@ def evaluate_model(
 
 def plot_confusion(confusion: np.ndarray, labels: list[str], path: str | Path, title: str = "") -> Path:
     """Row-normalised confusion matrix as a PNG (counts written in the cells when there are at most 20 classes)."""
-    import matplotlib
+    from ..optional import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot("the confusion-matrix plot")
     k = len(labels)
     rows = confusion.sum(axis=1, keepdims=True).clip(min=1)
     frac = confusion / rows

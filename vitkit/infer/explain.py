@@ -180,8 +180,9 @@ class Explainer:
 # ------------------------------------------------------------------------------------------------ drawing
 def colorize(heat: np.ndarray, cmap: str = "inferno") -> np.ndarray:
     """(h, w) values in [0, 1] -> (h, w, 3) uint8 through a matplotlib colormap."""
-    from matplotlib import colormaps
+    from ..optional import require
 
+    colormaps = require("matplotlib", "attention heatmaps (vitkit explain)").colormaps
     return (colormaps[cmap](np.clip(heat, 0.0, 1.0))[..., :3] * 255.0 + 0.5).astype(np.uint8)
 
 
@@ -218,8 +219,9 @@ def overlay_png(expl: Explanation, size: int = 320, max_width: int = 4096) -> by
 
 def figure_png(expl: Explanation, size: int = 320) -> bytes:
     """A titled figure: the crop, then the overlay (or one overlay per head in a grid). Returns PNG bytes."""
-    from matplotlib.figure import Figure
+    from ..optional import require
 
+    Figure = require("matplotlib.figure", "attention figures (vitkit explain)").Figure
     maps = expl.heat if expl.heat.ndim == 3 else expl.heat[None]
     panels = [("input (preprocessed crop)", np.asarray(overlay(expl.crop, np.zeros((1, 1)), size, alpha=0.0)))]
     if len(maps) == 1:

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..optional import pyplot
 from .logging import read_metrics
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Draw a 2x2 figure of the run's curves and save it as PNG (default `RUN/curves.png`); returns the path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot("plotting a run's curves")
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
     train = [r for r in records if r.get("kind") == "train"]
