@@ -24,6 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", help="decode cache folder")
     p.add_argument("--confusion", help="where to write the confusion-matrix PNG (default: next to the checkpoint)")
     p.add_argument("--json", action="store_true", help="print one JSON object (top1, top5, per_class) last")
+    p.add_argument("--tta", action="store_true", help="average each image's logits with its mirror image's")
 
 
 def load_any(path: str):
@@ -59,7 +60,9 @@ def run(args: argparse.Namespace) -> int:
     if not plot:  # the default plot is a nicety: the numbers below are the result
         print("confusion-matrix plot skipped: matplotlib is not installed (pip install matplotlib)")
         png = None
-    report = evaluate_model(model, ds, indices, batch_size=args.batch_size, precision=args.precision, confusion_png=png)
+    report = evaluate_model(
+        model, ds, indices, batch_size=args.batch_size, precision=args.precision, confusion_png=png, tta=args.tta
+    )
     if ds.skipped:
         print(f"skipped {len(ds.skipped)} unreadable file(s), e.g. {ds.skipped[0][0]}: {ds.skipped[0][1]}")
     print(f"{ckpt} on {ds.source}: {report.n} images")

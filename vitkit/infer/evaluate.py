@@ -30,8 +30,12 @@ def evaluate_batches(
     device: torch.device | str = "cpu",
     precision: str = "bf16",
     topk: int = 5,
+    tta: bool = False,
 ) -> dict:
     """Run `model` over (x float (B, C, H, W), y int64 (B,)) batches and count.
+
+    tta: average the logits of each image and its horizontal mirror (flip test-time augmentation; one extra
+    forward pass). Off by default: training's validation and the reported accuracies are single-view unless said.
 
     Returns {"top1", "top5" (top-k, k = min(topk, classes)), "loss" (mean cross-entropy), "n", "per_class"
     (accuracy per class, None for a class with no images), "confusion" ((K, K) int64, rows true, columns predicted)}.
@@ -46,8 +50,9 @@ def evaluate_batches(
     for x, y in batches:
         x, y = x.to(device), y.to(device)
         with amp:
-            logits = model(x)
-        logits = logits.float()  # (B, K)
+            logits = model(x).float()  # (B, K)
+            if tta:
+                logits = (logits + model(x.flip(-1)).float()) / 2
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
         topk_correct += (logits.topk(k, dim=-1).indices == y[:, None]).any(dim=-1).sum().item()
         confusion += torch.bincount((y * num_classes + logits.argmax(dim=-1)).cpu(), minlength=num_classes**2)
@@ -98,6 +103,7 @@ def evaluate_model(
     batch_size: int = 256,
     precision: str = "bf16",
     confusion_png: str | Path | None = None,
+    tta: bool = False,
 ) -> EvalReport:
     """Evaluate a VisionTransformer on `ds` with the preprocessing stored in the model (as predict does).
 
@@ -112,7 +118,7 @@ def evaluate_model(
     tf = build_eval_transform(model.preprocess, model.cfg.in_chans)
     loader = BatchLoader(ds, indices, batch_size, shuffle=False, drop_last=False, transform=tf)
     device = next(model.parameters()).device
-    res = evaluate_batches(model, loader, len(labels), device=device, precision=precision)
+    res = evaluate_batches(model, loader, len(labels), device=device, precision=precision, tta=tta)
     report = EvalReport(
         top1=res["top1"],
         top5=res["top5"],
