@@ -284,6 +284,20 @@ def all_ranks_true(flag: bool | torch.Tensor, env: DistEnv | None) -> bool:
     return bool(t.item())
 
 
+def from_main(value: float, env: DistEnv | None) -> float:
+    """Rank 0's `value` on every rank (a broadcast of one float64; collective: all ranks call it). One process: value.
+
+    For decisions that rank 0 takes for everyone, e.g. a wall-clock budget: each rank keeps its own clock, and two
+    clocks may disagree by a step (one rank stops, the other waits in its gradient all-reduce forever) or lay the
+    schedule over different step counts (different learning rates). Exact for integers below 2**53.
+    """
+    if env is None or not env.distributed:
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=env.device)  # (1,) on this rank's device
+    dist.broadcast(t, src=0)
+    return t.item()
+
+
 def print_main(env: DistEnv, *args: Any, **kwargs: Any) -> None:
     """print() on rank 0 only."""
     if env.is_main:
@@ -308,6 +322,7 @@ __all__ = [
     "restore_rank_state",
     "all_reduce_sum",
     "all_ranks_true",
+    "from_main",
     "print_main",
     "env_world_size",
 ]

@@ -32,6 +32,7 @@ from .distributed import (
     DistEnv,
     all_reduce_sum,
     barrier,
+    from_main,
     full_model_state_dict,
     full_optimizer_state_dict,
     gather_rank_states,
@@ -411,16 +412,24 @@ def fit(cfg: TrainConfig, resume: bool | None = None) -> FitResult:
         res = evaluate(which, val_loader, len(ds.classes), device=env.device, precision=cfg.precision)
         return res if cfg.fsdp else _reduce_eval(res, env)
 
+    def out_of_time() -> bool:
+        """Rank 0's clock decides for every rank (one broadcast per step under torchrun; none without a budget)."""
+        return clock.budget is not None and bool(from_main(float(clock.out_of_time()), env))
+
     def should_stop(step: int) -> bool:
         if cfg.stop_after_steps is not None and step >= cfg.stop_after_steps:
             return True
-        return step >= schedule.total_steps or clock.out_of_time()
+        return step >= schedule.total_steps or out_of_time()  # the schedule is the same on every rank (below)
 
     step_times: list[float] = []
     recent: deque[tuple[int, float]] = deque(maxlen=101)  # (step, time) of the last steps: the current pace
 
     def on_timing(step: int, seconds: float) -> None:
-        """--minutes: after the first steps lay the schedule over the steps that fit; then re-check every 10."""
+        """--minutes: after the first steps lay the schedule over the steps that fit; then re-check every 10.
+
+        Every rank reaches the same lay-outs at the same steps (counts, not times, pick them) and takes rank 0's
+        step total (`from_main`), so all ranks follow one schedule whatever their own clocks measured.
+        """
         if cfg.minutes is None:
             return
         recent.append((step, time.perf_counter()))
@@ -428,7 +437,8 @@ def fit(cfg: TrainConfig, resume: bool | None = None) -> FitResult:
             step_times.append(seconds)
             if len(step_times) >= clock.skip_steps + clock.calib_steps:
                 sec = float(np.median(step_times[clock.skip_steps :]))
-                schedule.relayout(clock.estimate_total(step, sec * 1.05), at_step=step)  # slack: evals, saves
+                total = int(from_main(clock.estimate_total(step, sec * 1.05), env))  # slack: evals, saves
+                schedule.relayout(total, at_step=step)
                 clock.calibrated = True
                 logger.set_total(schedule.total_steps)
                 say(
@@ -438,7 +448,7 @@ def fit(cfg: TrainConfig, resume: bool | None = None) -> FitResult:
             return
         if step % 10 == 0 and len(recent) >= 11:  # the machine's pace changes (other jobs): follow it smoothly
             (s0, t0), (s1, t1) = recent[0], recent[-1]
-            new_total = clock.estimate_total(step, (t1 - t0) / (s1 - s0))
+            new_total = int(from_main(clock.estimate_total(step, (t1 - t0) / (s1 - s0)), env))
             if abs(new_total - schedule.total_steps) > 0.01 * schedule.total_steps:
                 schedule.relayout(new_total, at_step=step)
                 logger.set_total(schedule.total_steps)
