@@ -19,7 +19,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import PreprocessConfig, ViTConfig, default_preprocess
-from .layers import AttentionPoolLatent, Block, ConvStem, PatchEmbed
+from . import fast_inference
+from .layers import AttentionPoolLatent, Block, ConvStem, Linear, PatchEmbed
 from .pos_embed import resample_pos_embed, sincos_2d
 
 AttentionRequest = Iterable[int] | str | None  # layer indices (negative ok), "all", or None
@@ -97,7 +98,7 @@ class VisionTransformer(nn.Module):
         )
         self.fc_norm = nn.LayerNorm(D, eps=cfg.norm_eps) if cfg.use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(cfg.drop_rate)
-        self.head = nn.Linear(D, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self.head = Linear(D, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         self.grad_checkpointing = False  # recompute block activations in backward: less memory, ~1/3 more compute
         self.init_weights()
 
@@ -154,6 +155,8 @@ class VisionTransformer(nn.Module):
         grid = self.patch_grid(x)
         x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, D, h, w) -> (B, h*w, D)
         x = self.norm_pre(self.pos_drop(self._pos_embed(x, grid)))  # (B, N, D), N = prefix + h*w
+        if fast_inference.engaged(self, x):  # CPU bf16 inference: the residual stream in bf16 (fast_inference.py)
+            x = x.to(torch.bfloat16)
         maps: dict[int, torch.Tensor] = {}
         outs: dict[int, torch.Tensor] = {}
         for i, blk in enumerate(self.blocks):
@@ -267,7 +270,7 @@ class VisionTransformer(nn.Module):
         self.cfg = self.cfg.replace(num_classes=num_classes)
         if num_classes > 0:
             ref = next(self.parameters())
-            self.head = nn.Linear(self.cfg.embed_dim, num_classes).to(ref.device, ref.dtype)
+            self.head = Linear(self.cfg.embed_dim, num_classes).to(ref.device, ref.dtype)
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
         else:

@@ -1,0 +1,151 @@
+"""The CPU bf16 inference fast path (vitkit/model/fast_inference.py): it engages only where it should, its logits
+stay within bf16 tolerance of the fp32 reference, its packed weights follow weight updates, and nothing else
+about the model changes (training, fp32, state_dict, attention maps, deepcopy)."""
+
+import copy
+
+import pytest
+import torch
+
+import vitkit
+from vitkit.model import fast_inference
+
+from .conftest import tiny_kwargs
+
+needs_kernels = pytest.mark.skipif(not fast_inference.available(), reason="no oneDNN bf16 linear kernels here")
+
+
+def _model(**kw):
+    return vitkit.create_model("vit_tiny_patch16_224", **tiny_kwargs(depth=4, embed_dim=64, **kw)).eval()
+
+
+def _packed_layers(model):
+    return [m for m in model.modules() if "_packed" in m.__dict__]
+
+
+def _bf16(model, x, **kw):
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        return model(x, **kw)
+
+
+@needs_kernels
+@pytest.mark.parametrize("extras", [{}, dict(init_values=1e-1, reg_tokens=2), dict(global_pool="map")])
+def test_logits_within_bf16_tolerance_of_fp32_and_of_the_ordinary_bf16_path(extras):
+    model = _model(**extras)
+    x = torch.randn(8, 3, 32, 32)
+    with torch.inference_mode():
+        ref = model(x)
+    fast = _bf16(model, x)
+    with fast_inference.disabled():
+        ordinary = _bf16(model, x)
+    assert _packed_layers(model), "the fast path did not engage"
+    assert fast.dtype == ordinary.dtype == torch.bfloat16  # what autocast returns either way
+    scale = ref.abs().max()
+    assert (fast.float() - ref).abs().max() <= 0.03 * scale
+    assert (fast.float() - ordinary.float()).abs().max() <= 0.03 * scale
+    assert not torch.equal(fast.float(), ordinary.float())  # it really is a different path
+
+
+def test_fp32_is_exact_and_never_packs():
+    model = _model()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.inference_mode():
+        out = model(x)
+        with fast_inference.disabled():
+            ref = model(x)
+    assert torch.equal(out, ref) and not _packed_layers(model)
+
+
+def test_training_and_grad_mode_take_the_ordinary_path():
+    model = _model()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.train()
+        model(x).float().sum().backward()  # training: autograd through the ordinary ops
+        model.eval()
+        y = model(x)  # eval but grad enabled: still differentiable
+    assert y.requires_grad and model.head.weight.grad is not None
+    assert not _packed_layers(model)
+
+
+@needs_kernels
+def test_weight_update_invalidates_the_packed_copy():
+    model = _model()
+    x = torch.randn(4, 3, 32, 32)
+    before = _bf16(model, x)
+    with torch.no_grad():
+        model.head.weight.mul_(2.0)  # in place: bumps the version counter
+        model.head.bias.add_(1.0)
+    after = _bf16(model, x)
+    with fast_inference.disabled():
+        ordinary = _bf16(model, x)
+    assert (after.float() - ordinary.float()).abs().max() <= 0.03 * ordinary.float().abs().max()
+    assert (after.float() - before.float()).abs().max() > 0.5
+
+    other = _model()  # load_state_dict copies in place too
+    model.load_state_dict(other.state_dict())
+    assert (_bf16(model, x).float() - _bf16(other, x).float()).abs().max() <= 1e-6
+
+    # writes through .data bypass version counters: clear_cache is the documented way out
+    model.head.weight.data.zero_()
+    model.head.bias.data.zero_()
+    fast_inference.clear_cache(model)
+    assert _bf16(model, x).abs().max() == 0
+
+
+@needs_kernels
+def test_a_training_step_in_between_is_seen():
+    model = _model()
+    x = torch.randn(4, 3, 32, 32)
+    _bf16(model, x)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    model.train()
+    model(x).sum().backward()
+    opt.step()
+    model.eval()
+    with fast_inference.disabled():
+        ordinary = _bf16(model, x)
+    assert (_bf16(model, x).float() - ordinary.float()).abs().max() <= 0.03 * ordinary.float().abs().max()
+
+
+@needs_kernels
+def test_state_dict_deepcopy_and_pickle_are_unchanged():
+    model = _model()
+    keys = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 3, 32, 32)
+    _bf16(model, x)
+    assert _packed_layers(model)
+    state = model.state_dict()
+    assert state.keys() == keys.keys() and all(torch.equal(state[k], v) for k, v in keys.items())
+    twin = copy.deepcopy(model)  # the packed copies are opaque oneDNN tensors: not copied, rebuilt on use
+    assert not _packed_layers(twin)
+    assert torch.equal(_bf16(twin, x), _bf16(model, x))
+
+
+@needs_kernels
+def test_return_attention_and_no_grad_after_inference_mode():
+    model = _model()
+    x = torch.randn(2, 3, 32, 32)
+    logits, maps = _bf16(model, x, return_attention=[0, -1])
+    assert set(maps) == {0, 3} and maps[0].shape == (2, 4, 17, 17)
+    assert torch.allclose(maps[0].float().sum(-1), torch.ones(2, 4, 17), atol=0.02)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # cache built under inference_mode
+        again = model(x)
+    assert (again.float() - logits.float()).abs().max() <= 0.03 * logits.float().abs().max()
+
+
+@needs_kernels
+def test_low_precision_copy_uses_the_fast_path():
+    from vitkit.model.precision import low_precision_inference
+
+    model = _model()
+    fast = low_precision_inference(model)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.inference_mode():
+        out, ref = fast(x), model(x)
+    assert _packed_layers(fast) and (out - ref).abs().max() <= 0.03 * ref.abs().max()
+
+
+def test_linear_rejects_unknown_activations():
+    with pytest.raises(ValueError, match="activation"):
+        fast_inference.Linear(4, 4)(torch.randn(2, 4), activation="relu")
