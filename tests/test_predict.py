@@ -61,6 +61,19 @@ def test_bf16_fast_path_agrees_with_fp32(ckpt):
     assert torch.allclose(lf.softmax(-1), le.softmax(-1), atol=0.01)
 
 
+def test_bf16_predictor_runs_the_cpu_fast_path_by_default(ckpt):
+    from vitkit.model import fast_inference
+
+    p = Predictor(ckpt)
+    p.predict_one(noise())
+    packed = [m for m in p.model.modules() if "_packed" in m.__dict__]
+    assert p.describe()["cpu_fast_path"] == fast_inference.available()
+    assert bool(packed) == fast_inference.available()  # every linear layer, when the kernels exist
+    exact = Predictor(ckpt, precision="fp32")
+    exact.predict_one(noise())
+    assert not [m for m in exact.model.modules() if "_packed" in m.__dict__]
+
+
 def test_batched_equals_one_by_one(ckpt):
     p = Predictor(ckpt, precision="fp32")
     images = [noise(seed=s) for s in range(5)]

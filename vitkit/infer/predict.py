@@ -6,8 +6,10 @@ Per image: `decode_image` (any format; bombs, truncation and non-images refused 
 
 Backends are pluggable: a backend factory takes the loaded VisionTransformer (and the checkpoint path) and
 returns a callable `run(batch (B, C, H, W) float32) -> logits (B, classes) float32`. "torch" is built in (bf16
-autocast under inference_mode: about 6x faster than fp32 matmuls on AMX CPUs); other engines register theirs
-with `register_backend("onnxruntime", factory)`.
+autocast under inference_mode: about 6x faster than fp32 matmuls on AMX CPUs, and on the CPU it engages the model's
+inference fast path of vitkit/model/fast_inference.py: prepacked weights, fused GELU, a bf16 residual stream;
+ViT-S/16 @224 about 2x timm at batch 32); other engines register theirs with `register_backend("onnxruntime",
+factory)`.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 from ..config import PreprocessConfig, to_2tuple
 from ..data.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 from ..data.preprocess import preprocess_image, resize_and_crop
-from ..model import VisionTransformer
+from ..model import VisionTransformer, fast_inference
 from .onnx_backend import is_onnx_file, model_from_onnx, onnxruntime_backend
 
 Backend = Callable[[torch.Tensor], torch.Tensor]  # (B, C, H, W) float32 -> (B, classes) float32 logits
@@ -45,7 +47,11 @@ def available_backends() -> list[str]:
 
 
 def torch_backend(model: VisionTransformer, checkpoint: Path | None = None, precision: str = "bf16") -> Backend:
-    """Run the model itself: bf16 autocast (precision="bf16") or plain fp32, always under inference_mode."""
+    """Run the model itself: bf16 autocast (precision="bf16") or plain fp32, always under inference_mode.
+
+    eval mode + inference_mode + bf16 autocast on the CPU is exactly what engages the model's fast path
+    (`vitkit.model.fast_inference`); fp32 runs the ordinary, exact ops.
+    """
     if precision not in ("bf16", "fp32"):
         raise ValueError(f"precision must be 'bf16' or 'fp32', got {precision!r}")
     model.eval()
@@ -226,6 +232,7 @@ class Predictor:
             "class_token": cfg.class_token,
             "reg_tokens": cfg.reg_tokens,
             "parameters": sum(p.numel() for p in self.model.parameters()),
+            "cpu_fast_path": fast_inference.available(),  # prepacked bf16 kernels (model/fast_inference.py)
         }
 
 
