@@ -149,3 +149,12 @@ def test_low_precision_copy_uses_the_fast_path():
 def test_linear_rejects_unknown_activations():
     with pytest.raises(ValueError, match="activation"):
         fast_inference.Linear(4, 4)(torch.randn(2, 4), activation="relu")
+
+
+def test_without_the_kernels_everything_takes_the_ordinary_path(monkeypatch):
+    model = _model()
+    x = torch.randn(4, 3, 32, 32)
+    with fast_inference.disabled():
+        ref = _bf16(model, x)
+    monkeypatch.setattr(fast_inference, "_available", False)  # as on a torch build without the private ops
+    assert torch.equal(_bf16(model, x), ref) and not _packed_layers(model)
