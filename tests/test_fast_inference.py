@@ -94,11 +94,15 @@ def test_weight_update_invalidates_the_packed_copy():
 
 
 @needs_kernels
-def test_a_training_step_in_between_is_seen():
+@pytest.mark.parametrize("optimizer", ["sgd", "fused_adamw"])  # fused AdamW does not bump version counters
+def test_a_training_step_in_between_is_seen(optimizer):
     model = _model()
     x = torch.randn(4, 3, 32, 32)
     _bf16(model, x)
-    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
     model.train()
     model(x).sum().backward()
     opt.step()

@@ -19,8 +19,9 @@ Why, measured on the 2-core AMX Xeon, ViT-S/16 @224, torch 2.14.1 (profile and A
 Logits stay within bf16 tolerance of the fp32 model (tests/test_fast_inference.py).
 
 The packed copy lives on the layer (not in its state_dict, never copied or pickled) with a key of the parameters'
-version counters and storage: in-place updates (optimizer steps, load_state_dict, EMA, `with no_grad: w.copy_()`)
-and `.to()` invalidate it. Writes through `.data` bypass version counters (as they bypass autograd): call
+version counters and storage: in-place updates (load_state_dict, EMA, `with no_grad: w.copy_()`) and `.to()`
+invalidate it, and so does `model.train()` — needed because fused AdamW updates weights without bumping version
+counters. Writes through `.data`, or a fused optimizer stepping a model left in eval mode, bypass both: call
 `clear_cache(model)` after them. Cost: one bf16 copy of each linear weight (half the fp32 weights' memory).
 
 The mkldnn ops are private. `available()` probes them once (they exist since torch 2.0 and are in 2.11-2.14); where
@@ -150,6 +151,14 @@ class Linear(nn.Linear):
             return y
         y = F.linear(x, self.weight, self.bias)
         return F.gelu(y) if activation == "gelu" else y
+
+    def train(self, mode: bool = True) -> Linear:
+        # Back to training drops the packed copy: fused AdamW (`torch._fused_adamw_`, the trainer's default) updates
+        # weights in place WITHOUT bumping their version counters, so the key alone would keep a stale copy across
+        # an eval -> train -> eval cycle (found by tests/test_train_resume.py).
+        if mode:
+            self.__dict__.pop("_packed", None)
+        return super().train(mode)
 
     def __getstate__(self) -> dict:  # deepcopy / pickle: the packed copy is an opaque tensor and is rebuilt on use
         return {k: v for k, v in self.__dict__.items() if k != "_packed"}
