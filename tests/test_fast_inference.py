@@ -20,7 +20,7 @@ def _model(**kw):
 
 
 def _packed_layers(model):
-    return [m for m in model.modules() if "_packed" in m.__dict__]
+    return fast_inference.packed_layers(model)
 
 
 def _bf16(model, x, **kw):
@@ -162,3 +162,31 @@ def test_without_the_kernels_everything_takes_the_ordinary_path(monkeypatch):
         ref = _bf16(model, x)
     monkeypatch.setattr(fast_inference, "_available", False)  # as on a torch build without the private ops
     assert torch.equal(_bf16(model, x), ref) and not _packed_layers(model)
+
+
+@needs_kernels
+def test_patch_embedding_as_a_packed_matmul_matches_the_conv():
+    from vitkit.model.layers import PatchEmbed
+
+    pe = PatchEmbed((4, 4), 3, 32).eval()
+    x = torch.randn(2, 3, 18, 17)  # not a multiple of the patch: the conv drops the remainder, so must the matmul
+    with torch.inference_mode():
+        ref = pe(x)
+        out = _bf16(pe, x)
+    assert out.shape == ref.shape == (2, 32, 4, 4)
+    assert fast_inference.packed_layers(pe) == [pe.proj]
+    assert (out.float() - ref).abs().max() <= 0.02 * ref.abs().max()
+
+
+@needs_kernels
+def test_residual_rides_on_the_matmul_and_matches_the_separate_add():
+    layer = fast_inference.Linear(16, 8).eval()
+    x, r = torch.randn(3, 5, 16), torch.randn(3, 5, 8)
+    with torch.inference_mode():
+        ref = r + layer(x)
+        ordinary = layer(x, residual=r)  # fp32: the plain add
+        fused = _bf16(layer, x, residual=r.bfloat16())
+    assert torch.equal(ordinary, ref)
+    assert fused.dtype == torch.bfloat16 and (fused.float() - ref).abs().max() <= 0.05 * ref.abs().max()
+    with pytest.raises(ValueError, match="residual"):
+        _bf16(layer, x, activation="gelu", residual=r)

@@ -66,12 +66,12 @@ def test_bf16_predictor_runs_the_cpu_fast_path_by_default(ckpt):
 
     p = Predictor(ckpt)
     p.predict_one(noise())
-    packed = [m for m in p.model.modules() if "_packed" in m.__dict__]
+    packed = fast_inference.packed_layers(p.model)
     assert p.describe()["cpu_fast_path"] == fast_inference.available()
     assert bool(packed) == fast_inference.available()  # every linear layer, when the kernels exist
     exact = Predictor(ckpt, precision="fp32")
     exact.predict_one(noise())
-    assert not [m for m in exact.model.modules() if "_packed" in m.__dict__]
+    assert not fast_inference.packed_layers(exact.model)
 
 
 def test_batched_equals_one_by_one(ckpt):

@@ -12,17 +12,20 @@ Why, measured on the 2-core AMX Xeon, ViT-S/16 @224, torch 2.14.1 (profile and A
   adds the bias in a separate pass: 30-40 % of each matmul at batch 1, ~15 % at batch 32. `linear` below keeps
   one packed bf16 copy per layer (`torch.ops.mkldnn._reorder_linear_weight`, the op inductor's freezing uses)
   and calls `torch.ops.mkldnn._linear_pointwise` with the bias (and GELU for fc1) fused in.
-- GELU as a post-op of fc1 saves a pass over the (B, N, 4D) activations.
+- GELU as a post-op of fc1 saves a pass over the (B, N, 4D) activations; each residual add rides on the matmul
+  before it (proj, fc2: a binary post-op, `Block.forward`), and the patch-embedding conv runs as a packed matmul of
+  the unfolded patches (`PatchEmbed.forward`): ViT-S/16 -3 % at batch 32 and 1, same process, interleaved.
 - Under autocast the residual stream stays fp32 (bf16 branch + fp32 stream -> fp32), so every LayerNorm reads fp32
   and every linear re-casts its input. The model casts the stream to bf16 once after the position embedding
   (`VisionTransformer._encode`); LayerNorm and softmax still accumulate in fp32 inside PyTorch's CPU kernels.
 Logits stay within bf16 tolerance of the fp32 model (tests/test_fast_inference.py).
 
-The packed copy lives on the layer (not in its state_dict, never copied or pickled) with a key of the parameters'
-version counters and storage: in-place updates (load_state_dict, EMA, `with no_grad: w.copy_()`) and `.to()`
-invalidate it, and so does `model.train()` — needed because fused AdamW updates weights without bumping version
-counters. Writes through `.data`, or a fused optimizer stepping a model left in eval mode, bypass both: call
-`clear_cache(model)` after them. Cost: one bf16 copy of each linear weight (half the fp32 weights' memory).
+The packed copy lives beside the layer (a weak-keyed table: not in its state_dict, never copied or pickled) with
+a key of the parameters' version counters and storage: in-place updates (load_state_dict, EMA, `with no_grad:
+w.copy_()`) and `.to()` invalidate it, and so does `model.train()` — needed because fused AdamW updates weights
+without bumping version counters. Writes through `.data`, or a fused optimizer stepping a model left in eval
+mode, bypass both: call `clear_cache(model)` after them. Cost: one bf16 copy of each linear weight (half the fp32
+weights' memory).
 
 The mkldnn ops are private. `available()` probes them once (they exist since torch 2.0 and are in 2.11-2.14); where
 they are missing or fail, every layer takes the ordinary path. Turn the fast path off with VITKIT_FAST_INFERENCE=0
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -41,6 +45,9 @@ from torch import nn
 
 _enabled = os.environ.get("VITKIT_FAST_INFERENCE", "1") != "0"
 _available: bool | None = None  # probed on first use
+# layer -> (key, packed bf16 weight, bf16 bias). Kept beside the layer, not on it, so state_dict, deepcopy and
+# pickle never see the opaque oneDNN tensor; an entry goes away with its layer.
+_packed: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
 
 
 def _probe() -> bool:
@@ -105,11 +112,14 @@ def _key(layer: nn.Linear) -> tuple | None:
         return None
 
 
-def linear(layer: nn.Linear, x: torch.Tensor, activation: str = "none") -> torch.Tensor | None:
-    """bf16 `activation(x Wᵀ + b)` with `layer`'s weight packed once; None when the fast path does not apply.
+def linear(
+    layer: nn.Module, x: torch.Tensor, activation: str = "none", residual: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """bf16 `activation(x Wᵀ + b)` (+ `residual`), `layer`'s weight packed once; None where the fast path is off.
 
-    x: (..., in) fp32 or bf16. Returns (..., out) bf16 (what autocast's linear returns), or None: the caller then
-    runs the ordinary F.linear.
+    layer: an nn.Linear, or any module whose `weight` flattens to (out, in) (a patch-embedding conv). x: (..., in)
+    fp32 or bf16. residual: (..., out) added inside the matmul kernel (a oneDNN post-op; `activation` must then be
+    "none"). Returns (..., out) bf16 (what autocast's linear returns), or None: the caller then runs the ordinary ops.
     """
     if not engaged(layer, x):
         return None
@@ -121,44 +131,55 @@ def linear(layer: nn.Linear, x: torch.Tensor, activation: str = "none") -> torch
     key = _key(layer)
     if key is None:
         return None
-    cache = layer.__dict__.get("_packed")
+    cache = _packed.get(layer)
     if cache is None or cache[0] != key:
         ops = torch.ops.mkldnn
-        packed = ops._reorder_linear_weight(w.detach().to(torch.bfloat16))  # opaque oneDNN (AMX) layout
+        w2d = w.detach().reshape(w.shape[0], -1).to(torch.bfloat16)  # (out, in); a conv's (out, C, p, p) flattens
+        packed = ops._reorder_linear_weight(w2d)  # opaque oneDNN (AMX) layout
         bias = None if layer.bias is None else layer.bias.detach().to(torch.bfloat16)
-        cache = layer.__dict__["_packed"] = (key, packed, bias)
+        cache = _packed[layer] = (key, packed, bias)
+    x = x.to(torch.bfloat16)
+    if residual is not None:
+        if activation != "none" or residual.shape[-1] != w.shape[0]:
+            raise ValueError("a fused residual needs activation='none' and (..., out) shape")
+        other = residual.to(torch.bfloat16).contiguous()
+        return torch.ops.mkldnn._linear_pointwise.binary(x, other, cache[1], cache[2], "add")
     algorithm = "none" if activation == "gelu" else ""  # "none": exact erf GELU, as nn.GELU()
-    return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), cache[1], cache[2], activation, [], algorithm)
+    return torch.ops.mkldnn._linear_pointwise(x, cache[1], cache[2], activation, [], algorithm)
+
+
+def packed_layers(model: nn.Module) -> list[nn.Module]:
+    """The layers of `model` that hold a packed copy now (tests, memory accounting)."""
+    return [m for m in model.modules() if m in _packed]
 
 
 def clear_cache(model: nn.Module) -> None:
     """Drop every packed copy in `model` (after writing weights through `.data`, or to free the memory)."""
     for m in model.modules():
-        m.__dict__.pop("_packed", None)
+        _packed.pop(m, None)
 
 
 class Linear(nn.Linear):
     """nn.Linear (same parameters, same state_dict) that takes the fast path when it applies.
 
     `activation="gelu"` returns GELU(x Wᵀ + b): fused into the matmul on the fast path, F.gelu after it otherwise.
+    `residual=r` returns r + (x Wᵀ + b): the add is a post-op of the matmul on the fast path, a separate add otherwise.
     """
 
-    def forward(self, x: torch.Tensor, activation: str = "none") -> torch.Tensor:
+    def forward(self, x: torch.Tensor, activation: str = "none", residual: torch.Tensor | None = None) -> torch.Tensor:
         if activation not in ("none", "gelu"):
             raise ValueError(f"activation must be 'none' or 'gelu', got {activation!r}")
-        y = linear(self, x, activation)
+        y = linear(self, x, activation, residual)
         if y is not None:
             return y
         y = F.linear(x, self.weight, self.bias)
-        return F.gelu(y) if activation == "gelu" else y
+        y = F.gelu(y) if activation == "gelu" else y
+        return y if residual is None else residual + y
 
     def train(self, mode: bool = True) -> Linear:
         # Back to training drops the packed copy: fused AdamW (`torch._fused_adamw_`, the trainer's default) updates
         # weights in place WITHOUT bumping their version counters, so the key alone would keep a stale copy across
         # an eval -> train -> eval cycle (found by tests/test_train_resume.py).
         if mode:
-            self.__dict__.pop("_packed", None)
+            _packed.pop(self, None)
         return super().train(mode)
-
-    def __getstate__(self) -> dict:  # deepcopy / pickle: the packed copy is an opaque tensor and is rebuilt on use
-        return {k: v for k, v in self.__dict__.items() if k != "_packed"}
