@@ -9,7 +9,8 @@
 # Environment: PYTHON (default: python3, or .venv/bin/python when present), CIFAR (default: the first of
 # runs/gpu_data/cifar10-train.tar.gz, ../shared/datasets/, /work/shared/datasets/ that exists), OUT (reports;
 # default runs/gpu), RUN (the training run folder with its checkpoints; default runs/gpu_cifar10), TRAIN_MINUTES
-# (default 2.5), BENCH_SECONDS (time limit of the throughput table; default 170), RECIPE (default cifar10_gpu).
+# (default 4), BENCH_SECONDS (time limit of the throughput table; default 170; 0 skips it), RECIPE (default
+# cifar10_gpu).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.
@@ -29,7 +30,7 @@ if [[ -z "$CIFAR" ]]; then
 fi
 OUT="${OUT:-runs/gpu}"
 RUN="${RUN:-runs/gpu_cifar10}"
-MINUTES="${TRAIN_MINUTES:-2.5}"
+MINUTES="${TRAIN_MINUTES:-4}"
 BENCH_SECONDS="${BENCH_SECONDS:-170}"
 mkdir -p "$OUT"
 
@@ -44,6 +45,8 @@ EOF
 echo "== throughput vs timm (bf16)"
 if (( DRY )); then
   timeout 300 "$PY" benchmarks/gpu_bench.py --dry-run --json | tee "$OUT/throughput.txt"
+elif [[ "$BENCH_SECONDS" == 0 ]]; then
+  echo "skipped (BENCH_SECONDS=0)"
 else
   timeout "$BENCH_SECONDS" "$PY" benchmarks/gpu_bench.py --json | tee "$OUT/throughput.txt" \
     || echo "throughput table: stopped (limit ${BENCH_SECONDS} s); the rows above are complete measurements"

@@ -121,3 +121,30 @@ def test_unknown_auto_augment_is_an_error():
     with pytest.raises(ValueError, match="auto_augment"):
         AugmentConfig(auto_augment="fancy")
     assert AugmentConfig(auto_augment="TrivialAugmentWide").auto_augment == "trivialaugment"
+
+
+@pytest.mark.parametrize(
+    "aug",
+    [
+        AugmentConfig(),
+        AugmentConfig(random_erasing=0.5, mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1),
+        AugmentConfig(random_resized_crop=True, auto_augment="randaugment"),
+    ],
+    ids=["crop_flip", "erase_mix", "rrc_randaugment"],
+)
+def test_augmenting_on_a_device_draws_the_same_and_keeps_every_tensor_there(aug):
+    """The trainer augments on its CUDA device. Same seed, same draws as on the CPU; and on the "meta" device any
+    tensor left on the CPU by a transform raises a device-mismatch error, which is how a GPU run would fail."""
+    from vitkit.config import PreprocessConfig
+    from vitkit.data.transforms import EvalTransform, TrainTransform
+
+    pre = PreprocessConfig(input_size=(32, 32), crop_pct=1.0)
+    x, y = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), torch.arange(8)
+    torch.manual_seed(0)
+    host = TrainTransform(aug, pre, 10)(x, y)
+    torch.manual_seed(0)
+    dev = TrainTransform(aug, pre, 10, device="cpu")(x, y)
+    assert torch.equal(host[0], dev[0]) and torch.equal(host[1], dev[1])
+    out, _ = TrainTransform(aug, pre, 10, device="meta")(x, y)
+    assert out.device.type == "meta" and out.shape == (8, 3, 32, 32)
+    assert EvalTransform(pre, device="meta")(x).device.type == "meta"

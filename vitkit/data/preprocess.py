@@ -45,9 +45,9 @@ def normalize(img: torch.Tensor, pre: PreprocessConfig, in_chans: int = 3) -> to
     """uint8 (..., C, h, w) -> float32 normalised; RGB becomes one channel for single-channel models."""
     x = img.float() / 255.0
     if in_chans == 1 and x.shape[-3] == 3:
-        x = (x * torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(dim=-3, keepdim=True)
-    mean = torch.tensor(pre.mean, dtype=torch.float32).view(-1, 1, 1)
-    std = torch.tensor(pre.std, dtype=torch.float32).view(-1, 1, 1)
+        x = (x * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(3, 1, 1)).sum(dim=-3, keepdim=True)
+    mean = torch.tensor(pre.mean, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+    std = torch.tensor(pre.std, dtype=torch.float32, device=x.device).view(-1, 1, 1)
     if mean.shape[0] != x.shape[-3]:  # e.g. RGB statistics on a 1-channel model: use their average
         mean, std = mean.mean().view(1, 1, 1), std.mean().view(1, 1, 1)
     return (x - mean) / std

@@ -10,7 +10,9 @@ mixing it returns hard int64 labels and the loss applies `label_smoothing` itsel
 (`loss_label_smoothing(aug)` tells the loss which value to use).
 
 All randomness comes from torch's global CPU generator, so `torch.get_rng_state()` saved in a checkpoint makes
-a resumed run draw the very same augmentations.
+a resumed run draw the very same augmentations. With `device=` (the trainer passes its CUDA device) the uint8 batch
+moves to that device first and the pixel work runs there; only the per-sample draws (a few numbers per image) stay
+on the CPU, so a GPU run draws the same augmentations as a CPU run with the same seed.
 """
 
 from __future__ import annotations
@@ -96,16 +98,17 @@ def random_crop_with_padding(x: torch.Tensor, pad: int, size: tuple[int, int] | 
     padded = F.pad(x, (pad, pad, pad, pad))  # (B, C, H + 2p, W + 2p)
     top = _randint_below(torch.full((b,), padded.shape[2] - oh + 1))
     left = _randint_below(torch.full((b,), padded.shape[3] - ow + 1))
-    rows = (top[:, None] + torch.arange(oh))[:, :, None]  # (B, oh, 1)
-    cols = (left[:, None] + torch.arange(ow))[:, None, :]  # (B, 1, ow)
-    batch = torch.arange(b)[:, None, None]
+    dev = x.device  # offsets drawn on the CPU generator (resume-exact), the gather runs where the images are
+    rows = (top[:, None] + torch.arange(oh))[:, :, None].to(dev)  # (B, oh, 1)
+    cols = (left[:, None] + torch.arange(ow))[:, None, :].to(dev)  # (B, 1, ow)
+    batch = torch.arange(b, device=dev)[:, None, None]
     out = padded.permute(0, 2, 3, 1)[batch, rows, cols]  # (B, oh, ow, C): one gather, per-sample offsets
     return out.permute(0, 3, 1, 2).contiguous()
 
 
 def random_hflip(x: torch.Tensor, p: float = 0.5) -> torch.Tensor:
     """Flip each image of (B, C, H, W) left-right with probability p, independently."""
-    flip = torch.rand(x.shape[0]) < p
+    flip = (torch.rand(x.shape[0]) < p).to(x.device)
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
@@ -152,7 +155,7 @@ def random_resized_crop(
     theta[:, 0, 2] = (2 * left + cw) / w - 1  # normalised crop centre
     theta[:, 1, 1] = ch / h
     theta[:, 1, 2] = (2 * top + ch) / h - 1
-    grid = F.affine_grid(theta, [b, c, *size], align_corners=False)  # (B, h', w', 2)
+    grid = F.affine_grid(theta.to(x.device), [b, c, *size], align_corners=False)  # (B, h', w', 2)
     out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
     return out.round_().clamp_(0, 255).to(torch.uint8)
 
@@ -185,7 +188,7 @@ def random_erasing(
     in_rows = (rows >= top[:, None]) & (rows < (top + eh)[:, None])  # (B, H)
     in_cols = (cols >= left[:, None]) & (cols < (left + ew)[:, None])  # (B, W)
     mask = (in_rows[:, :, None] & in_cols[:, None, :] & apply[:, None, None])[:, None]  # (B, 1, H, W)
-    return x.masked_fill(mask, value)
+    return x.masked_fill(mask.to(x.device), value)
 
 
 # ---------------------------------------------------------------------------------------------------- mixing
@@ -205,7 +208,7 @@ def mixup_cutmix(
 
     One lambda per batch, as in timm's default 'batch' mode; CutMix's lambda is corrected to the box's true area.
     """
-    targets = smooth_one_hot(y, num_classes, aug.label_smoothing)
+    targets = smooth_one_hot(y, num_classes, aug.label_smoothing).to(x.device)
     if not aug.mixes or torch.rand(()).item() >= aug.mix_prob:
         return x, targets
     use_cutmix = aug.cutmix_alpha > 0 and (aug.mixup_alpha <= 0 or torch.rand(()).item() < aug.mix_switch_prob)
@@ -255,13 +258,21 @@ class TrainTransform:
 
     takes_targets = True
 
-    def __init__(self, aug: AugmentConfig, pre: PreprocessConfig, num_classes: int, in_chans: int = 3):
+    def __init__(
+        self,
+        aug: AugmentConfig,
+        pre: PreprocessConfig,
+        num_classes: int,
+        in_chans: int = 3,
+        device: torch.device | str | None = None,
+    ):
         self.aug = aug
         self.pre = pre
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.size = tuple(pre.input_size)
         self.auto_augment = _auto_augment_module(aug)
+        self.device = device  # where the pixel work runs (None: where the batch is, the CPU)
 
     def geometry(self, x: torch.Tensor) -> torch.Tensor:
         """Crop (random resized, or resize + pad-and-crop) and flip: uint8 in, uint8 (B, C, h, w) out."""
@@ -277,9 +288,13 @@ class TrainTransform:
         return x
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.device is not None and self.auto_augment is None:  # uint8 moves: 4x less to copy than float32
+            x = x.to(self.device, non_blocking=True)
         x = self.geometry(_match_channels(x, self.in_chans))
-        if self.auto_augment is not None:  # each image draws its own ops and magnitudes
+        if self.auto_augment is not None:  # each image draws its own ops and magnitudes (on the CPU)
             x = self.auto_augment(x)
+            if self.device is not None:
+                x = x.to(self.device, non_blocking=True)
         x = normalize(x, self.pre, self.in_chans)  # float32 (B, C, h, w)
         if self.aug.random_erasing > 0:
             x = random_erasing(x, self.aug.random_erasing)
@@ -293,22 +308,31 @@ class EvalTransform:
 
     takes_targets = False
 
-    def __init__(self, pre: PreprocessConfig, in_chans: int = 3):
+    def __init__(self, pre: PreprocessConfig, in_chans: int = 3, device: torch.device | str | None = None):
         self.pre = pre
         self.in_chans = in_chans
+        self.device = device
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.device is not None:
+            x = x.to(self.device, non_blocking=True)
         x = _match_channels(x, self.in_chans)
         if not (tuple(x.shape[-2:]) == tuple(self.pre.input_size) and self.pre.crop_pct == 1.0):
             x = resize_and_crop(x, self.pre)
         return normalize(x, self.pre, self.in_chans)
 
 
-def build_train_transform(aug: AugmentConfig, pre: PreprocessConfig, num_classes: int, in_chans: int = 3):
+def build_train_transform(
+    aug: AugmentConfig,
+    pre: PreprocessConfig,
+    num_classes: int,
+    in_chans: int = 3,
+    device: torch.device | str | None = None,
+):
     """The training transform for a batch: see TrainTransform; soft targets iff `aug.mixes`."""
-    return TrainTransform(aug, pre, num_classes, in_chans)
+    return TrainTransform(aug, pre, num_classes, in_chans, device)
 
 
-def build_eval_transform(pre: PreprocessConfig, in_chans: int = 3):
+def build_eval_transform(pre: PreprocessConfig, in_chans: int = 3, device: torch.device | str | None = None):
     """The evaluation transform for a batch: see EvalTransform."""
-    return EvalTransform(pre, in_chans)
+    return EvalTransform(pre, in_chans, device)

@@ -293,8 +293,10 @@ def fit(cfg: TrainConfig, resume: bool | None = None) -> FitResult:
 
     # ---- data order and transforms
     in_chans = core.cfg.in_chans
-    train_tf = build_train_transform(cfg.augment, core.preprocess, len(ds.classes), in_chans)
-    eval_tf = build_eval_transform(core.preprocess, in_chans)
+    # on a GPU the pixel work of augmentation runs there: the host alone fed ~10-17k img/s to an H200 (README)
+    aug_device = env.device if env.device.type == "cuda" else None
+    train_tf = build_train_transform(cfg.augment, core.preprocess, len(ds.classes), in_chans, aug_device)
+    eval_tf = build_eval_transform(core.preprocess, in_chans, aug_device)
     micro = cfg.batch_size // cfg.grad_accum
     if len(train_idx) < micro * env.world_size:
         raise ValueError(
