@@ -190,3 +190,18 @@ def test_residual_rides_on_the_matmul_and_matches_the_separate_add():
     assert fused.dtype == torch.bfloat16 and (fused.float() - ref).abs().max() <= 0.05 * ref.abs().max()
     with pytest.raises(ValueError, match="residual"):
         _bf16(layer, x, activation="gelu", residual=r)
+
+
+@needs_kernels
+def test_straight_line_block_matches_the_module_path_and_hooks_still_fire():
+    """Without hooks a block on the fast path runs as straight-line calls; a hook anywhere in the block sends it
+    through the modules (so the hook fires), with bit-identical logits."""
+    model = _model()
+    x = torch.randn(2, 3, 32, 32)
+    lean = _bf16(model, x)
+    seen = []
+    handle = model.blocks[1].mlp.fc1.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    hooked = _bf16(model, x)
+    handle.remove()
+    assert seen == [(2, 17, 256)]  # (B, 1 + 16 patches, 4 * 64)
+    assert torch.equal(lean, hooked)
