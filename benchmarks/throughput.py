@@ -222,6 +222,25 @@ def machine_info() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "versions": versions, "load": load}
 
 
+def fix_malloc() -> str:
+    """glibc only: stop malloc's dynamic mmap threshold, so big activations stay on the heap (no page faults).
+
+    By default glibc serves blocks above a threshold (128 KiB, raised to the largest block freed so far, up to
+    32 MiB) with fresh mmap()s, which the kernel zero-fills page by page on first touch; where that threshold sits
+    depends on the process's history, and it moved timm's ViT-S/16 batch-32 bf16 inference between 395 and 528 ms
+    (vitkit: 283-296 ms) on this machine. `--malloc fixed` sets it to its maximum (and the trim threshold above it)
+    for every library alike, as MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ would.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(-3, 32 * 1024 * 1024) == 1 and libc.mallopt(-1, 1 << 30) == 1  # M_MMAP / M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        ok = False
+    return "fixed (mmap threshold 32 MiB, trim 1 GiB)" if ok else "default (mallopt unavailable)"
+
+
 # ------------------------------------------------------------------------------------------------ end-to-end
 CIFAR_TAR = "/work/shared/datasets/cifar10-train.tar.gz"
 
@@ -262,7 +281,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--libs", default=",".join(LIBS))
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end `vitkit train` measurement")
+    p.add_argument(
+        "--malloc", choices=("default", "fixed"), default="default", help="glibc malloc as is, or fix_malloc()"
+    )
     args = p.parse_args(argv)
+    malloc = fix_malloc() if args.malloc == "fixed" else "default"
 
     archs = args.only.split(",") if args.only else list(ARCHS)
     precisions = args.precisions.split(",")
@@ -277,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     info = machine_info()
     print(f"machine: {info['cpu']}, {info['cores']} cores, torch threads {info['threads']}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()))
-    print(f"load before: {info['load']}")
+    print(f"load before: {info['load']}; malloc: {malloc}")
     peak = {"bf16": matmul_peak(torch.bfloat16), "fp32": matmul_peak(torch.float32)}
     print(f"matmul peak (2048^3): bf16 {peak['bf16']:.2f} TFLOP/s, fp32 {peak['fp32']:.2f} TFLOP/s\n")
 
@@ -324,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load after: {load_after}")
     if args.json:
         ratios = {f"{e['arch']}/{e['mode']}/b{e['batch']}/{e['precision']}": e.get("ratio") for e in results}
-        out = {"machine": info, "load_after": load_after, "peak_tflops": peak, "ratios": ratios}
+        out = {"machine": info, "malloc": malloc, "load_after": load_after, "peak_tflops": peak, "ratios": ratios}
         out.update(results=results, e2e=e2e)
         print(json.dumps(out))
     return 0

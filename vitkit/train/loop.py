@@ -99,6 +99,7 @@ def train_one_epoch(
     Returns {"loss": mean loss, "images": images, "seconds": wall time}.
     """
     hooks = hooks or EpochHooks()
+    distributed = env is not None and env.distributed
     model.train()
     loss_sum, loss_n, images = 0.0, 0, 0
     t_epoch = time.perf_counter()
@@ -113,21 +114,32 @@ def train_one_epoch(
         apply_lr(optimizer, lr)
         optimizer.zero_grad(set_to_none=True)
         step_loss, finite, n_img = 0.0, True, 0
+        step_loss_t = torch.zeros((), device=device)  # summed on the device: no host sync per micro-batch
         for x, y in micro:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast(precision, device):
                 logits = model(x)  # (B, K)
             loss = compute_loss(logits, y, label_smoothing) / grad_accum
-            if not all_ranks_true(torch.isfinite(loss.detach()), env):  # one rank's NaN: every rank skips
+            # several ranks: one rank's NaN must skip backward on every rank, decided before it (a collective);
+            # one process: backward runs anyway and the single check below catches the NaN it leaves
+            if distributed and not all_ranks_true(torch.isfinite(loss.detach()), env):
                 finite = False
                 break
             loss.backward()
-            step_loss += loss.item()
+            step_loss_t += loss.detach().float()
             n_img += x.shape[0]
         grad_norm = None
-        if finite and clip_grad:
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-            finite = bool(torch.isfinite(grad_norm))
+        if finite:
+            if clip_grad:
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+            # ONE host sync per step (it was three: the loss check, loss.item(), the norm check): on a GPU each sync
+            # stalls the host until the queue drains, so it cannot launch the next step while this one runs
+            if grad_norm is not None and hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor, replicated
+                grad_norm = grad_norm.full_tensor()
+            checks = torch.stack([step_loss_t, grad_norm.float()]) if grad_norm is not None else step_loss_t[None]
+            values = checks.tolist()
+            step_loss = values[0]
+            finite = all(math.isfinite(v) for v in values)
         if not finite:
             state.bad_streak += 1
             optimizer.zero_grad(set_to_none=True)
