@@ -50,3 +50,22 @@ def test_resume_is_bit_identical(tmp_path):
         assert all(torch.equal(pa[k], pb[k]) for k in pa)
     assert torch.equal(a["rng"]["ranks"][0]["torch_rng"], b["rng"]["ranks"][0]["torch_rng"])
     assert straight.val_top1 == resumed.val_top1
+
+
+def test_compiled_training_writes_ordinary_checkpoints_and_resumes(tmp_path):
+    """`--compile` compiles the model in place: the weights file and last.ckpt carry the usual parameter names
+    (no `_orig_mod.`), and a compiled run resumes from its own checkpoint."""
+    from safetensors import safe_open
+
+    from vitkit.interop import from_pretrained
+
+    cfg = dict(epochs=1, ema_decay=0.0, grad_accum=1, model_kwargs=dict(embed_dim=16, depth=1, num_heads=2))
+    half = fit(tiny_run(tmp_path / "run", compile=True, stop_after_steps=3, **cfg))
+    assert half.steps == 3
+    state = load_checkpoint(tmp_path / "run" / "last.ckpt")
+    assert not [k for k in state["model"] if "_orig_mod" in k]
+    done = fit(tiny_run(tmp_path / "run", compile=True, **cfg))
+    assert done.finished and done.steps > 3 and done.val_top1 is not None
+    with safe_open(str(done.model_path), "pt") as f:
+        assert f.keys() and not [k for k in f.keys() if "_orig_mod" in k]
+    assert from_pretrained(done.model_path).cfg.embed_dim == 16

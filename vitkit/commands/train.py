@@ -78,6 +78,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="under torchrun: shard weights/gradients/optimizer with FSDP2 instead of DDP (large models)",
     )
     p.add_argument(
+        "--compile",
+        action="store_true",
+        default=None,
+        help="torch.compile the model (first steps wait for the compiler; pays off on GPUs and long runs)",
+    )
+    p.add_argument(
         "--grad-checkpointing",
         action="store_true",
         default=None,
@@ -130,6 +136,7 @@ def config_from_args(args: argparse.Namespace):
         threads=args.threads,
         fsdp=args.fsdp,
         grad_checkpointing=args.grad_checkpointing,
+        compile=args.compile,
         progress=False if args.no_progress else None,
         augment=augment,
         model_kwargs=model_kwargs,

@@ -290,6 +290,12 @@ def fit(cfg: TrainConfig, resume: bool | None = None) -> FitResult:
     model = prepare_model(model, env, fsdp=cfg.fsdp)
     optimizer = build_optimizer(unwrap(model), cfg.lr, cfg.weight_decay, cfg.betas, cfg.layer_decay, cfg.optimizer_impl)
     ema = ModelEma(unwrap(model), cfg.ema_decay) if cfg.ema_decay > 0 else None
+    if cfg.compile:
+        if cfg.fsdp:
+            raise ValueError("--compile with --fsdp is not supported yet (untested); drop one")
+        # in place (nn.Module.compile): parameter names, checkpoints and the EMA copy (made above) stay as they are;
+        # graphs are built on first use, for training and again for evaluation
+        core.compile()
 
     # ---- data order and transforms
     in_chans = core.cfg.in_chans

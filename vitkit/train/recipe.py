@@ -56,6 +56,7 @@ class TrainConfig:
     threads: int | None = None  # torch.set_num_threads; None: torch's default
     fsdp: bool = False  # under torchrun: shard weights, gradients, optimizer state with FSDP2 (default: DDP)
     grad_checkpointing: bool = False  # recompute block activations in backward: less memory, ~30 % more compute
+    compile: bool = False  # torch.compile the model in place (GPU model step 1.49x on an H200; ~9 % on the CPU)
 
     def __post_init__(self) -> None:
         if isinstance(self.augment, dict):
