@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[serve,onnx,dev]'
+	$(PY) -m pip install -q -e '.[plot,digits,serve,onnx,dev]'
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -11,6 +11,7 @@ import importlib
 from types import ModuleType
 
 PIP_NAMES = {"matplotlib": "matplotlib", "sklearn": "scikit-learn"}  # import name -> what to `pip install`
+EXTRAS = {"matplotlib": "plot", "sklearn": "digits"}  # import name -> the vitkit extra that brings it
 
 
 def require(module: str, feature: str) -> ModuleType:
@@ -20,7 +21,10 @@ def require(module: str, feature: str) -> ModuleType:
     except ImportError as e:
         top = module.split(".")[0]
         pkg = PIP_NAMES.get(top, top)
-        raise ImportError(f"{feature} needs {pkg}, which could not be imported ({e}); pip install {pkg}") from None
+        extra = f" (or pip install 'vitkit[{EXTRAS[top]}]')" if top in EXTRAS else ""
+        raise ImportError(
+            f"{feature} needs {pkg}, which could not be imported ({e}); pip install {pkg}{extra}"
+        ) from None
 
 
 def available(module: str) -> bool:
