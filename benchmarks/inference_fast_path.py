@@ -4,7 +4,8 @@
     flock /tmp/vitkit-heavy.lock .venv/bin/python benchmarks/inference_fast_path.py --batch 1 --reps 31
 
 Rows: timm under bf16 autocast; the same vitkit model with the fast path switched off (`fast_inference.disabled()`,
-the ordinary autocast ops) and on (the default); the bf16-weight copy (`low_precision_inference`). All under
+the ordinary autocast ops) and on (the default); the bf16-weight copy (`low_precision_inference`); with
+`--compiled`, the opt-in `torch-compile` predict/serve backend (inductor with frozen weights). All under
 `torch.inference_mode()`, the order rotating every repetition; median (and min) ms per forward.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import os
 import statistics
 import subprocess
@@ -27,6 +29,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--reps", type=int, default=9)
+    p.add_argument("--compiled", action="store_true", help="add the `torch-compile` predict backend (compiles first)")
     args = p.parse_args()
 
     import timm
@@ -59,6 +62,14 @@ def main() -> None:
         "vitkit (autocast, default)": case(vk),
         "vitkit low_precision_inference": case(lp, autocast=False),
     }
+    if args.compiled:  # the opt-in predict/serve backend: torch.compile with inductor freezing
+        from vitkit.infer.predict import compiled_torch_backend
+
+        t0 = time.perf_counter()
+        run_compiled = compiled_torch_backend(copy.deepcopy(vk))
+        run_compiled(x)
+        print(f"torch-compile backend: first call (compile) {time.perf_counter() - t0:.1f} s")
+        fns["vitkit torch-compile backend"] = lambda: run_compiled(x)
     for fn in fns.values():
         fn(), fn()  # warm-up (and the packing, once)
     samples: dict[str, list[float]] = {k: [] for k in fns}

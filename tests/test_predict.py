@@ -153,3 +153,18 @@ def test_cli_json_and_bad_file_named(ckpt, tmp_path, capsys):
     out, _ = capsys.readouterr()
     assert rc == 0
     assert out.startswith(f"{good}: ") and out.count("%") == 3
+
+
+def test_compiled_backend_agrees_with_the_eager_one_across_batch_sizes(ckpt, tmp_path, capsys):
+    """`--backend torch-compile`: torch.compile with frozen weights; same top-1 and close probabilities as the
+    eager backend for a batch of 3 and then 1 (a specialised shape: a second compile)."""
+    images = [write_png(tmp_path / f"{i}.png", noise(seed=i)) for i in range(3)]
+    eager = Predictor(ckpt).predict(images, topk=5)
+    compiled = Predictor(ckpt, backend="torch-compile")
+    for batch in (3, 1):
+        got = compiled.predict(images, topk=5, batch_size=batch)
+        for e, c in zip(eager, got):
+            assert e.labels[0] == c.labels[0]
+            assert np.allclose(e.probs, c.probs, atol=0.02)
+    assert main(["predict", str(ckpt), images[0], "--backend", "torch-compile", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[0])["top"][0]["label"] == eager[0].labels[0]

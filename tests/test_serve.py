@@ -254,3 +254,19 @@ def test_missing_extra_names_the_install_command(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_uvicorn)
     with pytest.raises(ImportError, match=r"pip install 'vitkit\[serve\]'.*uvicorn"):
         require_serve_extra()
+
+
+def test_serve_with_the_compiled_backend_compiles_before_listening(model_path, monkeypatch, capsys):
+    """`vitkit serve --backend torch-compile` runs batch 1 and 2 through the compiled model before uvicorn starts,
+    so no request waits for the compiler; the app it hands to uvicorn answers like the eager one."""
+    import uvicorn
+
+    from vitkit.cli import main
+
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app, **kw))
+    assert main(["serve", str(model_path), "--backend", "torch-compile", "--port", "8123"]) == 0
+    assert "compiling the model" in capsys.readouterr().out and served["port"] == 8123
+    with TestClient(served["app"]) as client:
+        r = client.post("/predict", files={"file": ("a.png", png_bytes(), "image/png")})
+    assert r.status_code == 200 and r.json()["top"][0]["label"] in LABELS

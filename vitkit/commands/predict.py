@@ -14,7 +14,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", nargs="+", help="image files (JPEG, PNG, WebP, GIF, ...)")
     p.add_argument("--topk", type=int, default=5, help="how many classes to show per image (default: 5)")
     p.add_argument("--json", action="store_true", help="one JSON object per image per line instead of text")
-    p.add_argument("--backend", default="torch", help="inference engine (default: torch)")
+    p.add_argument(
+        "--backend",
+        default="torch",
+        help="inference engine: torch (default), torch-compile (compiled on first use), onnxruntime (.onnx files)",
+    )
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="torch backend arithmetic")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--input-size", type=int, nargs="+", metavar="H [W]", help="input size (dynamic-size models)")
@@ -23,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..infer.predict import Failure, Predictor
 
-    options = {"precision": args.precision} if args.backend == "torch" else {}
+    options = {"precision": args.precision} if args.backend in ("torch", "torch-compile") else {}
     size = tuple(args.input_size) if args.input_size else None
     predictor = Predictor(args.checkpoint, backend=args.backend, input_size=size, **options)
     results = predictor.predict(args.images, topk=args.topk, batch_size=args.batch_size, errors="collect")

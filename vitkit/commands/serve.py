@@ -15,6 +15,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=8, help="most requests run together in one batch (default: 8)")
     p.add_argument("--topk", type=int, default=5, help="classes returned by /predict by default (default: 5)")
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="refuse larger images (decompression bombs)")
+    p.add_argument(
+        "--backend",
+        default="torch",
+        choices=("torch", "torch-compile"),
+        help="torch (default) or torch-compile: compiled before listening (~15 s), faster at small batches",
+    )
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.add_argument("--no-access-log", action="store_true", help="do not log every request")
 
@@ -35,5 +41,6 @@ def run(args: argparse.Namespace) -> int:
         max_pixels=args.max_pixels,
         log_level=args.log_level,
         access_log=not args.no_access_log,
+        backend=args.backend,
     )
     return 0

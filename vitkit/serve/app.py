@@ -181,11 +181,17 @@ def serve(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     log_level: str = "info",
     access_log: bool = True,
+    backend: str = "torch",
 ) -> None:
     """Load the checkpoint once and serve it with uvicorn until interrupted."""
     import uvicorn
 
-    predictor = Predictor(checkpoint, max_pixels=max_pixels)
+    predictor = Predictor(checkpoint, backend=backend, max_pixels=max_pixels)
+    if backend == "torch-compile":  # compile before the first request: batch 1 (specialised) and a dynamic batch
+        print("vitkit serve: compiling the model (batch 1 and a dynamic batch) before listening ...")
+        h, w = predictor.preprocess.input_size
+        for n in (1, 2):
+            predictor.run(torch.zeros(n, predictor.model.cfg.in_chans, h, w))
     app = create_app(predictor, int(max_upload_mb * MiB), max_batch, topk)
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {host}, reachable from other machines; there is no authentication")
