@@ -63,10 +63,10 @@ def main() -> None:
         "vitkit low_precision_inference": case(lp, autocast=False),
     }
     if args.compiled:  # the opt-in predict/serve backend: torch.compile with inductor freezing
-        from vitkit.infer.predict import compiled_torch_backend
+        from vitkit.infer.predict import torch_backend
 
         t0 = time.perf_counter()
-        run_compiled = compiled_torch_backend(copy.deepcopy(vk))
+        run_compiled = torch_backend(copy.deepcopy(vk), compile=True)
         run_compiled(x)
         print(f"torch-compile backend: first call (compile) {time.perf_counter() - t0:.1f} s")
         fns["vitkit torch-compile backend"] = lambda: run_compiled(x)

@@ -14,7 +14,9 @@ factory)`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -46,54 +48,45 @@ def available_backends() -> list[str]:
     return sorted(_BACKENDS)
 
 
-def torch_backend(model: VisionTransformer, checkpoint: Path | None = None, precision: str = "bf16") -> Backend:
+def torch_backend(
+    model: VisionTransformer, checkpoint: Path | None = None, precision: str = "bf16", compile: bool = False
+) -> Backend:
     """Run the model itself: bf16 autocast (precision="bf16") or plain fp32, always under inference_mode.
 
     eval mode + inference_mode + bf16 autocast on the CPU is exactly what engages the model's fast path
     (`vitkit.model.fast_inference`); fp32 runs the ordinary, exact ops.
+
+    compile=True (the "torch-compile" backend): through torch.compile with inductor's freezing (weights folded into
+    the graph as constants). Opt-in, for long-running serving at small batches: the first call of a batch shape
+    compiles (~10-13 s for ViT-S/16 on the 2-core CPU; a second shape compiles once more with a dynamic batch).
+    ViT-S/16 @224, bf16, 2-core AMX CPU (`benchmarks/inference_fast_path.py --compiled`): batch 1 17.7 ms vs
+    21.7 ms for the eager fast path (timm 32.8 ms); batch 32 no gain (279 vs 269 ms). The weights must not change
+    afterwards (they are frozen into the graph).
     """
     if precision not in ("bf16", "fp32"):
         raise ValueError(f"precision must be 'bf16' or 'fp32', got {precision!r}")
     model.eval()
     device = next(model.parameters()).device
+    forward = model
+    frozen = contextlib.nullcontext
+    if compile:
+        from torch._inductor import config as inductor_config
 
-    def run(batch: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16"):
-            return model(batch.to(device)).float()  # (B, classes)
-
-    return run
-
-
-def compiled_torch_backend(
-    model: VisionTransformer, checkpoint: Path | None = None, precision: str = "bf16"
-) -> Backend:
-    """`torch_backend` through torch.compile with inductor's freezing (weights folded into the graph as constants).
-
-    Opt-in, for long-running serving at small batches: the first call of a batch shape compiles (~13 s for
-    ViT-S/16 on the 2-core CPU; a second shape compiles once more with a dynamic batch), later calls run the
-    compiled graph. ViT-S/16 @224, bf16, 2-core AMX CPU (`benchmarks/inference_fast_path.py --compiled`): batch 1
-    17.7 ms vs 21.7 ms for the eager fast path (timm 32.8 ms); batch 32 no gain (279 vs 269 ms). The weights must
-    not change afterwards (they are frozen into the graph).
-    """
-    if precision not in ("bf16", "fp32"):
-        raise ValueError(f"precision must be 'bf16' or 'fp32', got {precision!r}")
-    model.eval()
-    device = next(model.parameters()).device
-    compiled = torch.compile(model)
-    from torch._inductor import config as inductor_config
-
-    def run(batch: torch.Tensor) -> torch.Tensor:
+        forward = torch.compile(model)
         # freezing must be on while a shape compiles (lazily, inside a call); torch.compile(options={"freezing":
         # True}) did not apply it here (27.8 vs 18.7 ms at batch 1), the config patch does
-        with inductor_config.patch(freezing=True), torch.inference_mode():
+        frozen = functools.partial(inductor_config.patch, freezing=True)
+
+    def run(batch: torch.Tensor) -> torch.Tensor:
+        with frozen(), torch.inference_mode():
             with torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16"):
-                return compiled(batch.to(device)).float()  # (B, classes)
+                return forward(batch.to(device)).float()  # (B, classes)
 
     return run
 
 
 register_backend("torch", torch_backend)
-register_backend("torch-compile", compiled_torch_backend)
+register_backend("torch-compile", functools.partial(torch_backend, compile=True))
 register_backend("onnxruntime", onnxruntime_backend)  # vitkit/infer/onnx_backend.py; needs the onnx extra
 
 
