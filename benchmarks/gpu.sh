@@ -10,7 +10,7 @@
 # runs/gpu_data/cifar10-train.tar.gz, ../shared/datasets/, /work/shared/datasets/ that exists), OUT (reports;
 # default runs/gpu), RUN (the training run folder with its checkpoints; default runs/gpu_cifar10), TRAIN_MINUTES
 # (default 4), BENCH_SECONDS (time limit of the throughput table; default 170; 0 skips it), RECIPE (default
-# cifar10_gpu).
+# cifar10_gpu), COMPILE (default 1: `vitkit train --compile`, ~30 s of compile for ~1.5x the model step; 0: eager).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.
@@ -63,6 +63,7 @@ if [[ -z "$RECIPE" ]]; then
 else
   EXTRA=()
 fi
+[[ "${COMPILE:-1}" == 1 ]] && EXTRA+=(--compile)
 if [[ -z "$CIFAR" || ! -f "$CIFAR" ]]; then
   echo "CIFAR-10 archive not found; set CIFAR=/path/to/cifar10-train.tar.gz (skipping the training run)"
   exit 0

@@ -155,6 +155,51 @@ def test_nonfinite_loss_skips_then_stops():
         train_one_epoch(m, [bad] * 5, opt, sched, state, device=torch.device("cpu"), max_bad_steps=3)
 
 
+def test_device_guard_skips_on_the_device_and_stops_late():
+    """The GPU guard (forced here on the CPU, where fused AdamW takes found_inf too): a bad step changes no weight
+    and no optimizer state but advances the step counter; a streak of bad steps stops the run at the next read."""
+    m = vitkit.create_model("vit_cifar_patch4_32", **tiny_kwargs(num_classes=3))
+    opt = build_optimizer(m, 1e-3, 0.05)
+    sched = WarmupCosine(1e-3, 10)
+    good = (torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0]))
+    bad = (torch.full((4, 3, 32, 32), float("nan")), good[1])
+    state = StepState()
+    cpu = torch.device("cpu")
+    train_one_epoch(m, [good], opt, sched, state, device=cpu, clip_grad=1.0, defer_checks=True)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    moments = {k: v.clone() for k, v in opt.state[next(m.parameters())].items()}
+    with pytest.warns(UserWarning, match="non-finite loss or gradient in 1 of the last steps"):
+        train_one_epoch(m, [bad], opt, sched, state, device=cpu, clip_grad=1.0, defer_checks=True, max_bad_steps=3)
+    assert state.step == 2 and state.bad_streak == 1
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())  # the bad step changed nothing
+    assert all(torch.equal(v, opt.state[next(m.parameters())][k]) for k, v in moments.items())
+    stats = train_one_epoch(m, [good], opt, sched, state, device=cpu, clip_grad=1.0, defer_checks=True)
+    assert state.step == 3 and state.bad_streak == 0 and math.isfinite(stats["loss"])
+    assert not all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+    with pytest.warns(UserWarning), pytest.raises(TrainingDiverged, match="NaN/Inf for 4 steps"):
+        train_one_epoch(m, [bad] * 4 + [good] * 2, opt, sched, state, device=cpu, defer_checks=True, max_bad_steps=3)
+
+
+def test_device_guard_matches_the_synchronous_guard_on_good_steps():
+    """With no bad step the deferred guard runs the same arithmetic: same weights, same mean loss."""
+    torch.manual_seed(0)
+    batches = [(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])) for _ in range(5)]
+    results = []
+    for defer in (False, True):
+        torch.manual_seed(1)
+        m = vitkit.create_model("vit_cifar_patch4_32", **tiny_kwargs(num_classes=3))
+        opt = build_optimizer(m, 1e-3, 0.05)
+        ema = ModelEma(m, 0.9)
+        stats = train_one_epoch(
+            m, batches, opt, WarmupCosine(1e-3, 10), StepState(), device=torch.device("cpu"), clip_grad=1.0,
+            ema=ema, log_every=2, defer_checks=defer,
+        )  # fmt: skip
+        results.append((stats["loss"], m.state_dict(), ema.state_dict()))
+    (loss_a, w_a, e_a), (loss_b, w_b, e_b) = results
+    assert loss_a == pytest.approx(loss_b, rel=1e-6)
+    assert all(torch.equal(w_a[k], w_b[k]) for k in w_a) and all(torch.equal(e_a[k], e_b[k]) for k in e_a)
+
+
 def test_recipe_precedence(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(

@@ -69,3 +69,23 @@ def test_compiled_training_writes_ordinary_checkpoints_and_resumes(tmp_path):
     with safe_open(str(done.model_path), "pt") as f:
         assert f.keys() and not [k for k in f.keys() if "_orig_mod" in k]
     assert from_pretrained(done.model_path).cfg.embed_dim == 16
+
+
+def test_checkpoint_seconds_skips_epoch_end_writes(tmp_path, monkeypatch):
+    """checkpoint_seconds: epoch ends write last.ckpt only when the last write is that old; the end always writes."""
+    import importlib
+
+    fit_module = importlib.import_module("vitkit.train.fit")  # the package exports the function `fit` too
+
+    written = []
+    real_save = fit_module.save_checkpoint
+    monkeypatch.setattr(
+        fit_module, "save_checkpoint", lambda path, payload: (written.append(path), real_save(path, payload))
+    )
+    cfg = dict(epochs=3, ema_decay=0.0, grad_accum=1, model_kwargs=dict(embed_dim=16, depth=1, num_heads=2))
+    fit(tiny_run(tmp_path / "every", **cfg))
+    every = len(written)
+    written.clear()
+    done = fit(tiny_run(tmp_path / "sparse", checkpoint_seconds=3600, **cfg))
+    assert done.finished and (tmp_path / "sparse" / "last.ckpt").exists()
+    assert every >= 3 and len(written) == 1  # epoch ends skipped; the final write kept

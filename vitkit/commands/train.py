@@ -65,6 +65,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     aug.add_argument("--label-smoothing", type=float)
     p.add_argument("--checkpoint-every", type=int, help="also write last.ckpt every N steps")
     p.add_argument(
+        "--checkpoint-seconds",
+        type=float,
+        help="at an epoch end, write last.ckpt only if the last write is N s old (short epochs on a GPU)",
+    )
+    p.add_argument(
         "--stop-after-steps",
         type=int,
         help="stop (with a checkpoint) after N optimizer steps, schedule unchanged: a smoke test, or a pause",
@@ -132,6 +137,7 @@ def config_from_args(args: argparse.Namespace):
         precision=args.precision,
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
+        checkpoint_seconds=args.checkpoint_seconds,
         stop_after_steps=args.stop_after_steps,
         threads=args.threads,
         fsdp=args.fsdp,

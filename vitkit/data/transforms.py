@@ -12,7 +12,8 @@ mixing it returns hard int64 labels and the loss applies `label_smoothing` itsel
 All randomness comes from torch's global CPU generator, so `torch.get_rng_state()` saved in a checkpoint makes
 a resumed run draw the very same augmentations. With `device=` (the trainer passes its CUDA device) the uint8 batch
 moves to that device first and the pixel work runs there; only the per-sample draws (a few numbers per image) stay
-on the CPU, so a GPU run draws the same augmentations as a CPU run with the same seed.
+on the CPU, so a GPU run draws the same augmentations as a CPU run with the same seed. Every CPU tensor crosses
+with `to_device` (pinned, queued): a plain `.to("cuda")` of pageable memory would stall the host once per call.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from ..config import PreprocessConfig
 from .autoaugment import BatchRandAugment, BatchTrivialAugmentWide
-from .preprocess import interpolation_mode, normalize, resize_and_crop
+from .preprocess import interpolation_mode, normalize, resize_and_crop, to_device
 
 AUTO_AUGMENTS = ("randaugment", "trivialaugment", "autoaugment")
 
@@ -99,8 +100,8 @@ def random_crop_with_padding(x: torch.Tensor, pad: int, size: tuple[int, int] | 
     top = _randint_below(torch.full((b,), padded.shape[2] - oh + 1))
     left = _randint_below(torch.full((b,), padded.shape[3] - ow + 1))
     dev = x.device  # offsets drawn on the CPU generator (resume-exact), the gather runs where the images are
-    rows = (top[:, None] + torch.arange(oh))[:, :, None].to(dev)  # (B, oh, 1)
-    cols = (left[:, None] + torch.arange(ow))[:, None, :].to(dev)  # (B, 1, ow)
+    rows = to_device((top[:, None] + torch.arange(oh))[:, :, None], dev)  # (B, oh, 1)
+    cols = to_device((left[:, None] + torch.arange(ow))[:, None, :], dev)  # (B, 1, ow)
     batch = torch.arange(b, device=dev)[:, None, None]
     out = padded.permute(0, 2, 3, 1)[batch, rows, cols]  # (B, oh, ow, C): one gather, per-sample offsets
     return out.permute(0, 3, 1, 2).contiguous()
@@ -108,7 +109,7 @@ def random_crop_with_padding(x: torch.Tensor, pad: int, size: tuple[int, int] | 
 
 def random_hflip(x: torch.Tensor, p: float = 0.5) -> torch.Tensor:
     """Flip each image of (B, C, H, W) left-right with probability p, independently."""
-    flip = (torch.rand(x.shape[0]) < p).to(x.device)
+    flip = to_device(torch.rand(x.shape[0]) < p, x.device)
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
@@ -155,7 +156,7 @@ def random_resized_crop(
     theta[:, 0, 2] = (2 * left + cw) / w - 1  # normalised crop centre
     theta[:, 1, 1] = ch / h
     theta[:, 1, 2] = (2 * top + ch) / h - 1
-    grid = F.affine_grid(theta.to(x.device), [b, c, *size], align_corners=False)  # (B, h', w', 2)
+    grid = F.affine_grid(to_device(theta, x.device), [b, c, *size], align_corners=False)  # (B, h', w', 2)
     out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
     return out.round_().clamp_(0, 255).to(torch.uint8)
 
@@ -188,7 +189,7 @@ def random_erasing(
     in_rows = (rows >= top[:, None]) & (rows < (top + eh)[:, None])  # (B, H)
     in_cols = (cols >= left[:, None]) & (cols < (left + ew)[:, None])  # (B, W)
     mask = (in_rows[:, :, None] & in_cols[:, None, :] & apply[:, None, None])[:, None]  # (B, 1, H, W)
-    return x.masked_fill(mask.to(x.device), value)
+    return x.masked_fill(to_device(mask, x.device), value)
 
 
 # ---------------------------------------------------------------------------------------------------- mixing
@@ -208,7 +209,7 @@ def mixup_cutmix(
 
     One lambda per batch, as in timm's default 'batch' mode; CutMix's lambda is corrected to the box's true area.
     """
-    targets = smooth_one_hot(y, num_classes, aug.label_smoothing).to(x.device)
+    targets = to_device(smooth_one_hot(y, num_classes, aug.label_smoothing), x.device)
     if not aug.mixes or torch.rand(()).item() >= aug.mix_prob:
         return x, targets
     use_cutmix = aug.cutmix_alpha > 0 and (aug.mixup_alpha <= 0 or torch.rand(()).item() < aug.mix_switch_prob)
@@ -289,12 +290,12 @@ class TrainTransform:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.device is not None and self.auto_augment is None:  # uint8 moves: 4x less to copy than float32
-            x = x.to(self.device, non_blocking=True)
+            x = to_device(x, self.device)
         x = self.geometry(_match_channels(x, self.in_chans))
         if self.auto_augment is not None:  # each image draws its own ops and magnitudes (on the CPU)
             x = self.auto_augment(x)
             if self.device is not None:
-                x = x.to(self.device, non_blocking=True)
+                x = to_device(x, self.device)
         x = normalize(x, self.pre, self.in_chans)  # float32 (B, C, h, w)
         if self.aug.random_erasing > 0:
             x = random_erasing(x, self.aug.random_erasing)
@@ -315,7 +316,7 @@ class EvalTransform:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.device is not None:
-            x = x.to(self.device, non_blocking=True)
+            x = to_device(x, self.device)
         x = _match_channels(x, self.in_chans)
         if not (tuple(x.shape[-2:]) == tuple(self.pre.input_size) and self.pre.crop_pct == 1.0):
             x = resize_and_crop(x, self.pre)

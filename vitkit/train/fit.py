@@ -8,6 +8,7 @@ FSDP2 plug in) -> epochs of train_one_epoch + evaluate + last.ckpt -> evaluate r
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -60,6 +61,7 @@ RESUMABLE_CHANGES = {
     "stop_after_steps",
     "progress",
     "checkpoint_every",
+    "checkpoint_seconds",
     "log_every",
     "eval_every",
     "cache_dir",
@@ -294,7 +296,7 @@ def fit(cfg: TrainConfig, resume: bool | None = None) -> FitResult:
         if cfg.fsdp:
             raise ValueError("--compile with --fsdp is not supported yet (untested); drop one")
         # in place (nn.Module.compile): parameter names, checkpoints and the EMA copy (made above) stay as they are;
-        # graphs are built on first use, for training and again for evaluation
+        # the training graph is built on the first step; evaluation runs eagerly (run_eval)
         core.compile()
 
     # ---- data order and transforms
@@ -378,8 +380,11 @@ def fit(cfg: TrainConfig, resume: bool | None = None) -> FitResult:
     label_smoothing = loss_label_smoothing(cfg.augment)
     val_history: dict[str, Any] = dict(state.get("val") or {}) if state else {}
 
+    last_save = [time.perf_counter()]  # when last.ckpt was last written (or the run started)
+
     def checkpoint(best: str | None = None, finished: bool = False) -> None:
         """Collective under FSDP (every rank calls); rank 0 writes atomically. A failed write stops the run."""
+        last_save[0] = time.perf_counter()
         model_state = full_model_state_dict(model, env)
         opt_state = full_optimizer_state_dict(model, optimizer, env)
         rng = gather_rank_states(env, loader)
@@ -417,7 +422,11 @@ def fit(cfg: TrainConfig, resume: bool | None = None) -> FitResult:
             return None
         val_loader.set_epoch(0)
         val_loader.batch_index = 0
-        res = evaluate(which, val_loader, len(ds.classes), device=env.device, precision=cfg.precision)
+        # a compiled model evaluates eagerly: eval mode, no grad and the short last batch would each build graphs
+        # (tens of seconds on a GPU) for a few seconds of evaluation
+        stance = torch.compiler.set_stance("force_eager") if cfg.compile else contextlib.nullcontext()
+        with stance:
+            res = evaluate(which, val_loader, len(ds.classes), device=env.device, precision=cfg.precision)
         return res if cfg.fsdp else _reduce_eval(res, env)
 
     def out_of_time() -> bool:
@@ -444,7 +453,10 @@ def fit(cfg: TrainConfig, resume: bool | None = None) -> FitResult:
         if not clock.calibrated:
             step_times.append(seconds)
             if len(step_times) >= clock.skip_steps + clock.calib_steps:
-                sec = float(np.median(step_times[clock.skip_steps :]))
+                # wall pace over the calibration steps, not the per-step times: on a GPU the host queues steps
+                # ahead and only the periodic reads wait for them, so single steps look faster than they are
+                (s0, t0), (s1, t1) = recent[-1 - clock.calib_steps], recent[-1]
+                sec = (t1 - t0) / (s1 - s0)
                 total = int(from_main(clock.estimate_total(step, sec * 1.05), env))  # slack: evals, saves
                 schedule.relayout(total, at_step=step)
                 clock.calibrated = True
@@ -506,7 +518,9 @@ def fit(cfg: TrainConfig, resume: bool | None = None) -> FitResult:
             f"epoch {loader.epoch}: loss {stats['loss']:.4f}, {ips:.0f} img/s"
             + (f", val top-1 {record['val_top1']:.2%}" if "val_top1" in record else "")
         )
-        checkpoint()
+        # every epoch, or (checkpoint_seconds) once the last write is that old: rank 0's clock decides for all ranks
+        if bool(from_main(float(time.perf_counter() - last_save[0] >= cfg.checkpoint_seconds), env)):
+            checkpoint()
 
     stopped_early = (
         cfg.stop_after_steps is not None

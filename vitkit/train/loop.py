@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.preprocess import to_device
 from ..data.transforms import soft_target_cross_entropy
 from ..infer.evaluate import evaluate_batches
 from .distributed import DistEnv, all_ranks_true
@@ -27,6 +28,74 @@ from .schedule import WarmupCosine, apply_lr
 
 class TrainingDiverged(RuntimeError):
     """The loss was NaN or infinite for too many steps in a row."""
+
+
+def _diverged(streak: int, step: int, lr: float) -> TrainingDiverged:
+    return TrainingDiverged(
+        f"the loss was NaN/Inf for {streak} steps in a row at step {step} (lr {lr:.3g}); "
+        "lower --lr, raise --warmup-epochs, set --clip-grad, or use --precision fp32"
+    )
+
+
+class DeviceGuard:
+    """The non-finite guard without a host sync per step, for a GPU: fused AdamW skips a bad step on the device
+    (its `found_inf` input, the one AMP's GradScaler uses), and the counters below stay on the device until
+    `read()` (every `log_every` steps). One host sync per step stalls the host until the GPU's queue drains, so
+    it cannot launch step n+1 while the GPU runs step n.
+
+    Differences from the synchronous guard, all from the host not knowing at once: a skipped step still advances
+    the step counter and the lr schedule (as under GradScaler), the EMA still moves toward the (unchanged)
+    weights, and a run that diverges stops at the next read, up to `log_every` steps late (the bad steps
+    themselves changed no weight).
+    """
+
+    def __init__(self, device: torch.device):
+        # (streak, longest streak since the last read, skipped since the last read, loss sum of good steps, good)
+        self.counters = torch.zeros(5, device=device)
+
+    def step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
+        bad = ~torch.isfinite(loss) if grad_norm is None else ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+        bad_f = bad.float()
+        c = self.counters
+        c[0] = (c[0] + 1) * bad_f  # streak: +1 on a bad step, 0 on a good one
+        c[1] = torch.maximum(c[1], c[0])
+        c[2] += bad_f
+        c[3] += torch.where(bad, 0.0, loss.float())
+        c[4] += 1 - bad_f
+        optimizer.found_inf = bad_f  # fused AdamW: no update, no moment change, step count restored where 1
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+
+    def read(self) -> tuple[int, int, int, float, int]:
+        """(streak now, longest streak, skipped, loss sum, good steps) since the last read; one host sync."""
+        streak, longest, skipped, loss_sum, good = self.counters.tolist()
+        self.counters[1:] = 0
+        self.counters[1] = streak
+        return int(streak), int(longest), int(skipped), loss_sum, int(good)
+
+
+def _read_guard(guard: DeviceGuard, state: StepState, max_bad_steps: int, lr: float) -> tuple[float, int]:
+    """Read the device counters (one host sync): warn about skipped steps, stop a diverged run.
+    Returns (loss sum, good steps) since the last read."""
+    streak, longest, skipped, loss_sum, good = guard.read()
+    state.bad_streak = streak
+    if skipped:
+        warnings.warn(
+            f"step {state.step}: non-finite loss or gradient in {skipped} of the last steps; skipped on the device "
+            f"(longest run {longest}/{max_bad_steps} in a row)",
+            stacklevel=3,
+        )
+    if longest >= max_bad_steps:
+        raise _diverged(longest, state.step, lr)
+    return loss_sum, good
+
+
+def defers_checks(optimizer: torch.optim.Optimizer, device: torch.device, distributed: bool) -> bool:
+    """True where DeviceGuard applies: one process on a GPU with a fused optimizer (the one that takes found_inf)."""
+    fused = any(g.get("fused") for g in optimizer.param_groups)
+    return device.type == "cuda" and not distributed and fused
 
 
 @dataclass
@@ -90,16 +159,22 @@ def train_one_epoch(
     epoch: int = 0,
     hooks: EpochHooks | None = None,
     env: DistEnv | None = None,
+    defer_checks: bool | None = None,
 ) -> dict[str, float]:
     """One pass over `loader` (or until `hooks.should_stop`), one optimizer step per `grad_accum` batches.
 
     A step whose loss or gradient norm is NaN/Inf is skipped with a warning; after `max_bad_steps` in a row the
     run stops with TrainingDiverged. Under torchrun pass `env`: a NaN loss on any rank then skips the step on
     every rank (the ranks must run the same backward passes, or their gradient all-reduces mismatch and hang).
+    `defer_checks` (default: `defers_checks(...)`, i.e. one process on a GPU with fused AdamW) runs the guard on
+    the device instead (DeviceGuard: no host sync per step; its docstring lists what differs).
     Returns {"loss": mean loss, "images": images, "seconds": wall time}.
     """
     hooks = hooks or EpochHooks()
     distributed = env is not None and env.distributed
+    if defer_checks is None:
+        defer_checks = defers_checks(optimizer, device, distributed)
+    guard = DeviceGuard(device) if defer_checks else None
     model.train()
     loss_sum, loss_n, images = 0.0, 0, 0
     t_epoch = time.perf_counter()
@@ -116,7 +191,7 @@ def train_one_epoch(
         step_loss, finite, n_img = 0.0, True, 0
         step_loss_t = torch.zeros((), device=device)  # summed on the device: no host sync per micro-batch
         for x, y in micro:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = to_device(x, device), to_device(y, device)
             with autocast(precision, device):
                 logits = model(x)  # (B, K)
             loss = compute_loss(logits, y, label_smoothing) / grad_accum
@@ -129,43 +204,47 @@ def train_one_epoch(
             step_loss_t += loss.detach().float()
             n_img += x.shape[0]
         grad_norm = None
-        if finite:
-            if clip_grad:
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-            # ONE host sync per step (it was three: the loss check, loss.item(), the norm check): on a GPU each sync
-            # stalls the host until the queue drains, so it cannot launch the next step while this one runs
-            if grad_norm is not None and hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor, replicated
+        if finite and clip_grad:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor, replicated
                 grad_norm = grad_norm.full_tensor()
-            checks = torch.stack([step_loss_t, grad_norm.float()]) if grad_norm is not None else step_loss_t[None]
-            values = checks.tolist()
-            step_loss = values[0]
-            finite = all(math.isfinite(v) for v in values)
-        if not finite:
-            state.bad_streak += 1
-            optimizer.zero_grad(set_to_none=True)
-            warnings.warn(
-                f"step {state.step}: non-finite loss or gradient; step skipped "
-                f"({state.bad_streak}/{max_bad_steps} in a row)",
-                stacklevel=2,
-            )
-            if state.bad_streak >= max_bad_steps:
-                raise TrainingDiverged(
-                    f"the loss was NaN/Inf for {state.bad_streak} steps in a row at step {state.step} (lr {lr:.3g}); "
-                    "lower --lr, raise --warmup-epochs, set --clip-grad, or use --precision fp32"
+        if guard is not None:  # no host sync: the device skips a bad step, the host learns at the next read
+            guard.step(optimizer, step_loss_t, grad_norm)
+        else:
+            if finite:
+                # ONE host sync per step (it was three: the loss check, loss.item(), the norm check)
+                checks = torch.stack([step_loss_t, grad_norm.float()]) if grad_norm is not None else step_loss_t[None]
+                values = checks.tolist()
+                step_loss = values[0]
+                finite = all(math.isfinite(v) for v in values)
+            if not finite:
+                state.bad_streak += 1
+                optimizer.zero_grad(set_to_none=True)
+                warnings.warn(
+                    f"step {state.step}: non-finite loss or gradient; step skipped "
+                    f"({state.bad_streak}/{max_bad_steps} in a row)",
+                    stacklevel=2,
                 )
-            continue
-        state.bad_streak = 0
-        optimizer.step()
+                if state.bad_streak >= max_bad_steps:
+                    raise _diverged(state.bad_streak, state.step, lr)
+                continue
+            state.bad_streak = 0
+            optimizer.step()
+            loss_sum, loss_n = loss_sum + step_loss, loss_n + 1
+            window_loss, window_n = window_loss + step_loss, window_n + 1
         if ema is not None:
             ema.update(getattr(model, "module", model), state.step)  # DDP keeps the model in .module
         state.step += 1
         state.images_seen += n_img
-        loss_sum, loss_n, images = loss_sum + step_loss, loss_n + 1, images + n_img
-        window_imgs, window_loss, window_n = window_imgs + n_img, window_loss + step_loss, window_n + 1
+        images, window_imgs = images + n_img, window_imgs + n_img
         hooks.on_timing(state.step, time.perf_counter() - t_step)
         if logger is not None:
-            logger.step(1, loss=step_loss, lr=lr)
-            if state.step % log_every == 0:
+            logger.step(1, **({} if guard is not None else {"loss": step_loss, "lr": lr}))
+        if state.step % log_every == 0:
+            if guard is not None:
+                window_loss, window_n = _read_guard(guard, state, max_bad_steps, lr)
+                loss_sum, loss_n = loss_sum + window_loss, loss_n + window_n
+            if logger is not None and window_n:
                 dt = time.perf_counter() - window_t
                 ips = window_imgs / max(dt, 1e-9)
                 logger.log(
@@ -179,8 +258,11 @@ def train_one_epoch(
                 )
                 if logger.bar is not None:
                     logger.bar.set_postfix(loss=f"{window_loss / window_n:.3f}", img_s=f"{ips:.0f}", lr=f"{lr:.2e}")
-                window_t, window_imgs, window_loss, window_n = time.perf_counter(), 0, 0.0, 0
+            window_t, window_imgs, window_loss, window_n = time.perf_counter(), 0, 0.0, 0
         hooks.after_step(state.step)
+    if guard is not None:  # the steps since the last read
+        tail_loss, tail_n = _read_guard(guard, state, max_bad_steps, schedule.lr_at(max(state.step - 1, 0)))
+        loss_sum, loss_n = loss_sum + tail_loss, loss_n + tail_n
     seconds = time.perf_counter() - t_epoch
     state.train_seconds += seconds
     return {"loss": loss_sum / max(loss_n, 1) if loss_n else math.nan, "images": images, "seconds": seconds}

@@ -49,6 +49,7 @@ class TrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     eval_every: int = 1  # evaluate every N epochs (and always at the end)
     checkpoint_every: int = 0  # also write last.ckpt every N optimizer steps (0: only at epoch ends and the end)
+    checkpoint_seconds: float = 0.0  # at an epoch end, skip the write if the last was under N s ago (0: every epoch)
     stop_after_steps: int | None = None  # stop (with a checkpoint) after this many steps, schedule unchanged
     max_bad_steps: int = 5  # non-finite losses in a row before the run stops
     log_every: int = 10  # steps between `train` records in metrics.jsonl
