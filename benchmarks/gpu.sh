@@ -10,7 +10,8 @@
 # runs/gpu_data/cifar10-train.tar.gz, ../shared/datasets/, /work/shared/datasets/ that exists), OUT (reports;
 # default runs/gpu), RUN (the training run folder with its checkpoints; default runs/gpu_cifar10), TRAIN_MINUTES
 # (default 4), BENCH_SECONDS (time limit of the throughput table; default 170; 0 skips it), RECIPE (default
-# cifar10_gpu), COMPILE (default 1: `vitkit train --compile`, ~30 s of compile for ~1.5x the model step; 0: eager).
+# cifar10_gpu), COMPILE (default 1: `vitkit train --compile`, ~30 s of compile for ~1.5x the model step; 0: eager),
+# TRAIN_ARGS (more `vitkit train` flags, e.g. "--auto-augment trivialaugment").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.
@@ -64,6 +65,8 @@ else
   EXTRA=()
 fi
 [[ "${COMPILE:-1}" == 1 ]] && EXTRA+=(--compile)
+read -r -a MORE <<< "${TRAIN_ARGS:-}"
+EXTRA+=("${MORE[@]}")
 if [[ -z "$CIFAR" || ! -f "$CIFAR" ]]; then
   echo "CIFAR-10 archive not found; set CIFAR=/path/to/cifar10-train.tar.gz (skipping the training run)"
   exit 0

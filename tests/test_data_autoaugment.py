@@ -69,3 +69,14 @@ def test_spaces_are_torchvisions():
             assert signed == tsigned
             if fn is not None:
                 assert torch.equal(fn(31, 32, 40), tfn(31, 32, 40)), name
+
+
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_every_op_runs_where_the_images_are(name):
+    """On a GPU the images live there and the magnitudes come from the CPU generator: on the "meta" device any
+    tensor an op leaves on the CPU raises a device-mismatch error, which is how a GPU run would fail."""
+    x = torch.empty(4, 3, 32, 32, dtype=torch.uint8, device="meta")
+    out = apply_op(name, x, torch.tensor([0.3, -0.3, 0.1, 0.0]) if name != "Posterize" else torch.tensor([4, 5, 6, 8]))
+    assert out.device.type == "meta" and out.shape == x.shape and out.dtype == torch.uint8
+    policy = BatchTrivialAugmentWide()
+    assert policy(x).device.type == "meta"

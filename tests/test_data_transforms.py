@@ -128,9 +128,10 @@ def test_unknown_auto_augment_is_an_error():
     [
         AugmentConfig(),
         AugmentConfig(random_erasing=0.5, mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1),
-        AugmentConfig(random_resized_crop=True, auto_augment="randaugment"),
+        AugmentConfig(random_resized_crop=True, auto_augment="randaugment", aa_num_ops=3),
+        AugmentConfig(random_crop_pad=4, auto_augment="trivialaugment", mixup_alpha=0.8, cutmix_alpha=1.0),
     ],
-    ids=["crop_flip", "erase_mix", "rrc_randaugment"],
+    ids=["crop_flip", "erase_mix", "rrc_randaugment", "trivialaugment_mix"],
 )
 def test_augmenting_on_a_device_draws_the_same_and_keeps_every_tensor_there(aug):
     """The trainer augments on its CUDA device. Same seed, same draws as on the CPU; and on the "meta" device any

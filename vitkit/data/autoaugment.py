@@ -6,6 +6,9 @@ same op are transformed together with per-image magnitudes: geometric ops as one
 matrix stack, colour ops as broadcast arithmetic. The op table, magnitude ranges and pixel arithmetic follow
 torchvision's (`_AUGMENTATION_SPACE`, `_apply_image_or_video_transform`, the `functional` kernels), so an image
 transformed here equals torchvision's result for the same op and magnitude (tests check it).
+
+The draws (ops, bins, signs) come from torch's CPU generator wherever the images are; on a GPU the per-image
+numbers cross with `to_device` and the pixel work runs there.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
+
+from .preprocess import to_device
 
 # name -> (magnitudes(num_bins, height, width) or None, signed). Same order and values as torchvision.
 MagnitudeTable = dict[str, tuple[Callable[[int, int, int], torch.Tensor] | None, bool]]
@@ -82,11 +87,11 @@ def _affine(
     m5 = cy - m3 * (cx + tx) - m4 * (cy + ty)
     theta = torch.stack([m0, m1, m2, m3, m4, m5], dim=1).float().view(b, 2, 3)  # (B, 2, 3) output -> input pixels
     # Pixel-centre grid relative to the image centre, mapped by theta and normalised to [-1, 1] (as _affine_grid).
-    base = torch.empty(1, h, w, 3)
-    base[..., 0] = torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, steps=w)
-    base[..., 1] = torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, steps=h).unsqueeze(-1)
+    base = torch.empty(1, h, w, 3, device=x.device)
+    base[..., 0] = torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, steps=w, device=x.device)
+    base[..., 1] = torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, steps=h, device=x.device).unsqueeze(-1)
     base[..., 2] = 1.0
-    scaled = theta.transpose(1, 2) / torch.tensor([0.5 * w, 0.5 * h])  # (B, 3, 2)
+    scaled = to_device(theta.transpose(1, 2) / torch.tensor([0.5 * w, 0.5 * h]), x.device)  # (B, 3, 2)
     grid = base.view(1, h * w, 3).expand(b, -1, -1).bmm(scaled).view(b, h, w, 2)
     out = F.grid_sample(x.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
     return out.round_().to(torch.uint8)
@@ -121,8 +126,9 @@ def _rotate(x, m):
 # ---------------------------------------------------------------------------------------------- colour ops
 
 
-def _per_image(m: torch.Tensor) -> torch.Tensor:
-    return m.float().view(-1, 1, 1, 1)
+def _per_image(m: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-image numbers (B,) drawn on the CPU -> (B, 1, 1, 1) float32 where the images `like` are."""
+    return to_device(m.float().view(-1, 1, 1, 1), like.device)
 
 
 def _factor(m: torch.Tensor) -> torch.Tensor:
@@ -132,8 +138,8 @@ def _factor(m: torch.Tensor) -> torch.Tensor:
 
 def _blend(x: torch.Tensor, other: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
     """ratio * x + (1 - ratio) * other, clamped and truncated to uint8 (torchvision's _blend)."""
-    out = x.float() * _per_image(ratio)
-    out.addcmul_(other, _per_image(1.0 - ratio))
+    out = x.float() * _per_image(ratio, x)
+    out.addcmul_(other, _per_image(1.0 - ratio, x))
     return out.clamp_(0, 255).to(torch.uint8)
 
 
@@ -144,7 +150,7 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
 
 
 def _brightness(x, m):
-    return (x.float() * _per_image(_factor(m))).clamp_(0, 255).to(torch.uint8)
+    return (x.float() * _per_image(_factor(m), x)).clamp_(0, 255).to(torch.uint8)
 
 
 def _color(x, m):
@@ -162,22 +168,22 @@ def _sharpness(x, m):
     b, c, h, w = x.shape
     if h <= 2 or w <= 2:
         return x
-    k = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13.0
+    k = to_device(torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13.0, x.device)
     out = x.float()
     blurred = F.conv2d(out, k.expand(c, 1, 3, 3), groups=c).round_()  # (B, C, H-2, W-2); borders stay
     inner = out[..., 1:-1, 1:-1]
-    inner.addcmul_(blurred - inner, _per_image(1.0 - _factor(m)))
+    inner.addcmul_(blurred - inner, _per_image(1.0 - _factor(m), x))
     return out.clamp_(0, 255).to(torch.uint8)
 
 
 def _posterize(x, m):
     bits = m.long().clamp(0, 8)
     mask = ((1 << bits) - 1) << (8 - bits)  # keep the top `bits` bits
-    return x & mask.to(torch.uint8).view(-1, 1, 1, 1)
+    return x & to_device(mask.to(torch.uint8).view(-1, 1, 1, 1), x.device)
 
 
 def _solarize(x, m):
-    return torch.where(x.float() >= _per_image(255.0 * m), 255 - x, x)
+    return torch.where(x.float() >= _per_image(255.0 * m, x), 255 - x, x)
 
 
 OPS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
@@ -229,9 +235,10 @@ class _BatchedAugment:
         ops = torch.randint(len(self.names), (x.shape[0],))
         out = x.clone()
         for k in ops.unique().tolist():
-            idx = (ops == k).nonzero().squeeze(1)
+            idx = (ops == k).nonzero().squeeze(1)  # drawn on the CPU; the images may live on a GPU
             name = self.names[k]
-            out[idx] = apply_op(name, x[idx], self._magnitudes(name, bins[idx], h, w))
+            at = to_device(idx, x.device)
+            out[at] = apply_op(name, x[at], self._magnitudes(name, bins[idx], h, w))
         return out
 
 

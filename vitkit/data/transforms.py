@@ -289,13 +289,11 @@ class TrainTransform:
         return x
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.device is not None and self.auto_augment is None:  # uint8 moves: 4x less to copy than float32
+        if self.device is not None:  # uint8 moves: 4x less to copy than float32
             x = to_device(x, self.device)
         x = self.geometry(_match_channels(x, self.in_chans))
-        if self.auto_augment is not None:  # each image draws its own ops and magnitudes (on the CPU)
+        if self.auto_augment is not None:  # each image draws its own ops and magnitudes (on the CPU generator)
             x = self.auto_augment(x)
-            if self.device is not None:
-                x = to_device(x, self.device)
         x = normalize(x, self.pre, self.in_chans)  # float32 (B, C, h, w)
         if self.aug.random_erasing > 0:
             x = random_erasing(x, self.aug.random_erasing)
