@@ -216,7 +216,6 @@ class BudgetClock:
         self.budget = None if minutes is None else minutes * 60.0
         self.start = time.perf_counter() - elapsed  # elapsed: seconds used before a resume
         self.calib_steps, self.skip_steps = calib_steps, skip_steps
-        self.step_times: list[float] = []
         self.reserve = 0.0 if self.budget is None else 0.03 * self.budget  # final eval + save, until measured
         self.calibrated = False
 
@@ -438,10 +437,9 @@ def fit(cfg: TrainConfig, resume: bool | None = None) -> FitResult:
             return True
         return step >= schedule.total_steps or out_of_time()  # the schedule is the same on every rank (below)
 
-    step_times: list[float] = []
     recent: deque[tuple[int, float]] = deque(maxlen=101)  # (step, time) of the last steps: the current pace
 
-    def on_timing(step: int, seconds: float) -> None:
+    def on_timing(step: int) -> None:
         """--minutes: after the first steps lay the schedule over the steps that fit; then re-check every 10.
 
         Every rank reaches the same lay-outs at the same steps (counts, not times, pick them) and takes rank 0's
@@ -451,8 +449,7 @@ def fit(cfg: TrainConfig, resume: bool | None = None) -> FitResult:
             return
         recent.append((step, time.perf_counter()))
         if not clock.calibrated:
-            step_times.append(seconds)
-            if len(step_times) >= clock.skip_steps + clock.calib_steps:
+            if len(recent) >= clock.skip_steps + clock.calib_steps:  # recent holds every step so far (< its maxlen)
                 # wall pace over the calibration steps, not the per-step times: on a GPU the host queues steps
                 # ahead and only the periodic reads wait for them, so single steps look faster than they are
                 (s0, t0), (s1, t1) = recent[-1 - clock.calib_steps], recent[-1]

@@ -68,28 +68,22 @@ class DeviceGuard:
         finally:
             del optimizer.found_inf
 
-    def read(self) -> tuple[int, int, int, float, int]:
-        """(streak now, longest streak, skipped, loss sum, good steps) since the last read; one host sync."""
+    def read(self, state: StepState, max_bad_steps: int, lr: float) -> tuple[float, int]:
+        """One host sync: warn about the steps skipped since the last read, stop a diverged run (TrainingDiverged).
+        Returns (loss sum, good steps) since the last read."""
         streak, longest, skipped, loss_sum, good = self.counters.tolist()
         self.counters[1:] = 0
         self.counters[1] = streak
-        return int(streak), int(longest), int(skipped), loss_sum, int(good)
-
-
-def _read_guard(guard: DeviceGuard, state: StepState, max_bad_steps: int, lr: float) -> tuple[float, int]:
-    """Read the device counters (one host sync): warn about skipped steps, stop a diverged run.
-    Returns (loss sum, good steps) since the last read."""
-    streak, longest, skipped, loss_sum, good = guard.read()
-    state.bad_streak = streak
-    if skipped:
-        warnings.warn(
-            f"step {state.step}: non-finite loss or gradient in {skipped} of the last steps; skipped on the device "
-            f"(longest run {longest}/{max_bad_steps} in a row)",
-            stacklevel=3,
-        )
-    if longest >= max_bad_steps:
-        raise _diverged(longest, state.step, lr)
-    return loss_sum, good
+        state.bad_streak = int(streak)
+        if skipped:
+            warnings.warn(
+                f"step {state.step}: non-finite loss or gradient in {int(skipped)} of the last steps; skipped on "
+                f"the device (longest run {int(longest)}/{max_bad_steps} in a row)",
+                stacklevel=3,
+            )
+        if longest >= max_bad_steps:
+            raise _diverged(int(longest), state.step, lr)
+        return loss_sum, int(good)
 
 
 def defers_checks(optimizer: torch.optim.Optimizer, device: torch.device, distributed: bool) -> bool:
@@ -114,7 +108,7 @@ class EpochHooks:
 
     should_stop: Callable[[int], bool] = lambda step: False
     after_step: Callable[[int], None] = lambda step: None  # called after every optimizer step (checkpoint cadence)
-    on_timing: Callable[[int, float], None] = lambda step, seconds: None  # seconds of that step, for budgets
+    on_timing: Callable[[int], None] = lambda step: None  # after each optimizer step, for wall-clock budgets
     extra: dict = field(default_factory=dict)
 
 
@@ -184,7 +178,6 @@ def train_one_epoch(
         micro = _next_step_batches(batches, grad_accum)
         if micro is None:
             break
-        t_step = time.perf_counter()
         lr = schedule.lr_at(state.step)
         apply_lr(optimizer, lr)
         optimizer.zero_grad(set_to_none=True)
@@ -237,12 +230,12 @@ def train_one_epoch(
         state.step += 1
         state.images_seen += n_img
         images, window_imgs = images + n_img, window_imgs + n_img
-        hooks.on_timing(state.step, time.perf_counter() - t_step)
+        hooks.on_timing(state.step)
         if logger is not None:
             logger.step(1, **({} if guard is not None else {"loss": step_loss, "lr": lr}))
         if state.step % log_every == 0:
             if guard is not None:
-                window_loss, window_n = _read_guard(guard, state, max_bad_steps, lr)
+                window_loss, window_n = guard.read(state, max_bad_steps, lr)
                 loss_sum, loss_n = loss_sum + window_loss, loss_n + window_n
             if logger is not None and window_n:
                 dt = time.perf_counter() - window_t
@@ -261,7 +254,7 @@ def train_one_epoch(
             window_t, window_imgs, window_loss, window_n = time.perf_counter(), 0, 0.0, 0
         hooks.after_step(state.step)
     if guard is not None:  # the steps since the last read
-        tail_loss, tail_n = _read_guard(guard, state, max_bad_steps, schedule.lr_at(max(state.step - 1, 0)))
+        tail_loss, tail_n = guard.read(state, max_bad_steps, schedule.lr_at(max(state.step - 1, 0)))
         loss_sum, loss_n = loss_sum + tail_loss, loss_n + tail_n
     seconds = time.perf_counter() - t_epoch
     state.train_seconds += seconds
