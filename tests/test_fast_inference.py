@@ -205,3 +205,69 @@ def test_straight_line_block_matches_the_module_path_and_hooks_still_fire():
     handle.remove()
     assert seen == [(2, 17, 256)]  # (B, 1 + 16 patches, 4 * 64)
     assert torch.equal(lean, hooked)
+
+
+@needs_kernels
+def test_block_plan_follows_swapped_modules_and_parameters():
+    """Each block gathers its packed weights once (a plan keyed by its modules and parameters); replacing a layer or
+    a parameter, or adding a hook after the plan exists, is seen on the next call."""
+    model = _model()
+    x = torch.randn(2, 3, 32, 32)
+    _bf16(model, x)
+    blk = model.blocks[2]
+    assert blk in _packed_layers(model)  # the block's plan sits in the same table as the packed layers
+
+    def agrees_with_the_ordinary_path():
+        with fast_inference.disabled():
+            ordinary = _bf16(model, x).float()
+        fast = _bf16(model, x).float()
+        return (fast - ordinary).abs().max() <= 0.03 * ordinary.abs().max()
+
+    before = _bf16(model, x)
+    new_fc1 = fast_inference.Linear(64, 256)
+    torch.nn.init.normal_(new_fc1.weight, std=0.5)
+    blk.mlp.fc1 = new_fc1.eval()  # a fresh module under the block
+    swapped = _bf16(model, x)
+    assert (swapped.float() - before.float()).abs().max() > 1e-3 and agrees_with_the_ordinary_path()
+
+    blk.attn.proj.weight = torch.nn.Parameter(torch.randn(64, 64))  # a fresh parameter on a kept module
+    assert agrees_with_the_ordinary_path()
+
+    blk.mlp.fc2.weight.data = torch.randn(64, 256)  # new storage through .data (the version counter stays)
+    assert agrees_with_the_ordinary_path()
+
+    seen = []  # a hook on a module the straight-line path never calls (dropout) still fires
+    handle = blk.mlp.drop1.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    _bf16(model, x)
+    handle.remove()
+    handle = blk.attn.qkv.register_forward_pre_hook(lambda m, i: seen.append(i[0].shape))
+    _bf16(model, x)
+    handle.remove()
+    assert seen == [(2, 17, 256), (2, 17, 64)]
+
+
+@needs_kernels
+def test_qk_norm_block_on_the_fast_path_matches_the_ordinary_path():
+    model = _model(qk_norm=True)
+    for blk in model.blocks:  # non-trivial q/k norms
+        torch.nn.init.normal_(blk.attn.q_norm.weight, 1.0, 0.3)
+        torch.nn.init.normal_(blk.attn.k_norm.bias, 0.0, 0.3)
+    x = torch.randn(2, 3, 32, 32)
+    fast = _bf16(model, x).float()
+    with fast_inference.disabled():
+        ordinary = _bf16(model, x).float()
+    assert model.blocks[0] in _packed_layers(model)
+    assert (fast - ordinary).abs().max() <= 0.03 * ordinary.abs().max()
+
+
+@needs_kernels
+def test_cached_plans_do_not_keep_a_model_alive():
+    import gc
+    import weakref
+
+    model = _model()
+    _bf16(model, torch.randn(1, 3, 32, 32))
+    blocks = [weakref.ref(b) for b in model.blocks]
+    del model
+    gc.collect()
+    assert all(r() is None for r in blocks)

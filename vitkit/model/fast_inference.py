@@ -37,7 +37,7 @@ from __future__ import annotations
 import contextlib
 import os
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -45,8 +45,9 @@ from torch import nn
 
 _enabled = os.environ.get("VITKIT_FAST_INFERENCE", "1") != "0"
 _available: bool | None = None  # probed on first use
-# layer -> (key, packed bf16 weight, bf16 bias). Kept beside the layer, not on it, so state_dict, deepcopy and
-# pickle never see the opaque oneDNN tensor; an entry goes away with its layer.
+# layer -> (key, packed bf16 weight, bf16 bias); block -> (key, its gathered plan) (`cached`). Kept beside the
+# module, not on it, so state_dict, deepcopy and pickle never see the opaque oneDNN tensor; an entry goes away with
+# its module.
 _packed: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
 
 
@@ -112,6 +113,32 @@ def _key(layer: nn.Linear) -> tuple | None:
         return None
 
 
+def packed(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """`layer`'s weight as one prepacked bf16 oneDNN copy and its bias in bf16: (packed weight, bias or None).
+
+    Built on first use and rebuilt when the parameters change (see the module docstring). None where the fast path
+    cannot mirror the ordinary op: a weight that is not a CPU fp32/bf16 tensor, an fp32 weight outside autocast
+    (the ordinary path raises the usual dtype error), or inference tensors (no version counter to key a cache on).
+    The caller has checked `engaged`.
+    """
+    w = layer.weight
+    if w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    if w.dtype != torch.bfloat16 and not torch.is_autocast_enabled("cpu"):
+        return None
+    key = _key(layer)
+    if key is None:
+        return None
+    cache = _packed.get(layer)
+    if cache is None or cache[0] != key:
+        ops = torch.ops.mkldnn
+        w2d = w.detach().reshape(w.shape[0], -1).to(torch.bfloat16)  # (out, in); a conv's (out, C, p, p) flattens
+        packed_weight = ops._reorder_linear_weight(w2d)  # opaque oneDNN (AMX) layout
+        bias = None if layer.bias is None else layer.bias.detach().to(torch.bfloat16)
+        cache = _packed[layer] = (key, packed_weight, bias)
+    return cache[1], cache[2]
+
+
 def linear(
     layer: nn.Module, x: torch.Tensor, activation: str = "none", residual: torch.Tensor | None = None
 ) -> torch.Tensor | None:
@@ -123,29 +150,32 @@ def linear(
     """
     if not engaged(layer, x):
         return None
-    w = layer.weight
-    if w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16):
+    wb = packed(layer)
+    if wb is None:
         return None
-    if w.dtype != torch.bfloat16 and not torch.is_autocast_enabled("cpu"):
-        return None  # bf16 input, fp32 weight, no autocast: the ordinary path raises the usual dtype error
-    key = _key(layer)
-    if key is None:
-        return None
-    cache = _packed.get(layer)
-    if cache is None or cache[0] != key:
-        ops = torch.ops.mkldnn
-        w2d = w.detach().reshape(w.shape[0], -1).to(torch.bfloat16)  # (out, in); a conv's (out, C, p, p) flattens
-        packed = ops._reorder_linear_weight(w2d)  # opaque oneDNN (AMX) layout
-        bias = None if layer.bias is None else layer.bias.detach().to(torch.bfloat16)
-        cache = _packed[layer] = (key, packed, bias)
     x = x.to(torch.bfloat16)
     if residual is not None:
-        if activation != "none" or residual.shape[-1] != w.shape[0]:
+        if activation != "none" or residual.shape[-1] != layer.weight.shape[0]:
             raise ValueError("a fused residual needs activation='none' and (..., out) shape")
         other = residual.to(torch.bfloat16).contiguous()
-        return torch.ops.mkldnn._linear_pointwise.binary(x, other, cache[1], cache[2], "add")
+        return torch.ops.mkldnn._linear_pointwise.binary(x, other, *wb, "add")
     algorithm = "none" if activation == "gelu" else ""  # "none": exact erf GELU, as nn.GELU()
-    return torch.ops.mkldnn._linear_pointwise(x, cache[1], cache[2], activation, [], algorithm)
+    return torch.ops.mkldnn._linear_pointwise(x, *wb, activation, [], algorithm)
+
+
+def cached(module: nn.Module, key: tuple, build: Callable[[], object | None]) -> object | None:
+    """A value kept beside `module` in the packed-weight table: `build()`'s result, rebuilt when `key` changes.
+
+    For callers that gather several packed layers at once (`layers.Block`). A None from `build` is not kept.
+    `clear_cache` and the modules' `train()` drop these entries too.
+    """
+    entry = _packed.get(module)
+    if entry is None or entry[0] != key:
+        value = build()
+        if value is None:
+            return None
+        entry = _packed[module] = (key, value)
+    return entry[1]
 
 
 def packed_layers(model: nn.Module) -> list[nn.Module]:

@@ -6,9 +6,12 @@ checkpoints map onto these modules almost 1:1.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _module
 
 from . import fast_inference
 from .attention_backend import pick_backend
@@ -220,8 +223,10 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         if fast_inference.engaged(self, x) and isinstance(self.ls1, nn.Identity):
-            if not need_weights and self.attn.backend in ("auto", "sdpa") and not _hooked(self):
-                return self._forward_fast(x), None
+            if not need_weights and self.attn.backend in ("auto", "sdpa"):
+                plan = self._fast_plan()
+                if plan is not None:
+                    return _run_fast(plan, x), None
             # CPU bf16 inference: each residual add rides on the matmul before it (proj, fc2) as a oneDNN post-op,
             # saving two passes over the (B, N, D) stream per block; drop-path and dropout are identities in eval
             x, attn = self.attn(self.norm1(x), need_weights, residual=x)
@@ -231,34 +236,100 @@ class Block(nn.Module):
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x, attn  # (B, N, D), (B, heads, N, N) or None
 
-    def _forward_fast(self, x: torch.Tensor) -> torch.Tensor:
-        """The same block as `forward` on the CPU inference fast path, as straight-line calls: (B, N, D) bf16 in/out.
+    def _fast_plan(self) -> _FastBlock | None:
+        """This block's weights gathered for `_run_fast`, cached beside the block; None to take the module path.
 
-        Skips the ~15 nested module calls per block (dropouts, identities; ~0.1 ms per block at batch 1, 5 % of
-        ViT-S/16); `forward` takes it only when no hook is registered on the block's modules, so hooks still fire.
+        Rebuilt when any parameter under the block changes (in place, swapped, or replaced with its module); plain
+        attributes (LayerNorm eps, head count) are read when it is built. None when a forward hook is registered on a
+        submodule (the straight-line path would skip it), or a weight cannot be packed (fast_inference.packed).
         """
-        a, n1, n2 = self.attn, self.norm1, self.norm2
-        B, N, C = x.shape
-        h = F.layer_norm(x, n1.normalized_shape, n1.weight, n1.bias, n1.eps)
-        q, k, v = a.qkv.forward(h).view(B, N, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        if not isinstance(a.q_norm, nn.Identity):
-            q, k = (
-                F.layer_norm(q, (a.head_dim,), a.q_norm.weight, a.q_norm.bias, a.q_norm.eps),
-                F.layer_norm(k, (a.head_dim,), a.k_norm.weight, a.k_norm.bias, a.k_norm.eps),
-            )
-        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)  # (B, N, D)
-        x = a.proj.forward(o, residual=x)
-        h = F.layer_norm(x, n2.normalized_shape, n2.weight, n2.bias, n2.eps)
-        return self.mlp.fc2.forward(self.mlp.fc1.forward(h, "gelu"), residual=x)
+        state = _state_key(self)
+        if state is None:
+            return None
+        key, params = state
+        return fast_inference.cached(self, key, lambda: self._build_fast_plan(params))
+
+    def _build_fast_plan(self, params: tuple[torch.Tensor, ...]) -> _FastBlock | None:
+        a, mlp = self.attn, self.mlp
+        weights = [fast_inference.packed(m) for m in (a.qkv, a.proj, mlp.fc1, mlp.fc2)]
+        if any(w is None for w in weights):
+            return None
+        ln = lambda n: (n.normalized_shape, n.weight, n.bias, n.eps)  # noqa: E731  (F.layer_norm's arguments)
+        qk_norm = None if isinstance(a.q_norm, nn.Identity) else (ln(a.q_norm), ln(a.k_norm))
+        return _FastBlock(ln(self.norm1), ln(self.norm2), *weights, a.num_heads, a.head_dim, qk_norm, params)
+
+    def train(self, mode: bool = True) -> Block:
+        if mode:  # drop the gathered plan with its packed weights (fused AdamW keeps version counters as they were)
+            fast_inference.clear_cache(self)
+        return super().train(mode)
 
 
-def _hooked(block: nn.Module) -> bool:
-    """Whether any forward hook (global, or on `block` and its submodules) would be skipped by `_forward_fast`."""
-    from torch.nn.modules import module as M
+class _FastBlock(NamedTuple):
+    """A block's weights as `_run_fast` takes them: LayerNorm arguments (shape, weight, bias, eps), packed linears
+    (packed bf16 weight, bf16 bias), the head split, and the optional qk-norm LayerNorms. Plain tuple fields: at
+    batch 1 each nn.Module attribute lookup (~0.6 µs) adds up over the ~40 a block needs. `params` holds the
+    parameters the plan's key names by id, so none of those ids can be reused while the key is compared."""
 
-    if M._global_forward_hooks or M._global_forward_pre_hooks:
-        return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in block.modules())
+    norm1: tuple
+    norm2: tuple
+    qkv: tuple
+    proj: tuple
+    fc1: tuple
+    fc2: tuple
+    num_heads: int
+    head_dim: int
+    qk_norm: tuple | None
+    params: tuple
+
+
+def _run_fast(p: _FastBlock, x: torch.Tensor) -> torch.Tensor:
+    """One block on the CPU inference fast path, as straight-line kernel calls: (B, N, D) -> (B, N, D) bf16.
+
+    x: bf16 (the stream `VisionTransformer._encode` keeps) or fp32 under autocast. The same arithmetic as the module
+    path with the fast path on (fused GELU and residual adds), minus its Python: no nested module calls, no
+    per-layer re-checks of the fast-path conditions (`Block.forward` has checked them once).
+    """
+    lp = torch.ops.mkldnn._linear_pointwise
+    B, N, C = x.shape
+    x = x.to(torch.bfloat16).contiguous()
+    h = F.layer_norm(x, *p.norm1)
+    q, k, v = lp(h, *p.qkv, "none", [], "").view(B, N, 3, p.num_heads, p.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    if p.qk_norm is not None:
+        q, k = F.layer_norm(q, *p.qk_norm[0]), F.layer_norm(k, *p.qk_norm[1])
+    o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)  # (B, N, D)
+    x = lp.binary(o, x, *p.proj, "add")  # x + proj(o): the add is a post-op of the matmul
+    h = lp(F.layer_norm(x, *p.norm2), *p.fc1, "gelu", [], "none")  # GELU(fc1(.)), exact erf as nn.GELU(); (B, N, 4D)
+    return lp.binary(h, x, *p.fc2, "add")  # x + fc2(h)
+
+
+def _state_key(block: nn.Module) -> tuple[tuple, tuple[torch.Tensor, ...]] | None:
+    """(key, parameters): every module under `block`, and every parameter's id, version and storage; the parameters.
+
+    None when a forward hook is registered globally or on a module below the block (the straight-line path would
+    skip it; the block's own hooks fire either way), or a parameter is an inference tensor (no version counter).
+    A plain walk over `_modules`: ~8 µs for a block, where `block.modules()` alone took 12.
+    """
+    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+        return None
+    key: list = []
+    params: list[torch.Tensor] = []
+    stack = list(block._modules.values())  # the block's own hooks fire anyway: `forward` runs inside its call
+    try:
+        while stack:
+            m = stack.pop()
+            if m is None:
+                continue
+            if m._forward_hooks or m._forward_pre_hooks:
+                return None
+            key.append(m)
+            for t in m._parameters.values():
+                if t is not None:
+                    key += (id(t), t._version, t.data_ptr())
+                    params.append(t)
+            stack += m._modules.values()
+    except RuntimeError:  # inference tensors have no version counter
+        return None
+    return tuple(key), tuple(params)
 
 
 class AttentionPoolLatent(nn.Module):
