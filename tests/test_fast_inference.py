@@ -271,3 +271,27 @@ def test_cached_plans_do_not_keep_a_model_alive():
     del model
     gc.collect()
     assert all(r() is None for r in blocks)
+
+
+@needs_kernels
+def test_layerscale_folds_into_the_matmul_and_follows_gamma():
+    """LayerScale blocks (DINOv2, DeiT-III) take the straight-line path with gamma folded into proj / fc2."""
+    model = _model(init_values=0.5)
+    for blk in model.blocks:
+        torch.nn.init.normal_(blk.ls1.gamma, 0.5, 0.3)
+        torch.nn.init.normal_(blk.ls2.gamma, 0.5, 0.3)
+    x = torch.randn(2, 3, 32, 32)
+
+    def fast_and_ordinary():
+        fast = _bf16(model, x).float()
+        with fast_inference.disabled():
+            ordinary = _bf16(model, x).float()
+        assert (fast - ordinary).abs().max() <= 0.03 * ordinary.abs().max()
+        return fast
+
+    before = fast_and_ordinary()
+    assert all(blk in _packed_layers(model) for blk in model.blocks)
+    with torch.no_grad():
+        model.blocks[1].ls2.gamma.mul_(-2.0)
+    after = fast_and_ordinary()
+    assert (after - before).abs().max() > 1e-3

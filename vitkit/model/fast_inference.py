@@ -113,29 +113,37 @@ def _key(layer: nn.Linear) -> tuple | None:
         return None
 
 
+def pack(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(out, ...) weight -> (packed bf16 oneDNN copy of it as (out, in), bias in bf16 or None). No caching."""
+    w2d = weight.detach().reshape(weight.shape[0], -1).to(torch.bfloat16)  # a conv's (out, C, p, p) flattens
+    packed_weight = torch.ops.mkldnn._reorder_linear_weight(w2d)  # opaque oneDNN (AMX) layout
+    return packed_weight, None if bias is None else bias.detach().to(torch.bfloat16)
+
+
+def packable(layer: nn.Module) -> bool:
+    """Whether the fast path can mirror `layer`'s ordinary op: a CPU fp32/bf16 weight, and an fp32 one only under
+    autocast (outside it the ordinary path raises the usual dtype error). The caller has checked `engaged`."""
+    w = layer.weight
+    if w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    return w.dtype == torch.bfloat16 or torch.is_autocast_enabled("cpu")
+
+
 def packed(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """`layer`'s weight as one prepacked bf16 oneDNN copy and its bias in bf16: (packed weight, bias or None).
 
     Built on first use and rebuilt when the parameters change (see the module docstring). None where the fast path
-    cannot mirror the ordinary op: a weight that is not a CPU fp32/bf16 tensor, an fp32 weight outside autocast
-    (the ordinary path raises the usual dtype error), or inference tensors (no version counter to key a cache on).
+    cannot mirror the ordinary op (`packable`), or for inference tensors (no version counter to key a cache on).
     The caller has checked `engaged`.
     """
-    w = layer.weight
-    if w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16):
-        return None
-    if w.dtype != torch.bfloat16 and not torch.is_autocast_enabled("cpu"):
+    if not packable(layer):
         return None
     key = _key(layer)
     if key is None:
         return None
     cache = _packed.get(layer)
     if cache is None or cache[0] != key:
-        ops = torch.ops.mkldnn
-        w2d = w.detach().reshape(w.shape[0], -1).to(torch.bfloat16)  # (out, in); a conv's (out, C, p, p) flattens
-        packed_weight = ops._reorder_linear_weight(w2d)  # opaque oneDNN (AMX) layout
-        bias = None if layer.bias is None else layer.bias.detach().to(torch.bfloat16)
-        cache = _packed[layer] = (key, packed_weight, bias)
+        cache = _packed[layer] = (key, *pack(layer.weight, layer.bias))
     return cache[1], cache[2]
 
 

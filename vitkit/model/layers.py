@@ -222,15 +222,16 @@ class Block(nn.Module):
         self.drop_path2 = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor, need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if fast_inference.engaged(self, x) and isinstance(self.ls1, nn.Identity):
+        if fast_inference.engaged(self, x):
             if not need_weights and self.attn.backend in ("auto", "sdpa"):
                 plan = self._fast_plan()
                 if plan is not None:
                     return _run_fast(plan, x), None
-            # CPU bf16 inference: each residual add rides on the matmul before it (proj, fc2) as a oneDNN post-op,
-            # saving two passes over the (B, N, D) stream per block; drop-path and dropout are identities in eval
-            x, attn = self.attn(self.norm1(x), need_weights, residual=x)
-            return self.mlp(self.norm2(x), residual=x), attn
+            if isinstance(self.ls1, nn.Identity) and isinstance(self.ls2, nn.Identity):
+                # CPU bf16 inference through the modules (hooks, attention maps): each residual add rides on the
+                # matmul before it (proj, fc2) as a oneDNN post-op; drop-path and dropout are identities in eval
+                x, attn = self.attn(self.norm1(x), need_weights, residual=x)
+                return self.mlp(self.norm2(x), residual=x), attn
         y, attn = self.attn(self.norm1(x), need_weights)
         x = x + self.drop_path1(self.ls1(y))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
@@ -251,7 +252,10 @@ class Block(nn.Module):
 
     def _build_fast_plan(self, params: tuple[torch.Tensor, ...]) -> _FastBlock | None:
         a, mlp = self.attn, self.mlp
-        weights = [fast_inference.packed(m) for m in (a.qkv, a.proj, mlp.fc1, mlp.fc2)]
+        if not all(isinstance(ls, (nn.Identity, LayerScale)) for ls in (self.ls1, self.ls2)):
+            return None
+        weights = [fast_inference.packed(a.qkv), _packed_scaled(a.proj, self.ls1)]
+        weights += [fast_inference.packed(mlp.fc1), _packed_scaled(mlp.fc2, self.ls2)]
         if any(w is None for w in weights):
             return None
         ln = lambda n: (n.normalized_shape, n.weight, n.bias, n.eps)  # noqa: E731  (F.layer_norm's arguments)
@@ -262,6 +266,19 @@ class Block(nn.Module):
         if mode:  # drop the gathered plan with its packed weights (fused AdamW keeps version counters as they were)
             fast_inference.clear_cache(self)
         return super().train(mode)
+
+
+def _packed_scaled(layer: nn.Module, ls: nn.Module) -> tuple | None:
+    """`layer` packed, with a LayerScale after it folded in: gamma * (x Wᵀ + b) = x (gamma W)ᵀ + gamma b, so the
+    scaled branch still ends in one matmul with the residual add as its post-op (DINOv2, DeiT-III). The folded copy
+    lives in the block's plan (rebuilt when gamma changes: the plan's key covers it), not in the layer's cache."""
+    if isinstance(ls, nn.Identity):
+        return fast_inference.packed(layer)
+    if not fast_inference.packable(layer):
+        return None
+    gamma = ls.gamma.detach().float()  # (out,)
+    bias = None if layer.bias is None else layer.bias.detach().float() * gamma
+    return fast_inference.pack(layer.weight.detach().float() * gamma[:, None], bias)
 
 
 class _FastBlock(NamedTuple):
