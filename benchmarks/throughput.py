@@ -1,7 +1,9 @@
 """Training and inference throughput of vitkit vs timm, Hugging Face transformers and torchvision, side by side.
 
 Same architecture in every library, models interleaved in one process (the order rotates every repetition so
-drift in machine load hits all of them alike), median of >= 5 timed repetitions after warm-up.
+drift in machine load hits all of them alike), median of >= 5 timed repetitions after warm-up. Batch-1 latency
+calls each library 5 times back to back per repetition (`--latency-burst`): the latency of a warm model, as a
+server answering a stream of requests sees it, and as timm's own benchmark measures it.
 
     flock /tmp/vitkit-heavy.lock .venv/bin/python benchmarks/throughput.py            # full table, ~10 min (B/16: bf16)
     flock /tmp/vitkit-heavy.lock .venv/bin/python benchmarks/throughput.py --quick    # ViT-Ti/4 + S/16, < 2 min
@@ -185,8 +187,12 @@ def pick_hf_attention(a: Arch, mode: str, precision: str) -> str:
     return min(times, key=times.get)
 
 
-def run_case(a: Arch, mode: str, precision: str, libs: list[str], reps: int, warmup: int) -> dict:
-    """Time every library on one workload, interleaved; returns {lib: median seconds} plus the HF choice."""
+def run_case(a: Arch, mode: str, precision: str, libs: list[str], reps: int, warmup: int, burst: int = 1) -> dict:
+    """Time every library on one workload, interleaved; returns {lib: median seconds} plus the HF choice.
+
+    Each repetition calls every library `burst` times back to back (timing each call), then moves to the next;
+    the order rotates between repetitions. burst=1: every call follows another library's (cold caches).
+    """
     hf_attn = pick_hf_attention(a, mode, precision) if "hf" in libs else "sdpa"
     fns = {lib: make_fn(lib, a, mode, precision, hf_attn) for lib in libs}
     for fn in fns.values():
@@ -196,7 +202,7 @@ def run_case(a: Arch, mode: str, precision: str, libs: list[str], reps: int, war
     order = list(libs)
     for _ in range(reps):
         for lib in order:
-            samples[lib].append(timed(fns[lib]))
+            samples[lib].extend(timed(fns[lib]) for _ in range(burst))
         order = order[1:] + order[:1]  # rotate so no library always runs first after another's cache pollution
     return {"median_s": {lib: statistics.median(v) for lib, v in samples.items()}, "hf_attn": hf_attn}
 
@@ -280,6 +286,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precisions", default="bf16,fp32")
     p.add_argument("--libs", default=",".join(LIBS))
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument(
+        "--latency-burst",
+        type=int,
+        default=5,
+        help="batch-1 latency: calls per library back to back in each repetition (a warm model, as a server sees a "
+        "stream of requests); 1 = one call per library per repetition, each after another library's (cold caches)",
+    )
     p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end `vitkit train` measurement")
     p.add_argument(
         "--malloc", choices=("default", "fixed"), default="default", help="glibc malloc as is, or fix_malloc()"
@@ -316,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
                     continue  # ~4 min on 2 cores; run it with --only b16_224 --precisions fp32
                 big = key == "b16_224" or (prec == "fp32" and key == "s16_224")
                 warmup = 1 if big else 2
-                r = run_case(a, mode, prec, libs, reps, warmup)
+                burst = max(args.latency_burst, 1) if mode == "latency" else 1
+                r = run_case(a, mode, prec, libs, reps, warmup, burst)
                 batch = 1 if mode == "latency" else a.batch
                 flops = a.matmul_flops() * batch * (3 if mode == "train" else 1)
                 med = r["median_s"]
