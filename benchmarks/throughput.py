@@ -229,22 +229,16 @@ def machine_info() -> dict:
 
 
 def fix_malloc() -> str:
-    """glibc only: stop malloc's dynamic mmap threshold, so big activations stay on the heap (no page faults).
+    """glibc only: fixed mmap / trim thresholds for every library in the process alike (`vitkit.allocator`).
 
-    By default glibc serves blocks above a threshold (128 KiB, raised to the largest block freed so far, up to
-    32 MiB) with fresh mmap()s, which the kernel zero-fills page by page on first touch; where that threshold sits
-    depends on the process's history, and it moved timm's ViT-S/16 batch-32 bf16 inference between 395 and 528 ms
-    (vitkit: 283-296 ms) on this machine. `--malloc fixed` sets it to its maximum (and the trim threshold above it)
-    for every library alike, as MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ would.
+    By default glibc serves big blocks with fresh mmap()s that the kernel zero-fills page by page on first touch,
+    and where its threshold sits depends on the process's history: it moved timm's ViT-S/16 batch-32 bf16
+    inference between 395 and 528 ms on this machine. `--malloc fixed` sets what the `vitkit` command sets for
+    itself; the default leaves glibc as it is (each library called the ordinary way).
     """
-    import ctypes
+    from vitkit import allocator
 
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        ok = libc.mallopt(-3, 32 * 1024 * 1024) == 1 and libc.mallopt(-1, 1 << 30) == 1  # M_MMAP / M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        ok = False
-    return "fixed (mmap threshold 32 MiB, trim 1 GiB)" if ok else "default (mallopt unavailable)"
+    return allocator.configure()
 
 
 # ------------------------------------------------------------------------------------------------ end-to-end

@@ -12,7 +12,7 @@ import pkgutil
 import sys
 from types import ModuleType
 
-from . import commands
+from . import allocator, commands
 
 
 def discover() -> dict[str, ModuleType]:
@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    allocator.configure()  # big activations without page faults on every step (vitkit/allocator.py)
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
