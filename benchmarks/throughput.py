@@ -271,6 +271,8 @@ def vitkit_train_throughput(steps: int, data: str = CIFAR_TAR) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ main
+WARMUP = 2  # calls per library before timing (one left B/16's first timed step paying for the first big blocks)
+
 # issue 5's targets: (workload key as in the JSON ratios, what is compared, bound, description)
 TARGETS = (
     ("ti4_32/train/b128/bf16", "ratio", 4.0, "training ViT-Ti/4 @32, vitkit / fastest peer >= 4x"),
@@ -280,13 +282,18 @@ TARGETS = (
 )
 
 
+def workload_key(e: dict) -> str:
+    """A result's name in the JSON ratios and in TARGETS: arch/mode/b<batch>/precision."""
+    return f"{e['arch']}/{e['mode']}/b{e['batch']}/{e['precision']}"
+
+
 def target_verdicts(results: list[dict]) -> list[dict]:
     """Each target whose workload ran: what was reached, whether it is met, and against which peers.
 
     The targets are set against all three peers; a run with fewer (`--libs`) says so, because the peers also shape
     each other's times (glibc's malloc threshold moves with what ran before: benchmarks/README.md).
     """
-    by_key = {f"{e['arch']}/{e['mode']}/b{e['batch']}/{e['precision']}": e for e in results}
+    by_key = {workload_key(e): e for e in results}
     verdicts = []
     for key, what, bound, text in TARGETS:
         e = by_key.get(key)
@@ -296,7 +303,15 @@ def target_verdicts(results: list[dict]) -> list[dict]:
         met = reached >= bound if what == "ratio" else reached <= bound
         peers = sorted(lib for lib in e["ms"] if lib != "vitkit")
         verdicts.append(
-            {"target": text, "workload": key, "reached": reached, "bound": bound, "met": met, "peers": peers}
+            {
+                "target": text,
+                "workload": key,
+                "compares": what,
+                "reached": reached,
+                "bound": bound,
+                "met": met,
+                "peers": peers,
+            }
         )
     return verdicts
 
@@ -351,9 +366,8 @@ def main(argv: list[str] | None = None) -> int:
             for prec in precisions:
                 if key == "b16_224" and prec == "fp32" and not args.only:
                     continue  # ~4 min on 2 cores; run it with --only b16_224 --precisions fp32
-                warmup = 2  # one call left B/16's first timed step paying for the allocator's first big blocks
                 burst = max(args.latency_burst, 1) if mode == "latency" else 1
-                r = run_case(a, mode, prec, libs, reps, warmup, burst)
+                r = run_case(a, mode, prec, libs, reps, WARMUP, burst)
                 batch = 1 if mode == "latency" else a.batch
                 flops = a.matmul_flops() * batch * (3 if mode == "train" else 1)
                 med = r["median_s"]
@@ -381,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     if verdicts:
         print("targets (issue 5):")
         for v in verdicts:
-            unit = "x" if v["target"].endswith("x") else " ms"
+            unit = "x" if v["compares"] == "ratio" else " ms"
             partial = "" if len(v["peers"]) == len(LIBS) - 1 else f" (peers in this run: {', '.join(v['peers'])})"
             print(f"  {'MET    ' if v['met'] else 'NOT MET'}  {v['target']}: reached {v['reached']:.2f}{unit}{partial}")
         print()
@@ -392,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     load_after = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     print(f"load after: {load_after}")
     if args.json:
-        ratios = {f"{e['arch']}/{e['mode']}/b{e['batch']}/{e['precision']}": e.get("ratio") for e in results}
+        ratios = {workload_key(e): e.get("ratio") for e in results}
         out = {"machine": info, "malloc": malloc, "load_after": load_after, "peak_tflops": peak, "ratios": ratios}
         out.update(targets=verdicts, results=results, e2e=e2e)
         print(json.dumps(out))
