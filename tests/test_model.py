@@ -120,9 +120,9 @@ def test_attention_maps_are_distributions_and_only_asked_layers_compute_them():
     for i, blk in enumerate(model.blocks):
         orig = blk.attn.forward
 
-        def spy(x, need_weights=False, _i=i, _orig=orig):
+        def spy(x, need_weights=False, _i=i, _orig=orig, **kwargs):
             calls.append((_i, need_weights))
-            return _orig(x, need_weights)
+            return _orig(x, need_weights, **kwargs)
 
         blk.attn.forward = spy
     with torch.no_grad():

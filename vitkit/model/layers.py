@@ -121,13 +121,23 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(
-        self, x: torch.Tensor, need_weights: bool = False, residual: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        need_weights: bool = False,
+        residual: torch.Tensor | None = None,
+        queries: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x: (B, N, D) -> (B, N, D) [+ residual, added inside the output projection], and (B, heads, N, N) or None."""
+        """x: (B, N, D) -> (B, Q, D) [+ residual, added inside the output projection], and (B, heads, Q, N) or None.
+
+        queries: compute the output of the first Q tokens only (their queries attend over all N keys); None: Q = N.
+        """
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
+        if queries is not None:
+            q = q[:, :, :queries]  # (B, heads, Q, head_dim)
         q, k = self.q_norm(q), self.k_norm(k)
+        Q = q.shape[2]
 
         backend = "math" if need_weights else self.backend
         if backend == "auto":
@@ -138,12 +148,12 @@ class Attention(nn.Module):
             x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
         else:  # heads folded into the batch, (B*heads, N, head_dim); the 1/sqrt(d) scale rides on the matmul
             H, hd = self.num_heads, self.head_dim
-            q3, k3, v3 = (t.reshape(B * H, N, hd) for t in (q, k, v))
+            q3, k3, v3 = q.reshape(B * H, Q, hd), k.reshape(B * H, N, hd), v.reshape(B * H, N, hd)
             attn = torch.baddbmm(q3.new_zeros(()), q3, k3.transpose(1, 2), beta=0.0, alpha=self.scale)
-            attn = attn.softmax(dim=-1)  # (B*heads, N, N)
-            x = torch.bmm(self.attn_drop(attn), v3).view(B, H, N, hd)  # (B, heads, N, head_dim)
-            attn = attn.view(B, H, N, N)
-        x = x.transpose(1, 2).reshape(B, N, C)  # (B, N, D)
+            attn = attn.softmax(dim=-1)  # (B*heads, Q, N)
+            x = torch.bmm(self.attn_drop(attn), v3).view(B, H, Q, hd)  # (B, heads, Q, head_dim)
+            attn = attn.view(B, H, Q, N)
+        x = x.transpose(1, 2).reshape(B, Q, C)  # (B, Q, D)
         x = self.proj_drop(self.proj(x, residual=residual))
         return x, (attn if need_weights else None)
 
@@ -221,21 +231,32 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor, need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, x: torch.Tensor, need_weights: bool = False, queries: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x: (B, N, D) -> (B, Q, D), and the attention map (B, heads, Q, N) or None.
+
+        queries: the output of the first Q tokens only, None: all (Q = N). Every row of a block depends on all N
+        inputs through the keys and values, but only on its own row after attention, so this is the same result for
+        those rows with the rest of the work skipped: how `VisionTransformer.forward` runs the last block when it
+        pools the class token.
+        """
         if fast_inference.engaged(self, x):
             if not need_weights and self.attn.backend in ("auto", "sdpa"):
                 plan = self._fast_plan()
                 if plan is not None:
-                    return _run_fast(plan, x), None
+                    return _run_fast(plan, x, queries), None
             if isinstance(self.ls1, nn.Identity) and isinstance(self.ls2, nn.Identity):
                 # CPU bf16 inference through the modules (hooks, attention maps): each residual add rides on the
                 # matmul before it (proj, fc2) as a oneDNN post-op; drop-path and dropout are identities in eval
-                x, attn = self.attn(self.norm1(x), need_weights, residual=x)
+                r = x if queries is None else x[:, :queries]
+                x, attn = self.attn(self.norm1(x), need_weights, residual=r, queries=queries)
                 return self.mlp(self.norm2(x), residual=x), attn
-        y, attn = self.attn(self.norm1(x), need_weights)
+        y, attn = self.attn(self.norm1(x), need_weights, queries=queries)
+        x = x if queries is None else x[:, :queries]
         x = x + self.drop_path1(self.ls1(y))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        return x, attn  # (B, N, D), (B, heads, N, N) or None
+        return x, attn  # (B, Q, D), (B, heads, Q, N) or None
 
     def _fast_plan(self) -> _FastBlock | None:
         """This block's weights gathered for `_run_fast`, cached beside the block; None to take the module path.
@@ -299,8 +320,8 @@ class _FastBlock(NamedTuple):
     params: tuple
 
 
-def _run_fast(p: _FastBlock, x: torch.Tensor) -> torch.Tensor:
-    """One block on the CPU inference fast path, as straight-line kernel calls: (B, N, D) -> (B, N, D) bf16.
+def _run_fast(p: _FastBlock, x: torch.Tensor, queries: int | None = None) -> torch.Tensor:
+    """One block on the CPU inference fast path, as straight-line kernel calls: (B, N, D) -> (B, Q, D) bf16.
 
     x: bf16 (the stream `VisionTransformer._encode` keeps) or fp32 under autocast. The same arithmetic as the module
     path with the fast path on (fused GELU and residual adds), minus its Python: no nested module calls, no
@@ -311,9 +332,11 @@ def _run_fast(p: _FastBlock, x: torch.Tensor) -> torch.Tensor:
     x = x.to(torch.bfloat16).contiguous()
     h = F.layer_norm(x, *p.norm1)
     q, k, v = lp(h, *p.qkv, "none", [], "").view(B, N, 3, p.num_heads, p.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    if queries is not None:  # only the first Q rows' outputs: their queries, all keys and values
+        q, x = q[:, :, :queries], x[:, :queries].contiguous()  # (B, heads, Q, head_dim), (B, Q, D)
     if p.qk_norm is not None:
         q, k = F.layer_norm(q, *p.qk_norm[0]), F.layer_norm(k, *p.qk_norm[1])
-    o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)  # (B, N, D)
+    o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, q.shape[2], C)  # (B, Q, D)
     x = lp.binary(o, x, *p.proj, "add")  # x + proj(o): the add is a post-op of the matmul
     h = lp(F.layer_norm(x, *p.norm2), *p.fc1, "gelu", [], "none")  # GELU(fc1(.)), exact erf as nn.GELU(); (B, N, 4D)
     return lp.binary(h, x, *p.fc2, "add")  # x + fc2(h)

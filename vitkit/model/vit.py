@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _module
 from torch.utils.checkpoint import checkpoint
 
 from ..config import PreprocessConfig, ViTConfig, default_preprocess
@@ -24,6 +25,14 @@ from .layers import AttentionPoolLatent, Block, ConvStem, Linear, PatchEmbed
 from .pos_embed import resample_pos_embed, sincos_2d
 
 AttentionRequest = Iterable[int] | str | None  # layer indices (negative ok), "all", or None
+# hooks that would see the last block's shorter output when forward() skips its unused rows (_pools_first_token_only)
+_MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_GLOBAL_HOOKS = (
+    "_global_forward_hooks",
+    "_global_forward_pre_hooks",
+    "_global_backward_hooks",
+    "_global_backward_pre_hooks",
+)
 
 
 @dataclass
@@ -150,8 +159,17 @@ class VisionTransformer(nn.Module):
         return torch.cat(prefix + [x], dim=1) + pe
 
     def _encode(
-        self, x: torch.Tensor, want_attn: set[int], collect: set[int] | None = None, stop_after: int | None = None
+        self,
+        x: torch.Tensor,
+        want_attn: set[int],
+        collect: set[int] | None = None,
+        stop_after: int | None = None,
+        last_queries: int | None = None,
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor], dict[int, torch.Tensor], tuple[int, int]]:
+        """Image -> tokens (B, N, D) after the blocks, attention maps, collected block outputs, the patch grid.
+
+        last_queries: the last block computes the first Q tokens' outputs only (`Block.forward`): tokens (B, Q, D).
+        """
         grid = self.patch_grid(x)
         x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, D, h, w) -> (B, h*w, D)
         x = self.norm_pre(self.pos_drop(self._pos_embed(x, grid)))  # (B, N, D), N = prefix + h*w
@@ -159,11 +177,13 @@ class VisionTransformer(nn.Module):
             x = x.to(torch.bfloat16)
         maps: dict[int, torch.Tensor] = {}
         outs: dict[int, torch.Tensor] = {}
+        last = len(self.blocks) - 1
         for i, blk in enumerate(self.blocks):
+            queries = last_queries if i == last else None
             if self.grad_checkpointing and self.training and torch.is_grad_enabled() and i not in want_attn:
-                x, attn = checkpoint(blk, x, False, use_reentrant=False)  # activations recomputed in backward
+                x, attn = checkpoint(blk, x, False, queries, use_reentrant=False)  # activations recomputed in backward
             else:
-                x, attn = blk(x, need_weights=i in want_attn)  # (B, N, D)
+                x, attn = blk(x, need_weights=i in want_attn, queries=queries)  # (B, N, D)
             if attn is not None:
                 maps[i] = attn  # (B, heads, N, N)
             if collect is not None and i in collect:
@@ -208,9 +228,27 @@ class VisionTransformer(nn.Module):
         self, x: torch.Tensor, return_attention: AttentionRequest = None
     ) -> torch.Tensor | tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Image (B, C, H, W) -> logits (B, classes); with return_attention also {layer: (B, heads, N, N)}."""
-        tokens, maps, _, _ = self._encode(x, self._layer_set(return_attention))
+        want = self._layer_set(return_attention)
+        last_queries = 1 if self._pools_first_token_only(want) else None
+        tokens, maps, _, _ = self._encode(x, want, last_queries=last_queries)
         logits = self.forward_head(self.norm(tokens))
         return logits if return_attention is None else (logits, maps)
+
+    def _pools_first_token_only(self, want_attn: set[int]) -> bool:
+        """Whether the logits read the first token alone ("token" pooling): the last block then runs for that row only.
+
+        The class token's last-block output depends on every token through the keys and values, but the other rows'
+        outputs feed nothing after it: skipping them leaves the logits as they were (up to rounding) and saves most of
+        a block (ViT-S/16: proj, MLP and attention for 1 of 197 rows; ~1/12 of the forward, and of the backward in
+        training). Not when the last layer's full attention map is asked for, or when a hook on the last block, under
+        it, or on the final norm could see the shorter (B, 1, D) tensors.
+        """
+        if self.cfg.global_pool != "token" or not len(self.blocks) or len(self.blocks) - 1 in want_attn:
+            return False
+        if any(getattr(_module, name) for name in _GLOBAL_HOOKS):
+            return False
+        watched = [*self.blocks[-1].modules(), *self.norm.modules()]
+        return not any(getattr(m, name) for m in watched for name in _MODULE_HOOKS)
 
     def forward_intermediates(
         self,
