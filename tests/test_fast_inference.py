@@ -295,3 +295,35 @@ def test_layerscale_folds_into_the_matmul_and_follows_gamma():
         model.blocks[1].ls2.gamma.mul_(-2.0)
     after = fast_and_ordinary()
     assert (after - before).abs().max() > 1e-3
+
+
+@needs_kernels
+@pytest.mark.parametrize("extras", [{}, dict(init_values=0.5)])
+def test_projections_packed_for_few_rows_match_and_are_used_only_in_their_row_range(monkeypatch, extras):
+    """ROW_PACKED_PROJECTIONS: for a listed width, proj and fc2 carry a second packing used for inputs of lo..hi
+    rows; the logits stay those of the ordinary path, and other row counts take the default packing."""
+    x = torch.randn(2, 3, 32, 32)  # 2 x 17 = 34 rows in every block but the last (2 rows: the class tokens)
+    state = _model(**extras).state_dict()
+
+    def built(rows):
+        if rows is not None:
+            monkeypatch.setitem(fast_inference.ROW_PACKED_PROJECTIONS, 64, rows)
+        model = _model(**extras)
+        model.load_state_dict(state)
+        return model, _bf16(model, x).float()
+
+    model, default = built(None)  # width 64 is not in the table
+    assert fast_inference._packed[model.blocks[0]][1].few_rows is None
+    with fast_inference.disabled():
+        ordinary = _bf16(model, x).float()
+
+    for rows, used in [((10, 100), True), ((100, 200), False)]:
+        model, fast = built(rows)
+        assert (fast - ordinary).abs().max() <= 0.03 * ordinary.abs().max()
+        for blk in model.blocks:  # the few-rows copies swapped for zero weights: seen only where they are used
+            key, plan = fast_inference._packed[blk]
+            assert plan.few_rows[0] == rows
+            zero = lambda m: fast_inference.pack(torch.zeros_like(m.weight), None)  # noqa: E731
+            fast_inference._packed[blk] = (key, plan._replace(few_rows=(rows, zero(blk.attn.proj), zero(blk.mlp.fc2))))
+        changed = (_bf16(model, x).float() - fast).abs().max() > 1e-2
+        assert changed == used

@@ -113,10 +113,29 @@ def _key(layer: nn.Linear) -> tuple | None:
         return None
 
 
-def pack(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(out, ...) weight -> (packed bf16 oneDNN copy of it as (out, in), bias in bf16 or None). No caching."""
+# Row counts (tokens x batch) at which a block's output projections (proj, fc2: out = the width) run faster from a
+# weight packed for a one-row input, by width. oneDNN picks the packed layout from the row count it is told, and for
+# these widths the layout it picks by default leaves mid-size products on one of the two threads. Measured with
+# `flock /tmp/vitkit-heavy.lock .venv/bin/python benchmarks/packing_rows.py` (2026-11-27 11:49 UTC, the 2-core AMX
+# Xeon, torch 2.14.1; one model with proj and fc2 packed each way, the two called alternately, whole forward):
+#   width 384 (ViT-S/16):     batch 1 (197 rows) 1.07x, 2 (394) 1.11x, 4 (788) 1.10x; batch 8 (1576) 0.95x
+#   width 192 (ViT-Ti/4 @32): batch 1 (65) 0.95x, 4 (260) 0.99x, 8 (520) 0.91x    -> not used
+#   width 768 (ViT-B/16):     batch 1 (197) 1.02x, 2 (394) 1.01x (noise)          -> not used
+# Outside these ranges, and for every other layer, the default packing.
+ROW_PACKED_PROJECTIONS: dict[int, tuple[int, int]] = {384: (128, 1000)}
+
+
+def pack(
+    weight: torch.Tensor, bias: torch.Tensor | None, rows_hint: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(out, ...) weight -> (packed bf16 oneDNN copy of it as (out, in), bias in bf16 or None). No caching.
+
+    rows_hint: the input row count oneDNN should choose the packed layout for (None: its default); any row count
+    still works with either layout, only the speed differs (ROW_PACKED_PROJECTIONS).
+    """
     w2d = weight.detach().reshape(weight.shape[0], -1).to(torch.bfloat16)  # a conv's (out, C, p, p) flattens
-    packed_weight = torch.ops.mkldnn._reorder_linear_weight(w2d)  # opaque oneDNN (AMX) layout
+    reorder = torch.ops.mkldnn._reorder_linear_weight
+    packed_weight = reorder(w2d) if rows_hint is None else reorder(w2d, rows_hint)  # opaque oneDNN (AMX) layout
     return packed_weight, None if bias is None else bias.detach().to(torch.bfloat16)
 
 

@@ -281,7 +281,13 @@ class Block(nn.Module):
             return None
         ln = lambda n: (n.normalized_shape, n.weight, n.bias, n.eps)  # noqa: E731  (F.layer_norm's arguments)
         qk_norm = None if isinstance(a.q_norm, nn.Identity) else (ln(a.q_norm), ln(a.k_norm))
-        return _FastBlock(ln(self.norm1), ln(self.norm2), *weights, a.num_heads, a.head_dim, qk_norm, params)
+        rows = fast_inference.ROW_PACKED_PROJECTIONS.get(a.proj.out_features)
+        few_rows = None
+        if rows is not None:  # proj and fc2 packed a second time, for inputs of rows[0]..rows[1] rows (one more copy)
+            few_rows = (rows, _packed_scaled(a.proj, self.ls1, rows_hint=1), _packed_scaled(mlp.fc2, self.ls2, 1))
+        return _FastBlock(
+            ln(self.norm1), ln(self.norm2), *weights, a.num_heads, a.head_dim, qk_norm, few_rows, params
+        )  # fmt: skip
 
     def train(self, mode: bool = True) -> Block:
         if mode:  # drop the gathered plan with its packed weights (fused AdamW keeps version counters as they were)
@@ -289,17 +295,20 @@ class Block(nn.Module):
         return super().train(mode)
 
 
-def _packed_scaled(layer: nn.Module, ls: nn.Module) -> tuple | None:
+def _packed_scaled(layer: nn.Module, ls: nn.Module, rows_hint: int | None = None) -> tuple | None:
     """`layer` packed, with a LayerScale after it folded in: gamma * (x Wᵀ + b) = x (gamma W)ᵀ + gamma b, so the
     scaled branch still ends in one matmul with the residual add as its post-op (DINOv2, DeiT-III). The folded copy
-    lives in the block's plan (rebuilt when gamma changes: the plan's key covers it), not in the layer's cache."""
-    if isinstance(ls, nn.Identity):
+    lives in the block's plan (rebuilt when gamma changes: the plan's key covers it), not in the layer's cache, as
+    does a copy packed for a given row count (`rows_hint`, fast_inference.ROW_PACKED_PROJECTIONS)."""
+    if isinstance(ls, nn.Identity) and rows_hint is None:
         return fast_inference.packed(layer)
     if not fast_inference.packable(layer):
         return None
-    gamma = ls.gamma.detach().float()  # (out,)
-    bias = None if layer.bias is None else layer.bias.detach().float() * gamma
-    return fast_inference.pack(layer.weight.detach().float() * gamma[:, None], bias)
+    weight, bias = layer.weight.detach().float(), None if layer.bias is None else layer.bias.detach().float()
+    if not isinstance(ls, nn.Identity):
+        gamma = ls.gamma.detach().float()  # (out,)
+        weight, bias = weight * gamma[:, None], None if bias is None else bias * gamma
+    return fast_inference.pack(weight, bias, rows_hint)
 
 
 class _FastBlock(NamedTuple):
@@ -317,6 +326,7 @@ class _FastBlock(NamedTuple):
     num_heads: int
     head_dim: int
     qk_norm: tuple | None
+    few_rows: tuple | None  # ((lo, hi), proj, fc2): proj and fc2 packed for inputs of lo..hi rows, or None
     params: tuple
 
 
@@ -336,10 +346,14 @@ def _run_fast(p: _FastBlock, x: torch.Tensor, queries: int | None = None) -> tor
         q, x = q[:, :, :queries], x[:, :queries].contiguous()  # (B, heads, Q, head_dim), (B, Q, D)
     if p.qk_norm is not None:
         q, k = F.layer_norm(q, *p.qk_norm[0]), F.layer_norm(k, *p.qk_norm[1])
-    o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, q.shape[2], C)  # (B, Q, D)
-    x = lp.binary(o, x, *p.proj, "add")  # x + proj(o): the add is a post-op of the matmul
-    h = lp(F.layer_norm(x, *p.norm2), *p.fc1, "gelu", [], "none")  # GELU(fc1(.)), exact erf as nn.GELU(); (B, N, 4D)
-    return lp.binary(h, x, *p.fc2, "add")  # x + fc2(h)
+    Q = q.shape[2]
+    o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, Q, C)  # (B, Q, D)
+    proj, fc2 = p.proj, p.fc2
+    if p.few_rows is not None and p.few_rows[0][0] <= B * Q <= p.few_rows[0][1]:
+        proj, fc2 = p.few_rows[1:]  # the same weights packed for this row count (ROW_PACKED_PROJECTIONS)
+    x = lp.binary(o, x, *proj, "add")  # x + proj(o): the add is a post-op of the matmul
+    h = lp(F.layer_norm(x, *p.norm2), *p.fc1, "gelu", [], "none")  # GELU(fc1(.)), exact erf as nn.GELU(); (B, Q, 4D)
+    return lp.binary(h, x, *fc2, "add")  # x + fc2(h)
 
 
 def _state_key(block: nn.Module) -> tuple[tuple, tuple[torch.Tensor, ...]] | None:
