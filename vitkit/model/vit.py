@@ -25,8 +25,7 @@ from .layers import AttentionPoolLatent, Block, ConvStem, Linear, PatchEmbed
 from .pos_embed import resample_pos_embed, sincos_2d
 
 AttentionRequest = Iterable[int] | str | None  # layer indices (negative ok), "all", or None
-# hooks that would see the last block's shorter output when forward() skips its unused rows (_pools_first_token_only)
-_MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+# global hooks that would see the last block's shorter output when forward() skips its unused rows
 _GLOBAL_HOOKS = (
     "_global_forward_hooks",
     "_global_forward_pre_hooks",
@@ -247,8 +246,13 @@ class VisionTransformer(nn.Module):
             return False
         if any(getattr(_module, name) for name in _GLOBAL_HOOKS):
             return False
-        watched = [*self.blocks[-1].modules(), *self.norm.modules()]
-        return not any(getattr(m, name) for m in watched for name in _MODULE_HOOKS)
+        stack: list[nn.Module] = [self.blocks[-1], self.norm]  # a plain walk: ~2x faster than .modules() + getattr
+        while stack:
+            m = stack.pop()
+            if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+                return False
+            stack += [c for c in m._modules.values() if c is not None]
+        return True
 
     def forward_intermediates(
         self,
