@@ -46,11 +46,12 @@ def _built(model: torch.nn.Module, table: dict, x: torch.Tensor) -> torch.nn.Mod
     return model
 
 
-def measure(name: str, kwargs: dict, batch: int, calls: int) -> tuple[float, float, int]:
-    """(ms default packing, ms one-row packing, rows per projection) for one model and batch size."""
+def measure(name: str, kwargs: dict, batch: int, calls: int) -> tuple[float, float, int, int]:
+    """(ms default packing, ms one-row packing, width, rows per projection) for one model and batch size."""
     base = vitkit.create_model(name, **kwargs).eval()
     x = torch.randn(batch, 3, *base.cfg.img_size)
     width = base.cfg.embed_dim
+    h, w = base.patch_grid(x)
     twin = copy.deepcopy(base)  # outside inference_mode: a copy made inside it holds inference tensors (no fast path)
     with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
         default = _built(base, {}, x)
@@ -63,8 +64,8 @@ def measure(name: str, kwargs: dict, batch: int, calls: int) -> tuple[float, flo
                 t0 = time.perf_counter()
                 (default, one_row)[j](x)
                 times[j].append(time.perf_counter() - t0)
-    rows = batch * (base.patch_grid(x)[0] * base.patch_grid(x)[1] + base.num_prefix_tokens)
-    return statistics.median(times[0]) * 1e3, statistics.median(times[1]) * 1e3, rows
+    rows = batch * (h * w + base.num_prefix_tokens)
+    return statistics.median(times[0]) * 1e3, statistics.median(times[1]) * 1e3, width, rows
 
 
 def main() -> None:
@@ -77,8 +78,7 @@ def main() -> None:
     for name, kwargs, batches in CASES:
         for batch in batches:
             calls = max(10, args.calls // batch)
-            a, b, rows = measure(name, kwargs, batch, calls)
-            width = vitkit.create_model(name, **kwargs).cfg.embed_dim
+            a, b, width, rows = measure(name, kwargs, batch, calls)
             print(f"{name:24} {width:5d} {batch:5d} {rows:6d} {a:10.2f} {b:10.2f} {a / b:5.2f}x", flush=True)
     print("current table:", fast_inference.ROW_PACKED_PROJECTIONS)
 

@@ -312,7 +312,7 @@ def test_projections_packed_for_few_rows_match_and_are_used_only_in_their_row_ra
         model.load_state_dict(state)
         return model, _bf16(model, x).float()
 
-    model, default = built(None)  # width 64 is not in the table
+    model, _ = built(None)  # width 64 is not in the table
     assert fast_inference._packed[model.blocks[0]][1].few_rows is None
     with fast_inference.disabled():
         ordinary = _bf16(model, x).float()
