@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module
 
-from . import fast_inference
+from . import cpu_attention, fast_inference
 from .attention_backend import pick_backend
 from .fast_inference import Linear
 
@@ -340,14 +340,17 @@ def _run_fast(p: _FastBlock, x: torch.Tensor, queries: int | None = None) -> tor
     lp = torch.ops.mkldnn._linear_pointwise
     B, N, C = x.shape
     x = x.to(torch.bfloat16).contiguous()
-    h = F.layer_norm(x, *p.norm1)
-    q, k, v = lp(h, *p.qkv, "none", [], "").view(B, N, 3, p.num_heads, p.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    if queries is not None:  # only the first Q rows' outputs: their queries, all keys and values
-        q, x = q[:, :, :queries], x[:, :queries].contiguous()  # (B, heads, Q, head_dim), (B, Q, D)
-    if p.qk_norm is not None:
-        q, k = F.layer_norm(q, *p.qk_norm[0]), F.layer_norm(k, *p.qk_norm[1])
-    Q = q.shape[2]
-    o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, Q, C)  # (B, Q, D)
+    qkv = lp(F.layer_norm(x, *p.norm1), *p.qkv, "none", [], "")  # (B, N, 3D): q, k, v side by side
+    Q = N if queries is None else queries  # only the first Q rows' outputs: their queries, all keys and values
+    if queries is not None:
+        x = x[:, :queries].contiguous()  # (B, Q, D)
+    if p.qk_norm is None and cpu_attention.usable(N, p.head_dim):  # the brgemm kernel (cpu_attention.py)
+        o = cpu_attention.attention(qkv.view(B, N, 3 * C), p.num_heads, Q, p.head_dim**-0.5)  # (B, Q, D)
+    else:
+        q, k, v = qkv.view(B, N, 3, p.num_heads, p.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if p.qk_norm is not None:
+            q, k = F.layer_norm(q[:, :, :Q], *p.qk_norm[0]), F.layer_norm(k, *p.qk_norm[1])
+        o = F.scaled_dot_product_attention(q[:, :, :Q], k, v).transpose(1, 2).reshape(B, Q, C)  # (B, Q, D)
     proj, fc2 = p.proj, p.fc2
     if p.few_rows is not None and p.few_rows[0][0] <= B * Q <= p.few_rows[0][1]:
         proj, fc2 = p.few_rows[1:]  # the same weights packed for this row count (ROW_PACKED_PROJECTIONS)

@@ -1,0 +1,190 @@
+"""The CPU attention kernel (vitkit/model/cpu_attention.py, csrc/cpu_attention.cpp): its packings are oneDNN's, its
+output is SDPA's within bf16 rounding for any token count (padded keys get no weight), the fast path really calls
+it (every block, the class-token-only last block too), and without it everything falls back to SDPA.
+
+Where the kernel cannot be built (no AVX-512 BF16, no compiler) the kernel tests skip with the reason, except under
+CI=true on a machine that can build it: there they must run."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vitkit
+from vitkit.model import cpu_attention, fast_inference
+
+from .conftest import tiny_kwargs
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@pytest.fixture(scope="module")
+def ext():
+    reason = cpu_attention.why_not_buildable()
+    if reason and not cpu_attention.library_path().exists():
+        pytest.skip(f"the CPU attention kernel cannot be built here: {reason}")
+    cpu_attention.build()  # a no-op once `make setup` / `vitkit kernels build` has built it
+    mod = cpu_attention.kernel()
+    if mod is None and IN_CI:
+        pytest.fail(f"built but not loaded: {cpu_attention.status()}")
+    if mod is None:
+        pytest.skip(cpu_attention.status())
+    return mod
+
+
+def _sdpa(qkv, heads, queries):
+    """The reference: PyTorch's attention on the same (B, N, 3C) layout -> (B, Q, C)."""
+    B, N, C3 = qkv.shape
+    q, k, v = qkv.view(B, N, 3, heads, C3 // 3 // heads).permute(2, 0, 3, 1, 4).unbind(0)
+    return F.scaled_dot_product_attention(q[:, :, :queries], k, v).transpose(1, 2).reshape(B, queries, C3 // 3)
+
+
+@pytest.mark.parametrize("head_dim", [32, 64])
+@pytest.mark.parametrize("keys", [1, 5, 16, 65, 197])
+def test_packings_are_onednns(ext, head_dim, keys):
+    torch.manual_seed(keys)
+    k = torch.randn(keys, head_dim).bfloat16()
+    padded = -(-keys // 16) * 16
+    kt = torch.zeros(head_dim, padded, dtype=torch.bfloat16)  # kᵀ, zero columns past `keys`
+    kt[:, :keys] = k.T
+    ours = ext.packed_keys(k, padded)
+    for n0 in range(0, padded, 64):  # packed in blocks of up to 64 key columns
+        block = kt[:, n0 : n0 + 64].contiguous()
+        assert torch.equal(ours[n0 * head_dim : n0 * head_dim + block.numel()], ext.onednn_pack(block).flatten())
+    v = torch.zeros(padded, head_dim, dtype=torch.bfloat16)
+    v[:keys] = k
+    assert torch.equal(ext.packed_values(k, padded), ext.onednn_pack(v).flatten())
+
+
+@pytest.mark.parametrize(
+    "B,N,heads,head_dim,queries",
+    [(2, 197, 6, 64, 197), (2, 197, 6, 64, 1), (1, 65, 3, 64, 65), (3, 50, 4, 32, 50), (2, 17, 2, 64, 5),
+     (1, 1, 2, 32, 1), (5, 130, 1, 64, 130), (1, 300, 2, 64, 7)],
+)  # fmt: skip
+def test_matches_sdpa_within_bf16_rounding(ext, B, N, heads, head_dim, queries):
+    torch.manual_seed(N)
+    qkv = (torch.randn(B, N, 3 * heads * head_dim) * 2).bfloat16()
+    exact = _sdpa(qkv.float(), heads, queries)
+    ours = cpu_attention.attention(qkv, heads, queries, head_dim**-0.5)
+    theirs = _sdpa(qkv, heads, queries)
+    assert ours.shape == (B, queries, heads * head_dim) and ours.dtype == torch.bfloat16
+    err, sdpa_err = (ours.float() - exact).abs().max(), (theirs.float() - exact).abs().max()
+    assert err <= 1.5 * sdpa_err + 1e-3, (err, sdpa_err)
+    # the padded keys take no weight: a value planted in them would show up otherwise
+    assert (ours.float() - theirs.float()).abs().max() <= 0.05
+
+
+def test_scale_is_honoured(ext):
+    qkv = torch.randn(1, 33, 3 * 64).bfloat16()
+    a = cpu_attention.attention(qkv, 1, 33, 0.125)
+    b = cpu_attention.attention(qkv, 1, 33, 1.0)
+    q, k, v = qkv.float().view(1, 33, 3, 1, 64).permute(2, 0, 3, 1, 4).unbind(0)
+    ref = F.scaled_dot_product_attention(q, k, v, scale=1.0).transpose(1, 2).reshape(1, 33, 64)
+    assert (b.float() - ref).abs().max() <= 0.05
+    assert (a.float() - b.float()).abs().max() > 0.05
+
+
+@pytest.mark.parametrize(
+    "qkv,heads,queries,match",
+    [(torch.randn(1, 4, 3 * 64), 1, 4, "bf16"), (torch.randn(1, 4, 3 * 96).bfloat16(), 2, 4, "head_dim"),
+     (torch.randn(1, 4, 3 * 64).bfloat16(), 1, 5, "queries"), (torch.randn(4, 3 * 64).bfloat16(), 1, 4, "bf16")],
+)  # fmt: skip
+def test_bad_input_is_refused_with_a_reason(ext, qkv, heads, queries, match):
+    with pytest.raises(RuntimeError, match=match):
+        cpu_attention.attention(qkv, heads, queries, 0.125)
+
+
+def _model(**kw):
+    kw = tiny_kwargs(**{"embed_dim": 128, "num_heads": 2, "depth": 3, "patch_size": 4, **kw})
+    return vitkit.create_model("vit_tiny_patch16_224", **kw).eval()
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """The query counts `cpu_attention.attention` was called with."""
+    log = []
+    orig = cpu_attention.attention
+
+    def spy(qkv, heads, queries, scale):
+        log.append(queries)
+        return orig(qkv, heads, queries, scale)
+
+    monkeypatch.setattr(cpu_attention, "attention", spy)
+    return log
+
+
+def _bf16(model, x):
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        return model(x).float()
+
+
+@pytest.mark.parametrize("extras", [{}, dict(reg_tokens=2, init_values=0.1), dict(global_pool="avg")])
+def test_fast_path_calls_the_kernel_and_matches_sdpa(ext, calls, extras):
+    model = _model(**extras)
+    x = torch.randn(3, 3, 32, 32)
+    fast = _bf16(model, x)
+    with torch.inference_mode():
+        ref = model(x)
+    assert calls == ([65 + extras.get("reg_tokens", 0)] * 2 + [1] if not extras.get("global_pool") else [65] * 3)
+    calls.clear()
+    with cpu_attention.disabled():
+        sdpa = _bf16(model, x)
+    assert calls == []
+    scale = ref.abs().max()
+    assert (fast - ref).abs().max() <= 0.03 * scale
+    assert (fast - sdpa).abs().max() <= 0.03 * scale
+
+
+def test_shapes_it_does_not_take_keep_sdpa(ext, calls):
+    model = _model(embed_dim=96, num_heads=2)  # head_dim 48
+    qk = _model(qk_norm=True)
+    x = torch.randn(2, 3, 32, 32)
+    _bf16(model, x), _bf16(qk, x)
+    assert calls == []
+    with torch.inference_mode():  # fp32 and training never reach the fast path at all
+        _model()(x)
+    assert calls == []
+
+
+def test_without_the_library_the_fast_path_uses_sdpa(monkeypatch):
+    monkeypatch.setattr(cpu_attention, "_probed", True)
+    monkeypatch.setattr(cpu_attention, "_module", None)
+    model = _model()
+    x = torch.randn(2, 3, 32, 32)
+    out = _bf16(model, x)
+    assert fast_inference.packed_layers(model), "the fast path did not engage"
+    with torch.inference_mode():
+        ref = model(x)
+    assert (out - ref).abs().max() <= 0.03 * ref.abs().max()
+    assert not cpu_attention.status().startswith("in use")
+
+
+def test_a_damaged_library_warns_and_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setenv("VITKIT_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_attention, "_probed", False)
+    monkeypatch.setattr(cpu_attention, "_module", None)
+    monkeypatch.setattr(cpu_attention, "cpu_supported", lambda: True)
+    cpu_attention.library_path().parent.mkdir(parents=True)
+    cpu_attention.library_path().write_bytes(b"not a shared library")
+    with pytest.warns(UserWarning, match="vitkit kernels build"):
+        assert cpu_attention.kernel() is None
+    assert not cpu_attention.usable(197, 64)
+
+
+def test_build_key_follows_the_source_and_torch(monkeypatch):
+    key = cpu_attention.build_key()
+    monkeypatch.setattr(cpu_attention, "CFLAGS", cpu_attention.CFLAGS + ["-DX"])
+    assert cpu_attention.build_key() != key
+    monkeypatch.setattr(torch, "__version__", "0.0.0")
+    assert cpu_attention.build_key() != key
+
+
+def test_cli_status_and_build_if_supported():
+    run = lambda *a: subprocess.run([sys.executable, "-m", "vitkit", "kernels", *a], capture_output=True, text=True)
+    status = run("status")
+    assert status.returncode == 0 and status.stdout.startswith("cpu attention: ")
+    built = run("build", "--if-supported")
+    assert built.returncode == 0 and "cpu attention:" in built.stdout, built.stderr

@@ -1,0 +1,36 @@
+"""`vitkit kernels build|status`: the optional C++ kernels (today: CPU attention on AMX), built once per machine."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+HELP = "build or inspect vitkit's optional CPU kernels (attention on AVX-512 BF16 / AMX)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=("build", "status"), help="build: compile once (~25 s); status: in use or why not")
+    p.add_argument(
+        "--if-supported",
+        action="store_true",
+        help="build: succeed quietly, with the reason, where the CPU or the toolchain cannot build it (make setup)",
+    )
+    p.add_argument("--verbose", action="store_true", help="build: show the compiler's output")
+
+
+def run(args: argparse.Namespace) -> int:
+    from vitkit.model import cpu_attention
+
+    if args.action == "status":
+        print(f"cpu attention: {cpu_attention.status()}")
+        return 0
+    reason = cpu_attention.why_not_buildable()
+    if reason and not cpu_attention.library_path().exists():
+        if args.if_supported:
+            print(f"cpu attention: not built ({reason}); the fast path uses SDPA")
+            return 0
+        raise OSError(f"cannot build the CPU attention kernel: {reason}")
+    t = time.perf_counter()
+    path = cpu_attention.build(verbose=args.verbose)
+    print(f"cpu attention: built {path} in {time.perf_counter() - t:.1f} s")
+    return 0

@@ -1,0 +1,169 @@
+"""Self-attention for the CPU bf16 inference fast path: a small C++ kernel on oneDNN's brgemm (csrc/cpu_attention.cpp).
+
+Why: at ViT-*/16's 197 tokens PyTorch's CPU flash attention runs on the slow side of a cliff (key counts that are
+not a multiple of 16), and attention is a third of a ViT-S/16 forward at batch 32. The kernel pads the keys inside
+its packed copies (exact: padded keys get probability 0), reads q / k / v straight from the qkv projection's output
+and writes (B, Q, C) for the output projection. Measured on the 2-core AMX Xeon (benchmarks/README.md): attention
+alone at batch 32 3.99 vs 5.49 ms; the whole ViT-S/16 1.10x at batch 32, 1.05x at batch 1. Logits stay within bf16
+tolerance of SDPA's (tests/test_cpu_attention.py).
+
+Built once per machine, never during a forward: `vitkit kernels build` (which `make setup` runs) compiles the source
+with torch.utils.cpp_extension (a C++ compiler and ninja; ~25 s) into the cache folder (VITKIT_CACHE, default
+~/.cache/vitkit), keyed by the source, torch and Python versions. Until it is built, or where the CPU lacks
+AVX512-BF16, or with VITKIT_CPU_ATTENTION=0, the fast path calls SDPA as before. `vitkit kernels status` says which.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.machinery
+import importlib.util
+import logging
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+SOURCE = Path(__file__).with_name("csrc") / "cpu_attention.cpp"
+CFLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"]
+CFLAGS += ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]  # ATen's Vectorized<float>: 16 lanes
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16")  # what the compiled code executes
+HEAD_DIMS = (32, 64)
+MAX_TOKENS = 4096  # per-thread scratch grows with the token count; longer sequences keep SDPA
+
+_module: ModuleType | None = None
+_probed = False
+_enabled = os.environ.get("VITKIT_CPU_ATTENTION", "1") != "0"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("VITKIT_CACHE", Path.home() / ".cache" / "vitkit")) / "kernels"
+
+
+def build_key() -> str:
+    """What the compiled library depends on: the source, the flags, torch and the Python ABI."""
+    h = hashlib.sha256(SOURCE.read_bytes())
+    h.update(" ".join(CFLAGS).encode())
+    h.update(f"{torch.__version__}|{sys.implementation.cache_tag}|{platform.machine()}".encode())
+    return h.hexdigest()[:16]
+
+
+def module_name() -> str:
+    return f"vitkit_cpu_attention_{build_key()}"
+
+
+def library_path() -> Path:
+    return cache_dir() / f"{module_name()}.so"
+
+
+def cpu_supported() -> bool:
+    """Whether this CPU runs the compiled instructions (x86-64 with AVX-512 BF16; AMX makes brgemm fast)."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    flags = set(line.split(":", 1)[-1].split())
+    return all(f in flags for f in CPU_FLAGS)
+
+
+def why_not_buildable() -> str | None:
+    """None when `build()` can run here, else the reason in words."""
+    from torch.utils import cpp_extension
+
+    if not cpu_supported():
+        return f"this CPU lacks one of {', '.join(CPU_FLAGS)}"
+    if not (shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")):
+        return "no C++ compiler (c++ / g++) on PATH"
+    if not cpp_extension.is_ninja_available():
+        return "ninja is missing: pip install ninja"
+    return None
+
+
+def build(verbose: bool = False) -> Path:
+    """Compile the kernel into the cache folder (once per source / torch version) and return the library's path."""
+    target = library_path()
+    if target.exists():
+        return target
+    reason = why_not_buildable()
+    if reason:
+        raise RuntimeError(f"cannot build vitkit's CPU attention kernel: {reason}")
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime": irrelevant here
+    from torch.utils import cpp_extension
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix="build-") as tmp:
+        # built in a private folder, then moved into place: a second process never loads a half-written library
+        cpp_extension.load(
+            module_name(), [str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], build_directory=tmp,
+            verbose=verbose,
+        )  # fmt: skip
+        os.replace(Path(tmp) / f"{module_name()}.so", target)
+    return target
+
+
+def kernel() -> ModuleType | None:
+    """The built kernel, loaded once; None when it is off, not built here, or the CPU cannot run it. Never builds."""
+    global _module, _probed
+    if not _enabled:
+        return None
+    if not _probed:
+        _probed = True
+        path = library_path()
+        if cpu_supported() and path.exists():
+            try:
+                loader = importlib.machinery.ExtensionFileLoader(module_name(), str(path))
+                spec = importlib.util.spec_from_file_location(module_name(), path, loader=loader)
+                mod = importlib.util.module_from_spec(spec)
+                loader.exec_module(mod)
+                _module = mod if mod.brgemm_available() else None
+            except (ImportError, OSError) as e:  # a damaged or foreign library: say so once, keep SDPA
+                warnings.warn(f"vitkit: not using {path} ({e}); rebuild with `vitkit kernels build`", stacklevel=2)
+    return _module
+
+
+def usable(tokens: int, head_dim: int) -> bool:
+    """Whether `attention` takes this shape (and the kernel is loaded)."""
+    return head_dim in HEAD_DIMS and tokens <= MAX_TOKENS and kernel() is not None
+
+
+def attention(qkv: torch.Tensor, heads: int, queries: int, scale: float) -> torch.Tensor:
+    """softmax(q kᵀ · scale) v for the first `queries` tokens: qkv (B, N, 3·C) bf16 contiguous -> (B, Q, C) bf16.
+
+    q, k, v are the three C-wide thirds of the last dimension, each split into `heads` heads (timm's qkv layout).
+    """
+    return kernel().attention(qkv, heads, queries, scale)
+
+
+def status() -> str:
+    """One line: whether the kernel is in use, and if not, why."""
+    if not _enabled:
+        return "off (VITKIT_CPU_ATTENTION=0)"
+    if kernel() is not None:
+        return f"in use ({library_path()})"
+    if not cpu_supported():
+        return "not used: this CPU lacks AVX-512 BF16 (the fast path uses SDPA)"
+    if not library_path().exists():
+        return "not built: run `vitkit kernels build` (the fast path uses SDPA until then)"
+    return "built, but oneDNN's bf16 brgemm is unavailable on this CPU (the fast path uses SDPA)"
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Use SDPA inside the block (A/B measurements, tests)."""
+    global _enabled
+    before, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = before

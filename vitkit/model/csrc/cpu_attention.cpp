@@ -1,0 +1,202 @@
+// Self-attention for vitkit's CPU bf16 inference fast path: softmax(q kᵀ · scale) v straight from the fused qkv
+// projection's output, on oneDNN's brgemm micro-kernels (AMX on Sapphire Rapids and later) through ATen's cpublas.
+//
+// Why not PyTorch's SDPA: its CPU flash kernel slows down at key counts that are not a multiple of 16 (197 keys:
+// 5.2-5.4 ms at ViT-S/16 batch 32, 192 keys: 3.7 ms), splits heads out of the qkv tensor through strided views,
+// and returns a log-sum-exp nobody reads. Here the keys are zero-padded to a multiple of 16 inside each thread's
+// packed copy (the padded columns get probability 0, so the result is exact), and the output is written straight
+// into (B, Q, C). Measured in benchmarks/README.md ("What each lever gave").
+//
+// Layout: qkv (B, N, 3·C) bf16 contiguous, C = heads · head_dim, head_dim 32 or 64. Work items are (image, head,
+// query split); a thread packs an (image, head)'s keys and values once, then for each block of up to 64 queries:
+// scores = q kᵀ (fp32, brgemm), p = exp(scale · (scores - rowmax)) (bf16), o = p v (fp32, brgemm),
+// out = o / rowsum (bf16).
+//
+// Built by vitkit/model/cpu_attention.py with -O3 -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512bf16 -fopenmp
+// (without -fopenmp, at::parallel_for compiles to a serial loop).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+#include <ATen/cpu/vec/vec.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace {
+
+using at::BFloat16;
+using Vec = at::vec::Vectorized<float>;
+namespace cpublas = at::native::cpublas;
+
+constexpr int64_t kQueryBlock = 64;  // query rows per brgemm call
+constexpr int64_t kKeyBlock = 64;    // widest packed B block oneDNN's brgemm takes (16, 32, 48 or 64 columns)
+constexpr int64_t kKeyAlign = 16;    // keys are zero-padded to a multiple of this
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Keys of one (image, head) as brgemm's B operand of scores = q kᵀ: kᵀ is [head_dim, keys_padded], stored in blocks
+// of up to 64 key columns, each block in VNNI order ([head_dim / 2][width][2]: rows 2i and 2i+1 interleaved).
+// The pair (k[n][2i], k[n][2i+1]) is one 32-bit word that moves as a whole, so each block is a 32-bit transpose:
+// one gather of 16 keys' word i per instruction. Key columns past `keys` are zero.
+void pack_keys(const BFloat16* k, int64_t row_stride, int64_t keys, int64_t keys_padded, int64_t head_dim,
+               BFloat16* packed) {
+  const int64_t pairs = head_dim / 2;
+  const __m512i rows16 = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                            _mm512_set1_epi32(static_cast<int>(row_stride / 2)));
+  for (int64_t n0 = 0; n0 < keys_padded; n0 += kKeyBlock) {
+    const int64_t width = std::min(kKeyBlock, keys_padded - n0);
+    uint32_t* dst = reinterpret_cast<uint32_t*>(packed + n0 * head_dim);  // [pairs][width] words
+    for (int64_t c = 0; c < width; c += 16) {
+      const int64_t n = n0 + c;
+      const int64_t valid = std::max<int64_t>(0, std::min<int64_t>(16, keys - n));
+      const __mmask16 m = static_cast<__mmask16>((1u << valid) - 1);
+      const int* src = reinterpret_cast<const int*>(k + std::min(n, keys - 1) * row_stride);
+      for (int64_t i = 0; i < pairs; ++i) {
+        _mm512_storeu_si512(dst + i * width + c,
+                            _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, rows16, src + i, 4));
+      }
+    }
+  }
+}
+
+// Values of one (image, head) as brgemm's B operand of o = p v: [keys_padded, head_dim] in VNNI order (rows n and
+// n+1 interleaved element by element, [keys_padded / 2][head_dim][2]); rows past `keys` are zero.
+void pack_values(const BFloat16* v, int64_t row_stride, int64_t keys, int64_t keys_padded, int64_t head_dim,
+                 BFloat16* packed) {
+  alignas(64) static const uint16_t lo_idx[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                  8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  const __m512i lo = _mm512_load_si512(lo_idx);                     // words 0..15 of rows a, b interleaved
+  const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));  // words 16..31
+  for (int64_t n = 0; n < keys_padded; n += 2) {
+    for (int64_t d0 = 0; d0 < head_dim; d0 += 32) {  // 32 words of each row per step
+      const __m512i a = n < keys ? _mm512_loadu_si512(v + n * row_stride + d0) : _mm512_setzero_si512();
+      const __m512i b = n + 1 < keys ? _mm512_loadu_si512(v + (n + 1) * row_stride + d0) : _mm512_setzero_si512();
+      BFloat16* dst = packed + n * head_dim + 2 * d0;
+      _mm512_storeu_si512(dst, _mm512_permutex2var_epi16(a, lo, b));
+      _mm512_storeu_si512(dst + 32, _mm512_permutex2var_epi16(a, hi, b));
+    }
+  }
+}
+
+// One row of scores (fp32, `keys` long) -> p = exp(scale · (s - max)) as bf16, zeros up to `padded`; returns the
+// sum of the fp32 values of p.
+float softmax_row(const float* s, int64_t keys, int64_t padded, float scale, BFloat16* p) {
+  const int64_t full = keys / 16 * 16;
+  const __mmask16 tail = static_cast<__mmask16>((1u << (keys - full)) - 1);
+  __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t c = 0; c < full; c += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(s + c));
+  if (tail) vmax = _mm512_mask_max_ps(vmax, tail, vmax, _mm512_maskz_loadu_ps(tail, s + full));
+  const float mx = _mm512_reduce_max_ps(vmax);
+  const Vec vscale(scale), vshift(-mx * scale);
+  Vec vsum(0.f);
+  for (int64_t c = 0; c < full; c += 16) {
+    const Vec e = at::vec::fmadd(Vec(_mm512_loadu_ps(s + c)), vscale, vshift).exp_u20();
+    vsum = vsum + e;
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + c), (__m256i)_mm512_cvtneps_pbh(e));
+  }
+  int64_t c = full;
+  if (tail) {
+    const Vec e0 = at::vec::fmadd(Vec(_mm512_maskz_loadu_ps(tail, s + full)), vscale, vshift).exp_u20();
+    const Vec e(_mm512_maskz_mov_ps(tail, e0));  // lanes past `keys` -> 0
+    vsum = vsum + e;
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + c), (__m256i)_mm512_cvtneps_pbh(e));
+    c += 16;
+  }
+  for (; c < padded; c += 16) _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + c), _mm256_setzero_si256());
+  return _mm512_reduce_add_ps(vsum);
+}
+
+}  // namespace
+
+// qkv: (B, N, 3·C) bf16; returns (B, Q, C) bf16: attention of the first Q tokens' queries over all N keys.
+at::Tensor attention(const at::Tensor& qkv, int64_t heads, int64_t queries, double scale) {
+  TORCH_CHECK(qkv.device().is_cpu() && qkv.dim() == 3 && qkv.scalar_type() == at::kBFloat16 && qkv.is_contiguous(),
+              "cpu_attention: qkv must be a contiguous (B, N, 3*C) bf16 CPU tensor");
+  TORCH_CHECK(heads >= 1 && qkv.size(2) % (3 * heads) == 0, "cpu_attention: 3*C must split into 3 x heads");
+  const int64_t B = qkv.size(0), N = qkv.size(1), C = qkv.size(2) / 3, D = C / heads;
+  TORCH_CHECK(D == 32 || D == 64, "cpu_attention: head_dim must be 32 or 64, got ", D);
+  TORCH_CHECK(queries >= 1 && queries <= N, "cpu_attention: queries must be in 1..N");
+  const int64_t Np = round_up(N, kKeyAlign), row = 3 * C;
+  const int64_t q_blocks = (queries + kQueryBlock - 1) / kQueryBlock;
+  // Split an image's queries over threads only when images x heads are too few to keep every thread busy.
+  const int64_t threads = at::get_num_threads();
+  const int64_t splits = std::min(q_blocks, std::max<int64_t>(1, (4 * threads + B * heads - 1) / (B * heads)));
+  const int64_t blocks_per_split = (q_blocks + splits - 1) / splits;
+  auto out = at::empty({B, queries, C}, qkv.options());
+  const BFloat16* base = qkv.const_data_ptr<BFloat16>();
+  BFloat16* out_data = out.data_ptr<BFloat16>();
+  const float s = static_cast<float>(scale);
+
+  at::parallel_for(0, B * heads * splits, 1, [&](int64_t begin, int64_t end) {
+    std::vector<BFloat16> k_packed(Np * D), v_packed(Np * D), p(kQueryBlock * Np);
+    std::vector<float> scores(kQueryBlock * Np), o(kQueryBlock * D), inv_sum(kQueryBlock);
+    int64_t packed_for = -1;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / splits, split = task % splits, b = bh / heads, h = bh % heads;
+      const BFloat16* q = base + b * N * row + h * D;  // k at q + C, v at q + 2C; rows `row` apart
+      if (packed_for != bh) {  // a thread's consecutive tasks share an (image, head): pack it once
+        pack_keys(q + C, row, N, Np, D, k_packed.data());
+        pack_values(q + 2 * C, row, N, Np, D, v_packed.data());
+        packed_for = bh;
+      }
+      const int64_t first = split * blocks_per_split * kQueryBlock;
+      const int64_t last = std::min(queries, first + blocks_per_split * kQueryBlock);
+      for (int64_t m = first; m < last; m += kQueryBlock) {
+        const int64_t rows = std::min(kQueryBlock, last - m);
+        for (int64_t n0 = 0; n0 < Np; n0 += kKeyBlock) {  // scores (rows, Np) = q kᵀ
+          const int64_t width = std::min(kKeyBlock, Np - n0);
+          cpublas::brgemm(rows, width, D, row, width, Np, false, q + m * row, k_packed.data() + n0 * D,
+                          scores.data() + n0);
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          inv_sum[r] = 1.f / softmax_row(scores.data() + r * Np, N, Np, s, p.data() + r * Np);
+        }
+        cpublas::brgemm(rows, D, Np, Np, D, D, false, p.data(), v_packed.data(), o.data());  // o (rows, D) = p v
+        for (int64_t r = 0; r < rows; ++r) {
+          BFloat16* dst = out_data + (b * queries + m + r) * C + h * D;
+          const __m512 inv = _mm512_set1_ps(inv_sum[r]);
+          for (int64_t d = 0; d < D; d += 16) {
+            const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(o.data() + r * D + d), inv);
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + d), (__m256i)_mm512_cvtneps_pbh(x));
+          }
+        }
+      }
+    }
+    cpublas::brgemm_release();
+  });
+  return out;
+}
+
+// Test hooks: our packings next to oneDNN's own (`cpublas::pack`), for the layouts brgemm reads.
+at::Tensor onednn_pack(const at::Tensor& b) {  // b: (K, N) bf16 contiguous, K even, N in {16, 32, 48, 64}
+  TORCH_CHECK(b.dim() == 2 && b.scalar_type() == at::kBFloat16 && b.is_contiguous(), "onednn_pack: (K, N) bf16");
+  auto out = at::zeros_like(b);
+  cpublas::pack(b.size(0), b.size(1), b.size(1), b.size(1), at::kBFloat16, at::kBFloat16, b.const_data_ptr(),
+                out.data_ptr());
+  return out;
+}
+at::Tensor packed_keys(const at::Tensor& k, int64_t padded) {  // k: (N, D) bf16 -> kᵀ packed, flat
+  TORCH_CHECK(k.dim() == 2 && k.scalar_type() == at::kBFloat16 && k.is_contiguous(), "packed_keys: (N, D) bf16");
+  auto out = at::empty({padded * k.size(1)}, k.options());
+  pack_keys(k.const_data_ptr<BFloat16>(), k.size(1), k.size(0), padded, k.size(1), out.data_ptr<BFloat16>());
+  return out;
+}
+at::Tensor packed_values(const at::Tensor& v, int64_t padded) {  // v: (N, D) bf16 -> v packed, flat
+  TORCH_CHECK(v.dim() == 2 && v.scalar_type() == at::kBFloat16 && v.is_contiguous(), "packed_values: (N, D) bf16");
+  auto out = at::empty({padded * v.size(1)}, v.options());
+  pack_values(v.const_data_ptr<BFloat16>(), v.size(1), v.size(0), padded, v.size(1), out.data_ptr<BFloat16>());
+  return out;
+}
+
+bool brgemm_available() { return cpublas::could_pack(at::kBFloat16); }
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("attention", &attention, "softmax(q k^T scale) v from a (B, N, 3C) bf16 qkv -> (B, Q, C) bf16");
+  m.def("brgemm_available", &brgemm_available, "whether oneDNN's bf16 brgemm runs on this CPU");
+  m.def("onednn_pack", &onednn_pack, "test hook: oneDNN's VNNI packing of a (K, N) bf16 matrix");
+  m.def("packed_keys", &packed_keys, "test hook: the kernel's packing of (N, D) keys");
+  m.def("packed_values", &packed_values, "test hook: the kernel's packing of (N, D) values");
+}
