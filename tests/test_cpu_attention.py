@@ -141,8 +141,9 @@ def test_fast_path_calls_the_kernel_and_matches_sdpa(ext, calls, extras):
 def test_shapes_it_does_not_take_keep_sdpa(ext, calls):
     model = _model(embed_dim=96, num_heads=2)  # head_dim 48
     qk = _model(qk_norm=True)
+    long = _model(img_size=80)  # 401 tokens: past MAX_TOKENS, where SDPA is faster
     x = torch.randn(2, 3, 32, 32)
-    _bf16(model, x), _bf16(qk, x)
+    _bf16(model, x), _bf16(qk, x), _bf16(long, torch.randn(1, 3, 80, 80))
     assert calls == []
     with torch.inference_mode():  # fp32 and training never reach the fast path at all
         _model()(x)

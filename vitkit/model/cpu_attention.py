@@ -37,7 +37,9 @@ CFLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512d
 CFLAGS += ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]  # ATen's Vectorized<float>: 16 lanes
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16")  # what the compiled code executes
 HEAD_DIMS = (32, 64)
-MAX_TOKENS = 4096  # per-thread scratch grows with the token count; longer sequences keep SDPA
+# Longer sequences keep SDPA: whole ViT-S models A/B (benchmarks/README.md): 65 tokens 1.06-1.12x, 197 1.04-1.07x,
+# 257 1.09x, but 577 0.97x and 1025 0.90x (PyTorch's flash kernel splits long rows into blocks; this one does not).
+MAX_TOKENS = 320
 
 _module: ModuleType | None = None
 _probed = False
