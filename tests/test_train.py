@@ -10,7 +10,7 @@ import vitkit
 from vitkit.model.serialization import CheckpointError
 from vitkit.train.checkpoint import load_checkpoint, save_checkpoint
 from vitkit.train.ema import ModelEma
-from vitkit.train.loop import StepState, TrainingDiverged, train_one_epoch
+from vitkit.train.loop import EpochHooks, StepState, TrainingDiverged, train_one_epoch
 from vitkit.train.optim import build_optimizer, layer_decay_param_groups, param_groups
 from vitkit.train.recipe import TrainConfig, build_config, load_recipe
 from vitkit.train.schedule import WarmupCosine, apply_lr
@@ -178,6 +178,30 @@ def test_device_guard_skips_on_the_device_and_stops_late():
     assert not all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
     with pytest.warns(UserWarning), pytest.raises(TrainingDiverged, match="NaN/Inf for 4 steps"):
         train_one_epoch(m, [bad] * 4 + [good] * 2, opt, sched, state, device=cpu, defer_checks=True, max_bad_steps=3)
+
+
+def test_device_guard_streak_spans_epochs_and_reaches_mid_epoch_checkpoints():
+    """A run of bad steps continues across an epoch boundary (and a resume: the streak is in the checkpointed
+    state), and a checkpoint written mid-epoch carries the streak as of its step, not as of the last log read."""
+    m = vitkit.create_model("vit_cifar_patch4_32", **tiny_kwargs(num_classes=3))
+    opt = build_optimizer(m, 1e-3, 0.05)
+    sched = WarmupCosine(1e-3, 10)
+    good = (torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0]))
+    bad = (torch.full((4, 3, 32, 32), float("nan")), good[1])
+    cpu = torch.device("cpu")
+    state = StepState()
+    saved = []
+    hooks = EpochHooks(after_step=lambda step: saved.append((step, state.bad_streak)), saves_after=lambda s: s == 3)
+    with pytest.warns(UserWarning, match="non-finite"):
+        train_one_epoch(
+            m, [good, bad, bad], opt, sched, state, device=cpu, defer_checks=True, max_bad_steps=3, log_every=10,
+            hooks=hooks,
+        )  # fmt: skip
+    assert (3, 2) in saved  # the checkpoint at step 3 saw both bad steps
+    assert state.bad_streak == 2
+    resumed = StepState(step=state.step, bad_streak=state.bad_streak)  # what a checkpoint restores
+    with pytest.warns(UserWarning), pytest.raises(TrainingDiverged, match="NaN/Inf for 3 steps"):
+        train_one_epoch(m, [bad, good], opt, sched, resumed, device=cpu, defer_checks=True, max_bad_steps=3)
 
 
 def test_device_guard_matches_the_synchronous_guard_on_good_steps():

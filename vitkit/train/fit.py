@@ -470,11 +470,14 @@ def fit(cfg: TrainConfig, resume: bool | None = None) -> FitResult:
                 schedule.relayout(new_total, at_step=step)
                 logger.set_total(schedule.total_steps)
 
+    def saves_after(step: int) -> bool:
+        return bool(cfg.checkpoint_every) and step % cfg.checkpoint_every == 0
+
     def after_step(step: int) -> None:
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+        if saves_after(step):
             checkpoint()
 
-    hooks = EpochHooks(should_stop=should_stop, after_step=after_step, on_timing=on_timing)
+    hooks = EpochHooks(should_stop=should_stop, after_step=after_step, on_timing=on_timing, saves_after=saves_after)
 
     # ---- epochs
     while not should_stop(step_state.step):

@@ -49,9 +49,10 @@ class DeviceGuard:
     themselves changed no weight).
     """
 
-    def __init__(self, device: torch.device):
-        # (streak, longest streak since the last read, skipped since the last read, loss sum of good steps, good)
-        self.counters = torch.zeros(5, device=device)
+    def __init__(self, device: torch.device, streak: int = 0):
+        # (streak, longest streak since the last read, skipped since the last read, loss sum of good steps, good);
+        # `streak` carries a run of bad steps over from the previous epoch or the checkpoint resumed from
+        self.counters = torch.tensor([streak, streak, 0, 0, 0], dtype=torch.float32, device=device)
 
     def step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
         bad = ~torch.isfinite(loss) if grad_norm is None else ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
@@ -108,6 +109,8 @@ class EpochHooks:
 
     should_stop: Callable[[int], bool] = lambda step: False
     after_step: Callable[[int], None] = lambda step: None  # called after every optimizer step (checkpoint cadence)
+    # whether after_step(step) writes a checkpoint: the deferred guard's counters are read into the state first
+    saves_after: Callable[[int], bool] = lambda step: False
     on_timing: Callable[[int], None] = lambda step: None  # after each optimizer step, for wall-clock budgets
     extra: dict = field(default_factory=dict)
 
@@ -168,7 +171,7 @@ def train_one_epoch(
     distributed = env is not None and env.distributed
     if defer_checks is None:
         defer_checks = defers_checks(optimizer, device, distributed)
-    guard = DeviceGuard(device) if defer_checks else None
+    guard = DeviceGuard(device, state.bad_streak) if defer_checks else None
     model.train()
     loss_sum, loss_n, images = 0.0, 0, 0
     t_epoch = time.perf_counter()
@@ -233,10 +236,12 @@ def train_one_epoch(
         hooks.on_timing(state.step)
         if logger is not None:
             logger.step(1, **({} if guard is not None else {"loss": step_loss, "lr": lr}))
+        if guard is not None and (state.step % log_every == 0 or hooks.saves_after(state.step)):
+            # a read: the log window's loss, and a checkpoint about to be written carries the current streak
+            read_loss, read_n = guard.read(state, max_bad_steps, lr)
+            loss_sum, loss_n = loss_sum + read_loss, loss_n + read_n
+            window_loss, window_n = window_loss + read_loss, window_n + read_n
         if state.step % log_every == 0:
-            if guard is not None:
-                window_loss, window_n = guard.read(state, max_bad_steps, lr)
-                loss_sum, loss_n = loss_sum + window_loss, loss_n + window_n
             if logger is not None and window_n:
                 dt = time.perf_counter() - window_t
                 ips = window_imgs / max(dt, 1e-9)
