@@ -1,6 +1,6 @@
 """The CPU attention kernel (vitkit/model/cpu_attention.py, csrc/cpu_attention.cpp): its packings are oneDNN's, its
 output is SDPA's within bf16 rounding for any token count (padded keys get no weight), the fast path really calls
-it (every block, the class-token-only last block too), and without it everything falls back to SDPA.
+it (every block with more than one query), and without it everything falls back to SDPA.
 
 Where the kernel cannot be built (no AVX-512 BF16, no compiler) the kernel tests skip with the reason, except under
 CI=true on a machine that can build it: there they must run."""
@@ -128,7 +128,8 @@ def test_fast_path_calls_the_kernel_and_matches_sdpa(ext, calls, extras):
     fast = _bf16(model, x)
     with torch.inference_mode():
         ref = model(x)
-    assert calls == ([65 + extras.get("reg_tokens", 0)] * 2 + [1] if not extras.get("global_pool") else [65] * 3)
+    # every block but a class-token-only last one (one query: SDPA, see cpu_attention.usable)
+    assert calls == ([65 + extras.get("reg_tokens", 0)] * 2 if not extras.get("global_pool") else [65] * 3)
     calls.clear()
     with cpu_attention.disabled():
         sdpa = _bf16(model, x)
@@ -139,6 +140,9 @@ def test_fast_path_calls_the_kernel_and_matches_sdpa(ext, calls, extras):
 
 
 def test_shapes_it_does_not_take_keep_sdpa(ext, calls):
+    assert cpu_attention.usable(197, 64, 4) and cpu_attention.usable(320, 32, 320)
+    assert not cpu_attention.usable(197, 64, 1)  # one query: SDPA skips the packing
+    assert not cpu_attention.usable(321, 64, 321) and not cpu_attention.usable(197, 48, 197)
     model = _model(embed_dim=96, num_heads=2)  # head_dim 48
     qk = _model(qk_norm=True)
     long = _model(img_size=80)  # 401 tokens: past MAX_TOKENS, where SDPA is faster
@@ -172,7 +176,7 @@ def test_a_damaged_library_warns_and_falls_back(monkeypatch, tmp_path):
     cpu_attention.library_path().write_bytes(b"not a shared library")
     with pytest.warns(UserWarning, match="vitkit kernels build"):
         assert cpu_attention.kernel() is None
-    assert not cpu_attention.usable(197, 64)
+    assert not cpu_attention.usable(197, 64, 197)
 
 
 def test_build_key_follows_the_source_and_torch(monkeypatch):

@@ -344,7 +344,7 @@ def _run_fast(p: _FastBlock, x: torch.Tensor, queries: int | None = None) -> tor
     Q = N if queries is None else queries  # only the first Q rows' outputs: their queries, all keys and values
     if queries is not None:
         x = x[:, :queries].contiguous()  # (B, Q, D)
-    if p.qk_norm is None and cpu_attention.usable(N, p.head_dim):  # the brgemm kernel (cpu_attention.py)
+    if p.qk_norm is None and cpu_attention.usable(N, p.head_dim, Q):  # the brgemm kernel (cpu_attention.py)
         o = cpu_attention.attention(qkv.view(B, N, 3 * C), p.num_heads, Q, p.head_dim**-0.5)  # (B, Q, D)
     else:
         q, k, v = qkv.view(B, N, 3, p.num_heads, p.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
