@@ -24,8 +24,11 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "status":
         print(f"cpu attention: {cpu_attention.status()}")
         return 0
+    if cpu_attention.library_path().exists():
+        print(f"cpu attention: already built ({cpu_attention.library_path()})")
+        return 0
     reason = cpu_attention.why_not_buildable()
-    if reason and not cpu_attention.library_path().exists():
+    if reason:
         if args.if_supported:
             print(f"cpu attention: not built ({reason}); the fast path uses SDPA")
             return 0

@@ -4,8 +4,8 @@ Why: at ViT-*/16's 197 tokens PyTorch's CPU flash attention runs on the slow sid
 not a multiple of 16), and attention is a third of a ViT-S/16 forward at batch 32. The kernel pads the keys inside
 its packed copies (exact: padded keys get probability 0), reads q / k / v straight from the qkv projection's output
 and writes (B, Q, C) for the output projection. Measured on the 2-core AMX Xeon (benchmarks/README.md): attention
-alone at batch 32 3.99 vs 5.49 ms; the whole ViT-S/16 1.10x at batch 32, 1.05x at batch 1. Logits stay within bf16
-tolerance of SDPA's (tests/test_cpu_attention.py).
+alone at batch 32 3.99-4.55 vs 5.34-5.49 ms; the whole ViT-S/16 1.01-1.21x at batch 32 (noisy), 1.04-1.07x at batch
+1. Logits stay within bf16 tolerance of SDPA's (tests/test_cpu_attention.py).
 
 Built once per machine, never during a forward: `vitkit kernels build` (which `make setup` runs) compiles the source
 with torch.utils.cpp_extension (a C++ compiler and ninja; ~25 s) into the cache folder (VITKIT_CACHE, default
@@ -79,15 +79,20 @@ def cpu_supported() -> bool:
     return all(f in flags for f in CPU_FLAGS)
 
 
-def why_not_buildable() -> str | None:
-    """None when `build()` can run here, else the reason in words."""
+def _cpp_extension() -> ModuleType:
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime": irrelevant here
     from torch.utils import cpp_extension
 
+    return cpp_extension
+
+
+def why_not_buildable() -> str | None:
+    """None when `build()` can run here, else the reason in words."""
     if not cpu_supported():
         return f"this CPU lacks one of {', '.join(CPU_FLAGS)}"
     if not (shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")):
         return "no C++ compiler (c++ / g++) on PATH"
-    if not cpp_extension.is_ninja_available():
+    if not _cpp_extension().is_ninja_available():
         return "ninja is missing: pip install ninja"
     return None
 
@@ -100,13 +105,10 @@ def build(verbose: bool = False) -> Path:
     reason = why_not_buildable()
     if reason:
         raise RuntimeError(f"cannot build vitkit's CPU attention kernel: {reason}")
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime": irrelevant here
-    from torch.utils import cpp_extension
-
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix="build-") as tmp:
         # built in a private folder, then moved into place: a second process never loads a half-written library
-        cpp_extension.load(
+        _cpp_extension().load(
             module_name(), [str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], build_directory=tmp,
             verbose=verbose,
         )  # fmt: skip
