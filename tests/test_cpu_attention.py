@@ -193,3 +193,21 @@ def test_cli_status_and_build_if_supported():
     assert status.returncode == 0 and status.stdout.startswith("cpu attention: ")
     built = run("build", "--if-supported")
     assert built.returncode == 0 and "cpu attention:" in built.stdout, built.stderr
+
+
+def test_a_failed_build_does_not_fail_setup(monkeypatch, tmp_path, capsys):
+    """`make setup` runs `vitkit kernels build --if-supported`: a compiler error there leaves SDPA, not a broken setup;
+    without the flag the error is reported in one line (exit 1)."""
+    from vitkit import cli
+
+    monkeypatch.setenv("VITKIT_CACHE", str(tmp_path))  # nothing built here yet
+    monkeypatch.setattr(cpu_attention, "why_not_buildable", lambda: None)
+
+    def broken(verbose=False):
+        raise RuntimeError("Error building extension 'vitkit_cpu_attention'\nerror: 'brgemm' is not a member")
+
+    monkeypatch.setattr(cpu_attention, "build", broken)
+    assert cli.main(["kernels", "build", "--if-supported"]) == 0
+    assert "the build failed: error: 'brgemm' is not a member" in capsys.readouterr().out
+    assert cli.main(["kernels", "build"]) == 1
+    assert "building the CPU attention kernel failed" in capsys.readouterr().err
