@@ -16,8 +16,8 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# The CPU attention kernel (vitkit/model/cpu_attention.py): compiled once per machine (~25 s), a no-op after that;
-# where the CPU or toolchain cannot build it, it says why and the fast path keeps PyTorch's SDPA.
+# The CPU kernels (attention, LayerNorm; vitkit/model/cpu_kernels.py): compiled once per machine (~25 s), a no-op
+# after that; where the CPU or toolchain cannot build them, it says why and the fast path keeps PyTorch's ops.
 kernels: setup
 	$(VENV)/bin/vitkit kernels build --if-supported
 

@@ -225,11 +225,11 @@ def machine_info() -> dict:
         with contextlib.suppress(ImportError):
             versions[mod] = __import__(mod).__version__
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    from vitkit.model import cpu_attention
+    from vitkit.model import cpu_kernels
 
     return {
         "cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "versions": versions, "load": load,
-        "cpu_attention": cpu_attention.status(),  # vitkit's attention kernel: in use, or why not (SDPA then)
+        "cpu_kernels": cpu_kernels.status(),  # vitkit's CPU kernels: in use, or why not (PyTorch's ops then)
     }  # fmt: skip
 
 
@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {info['cpu']}, {info['cores']} cores, torch threads {info['threads']}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()))
     print(f"load before: {info['load']}; malloc: {malloc}")
-    print(f"vitkit CPU attention kernel: {info['cpu_attention']}")
+    print(f"vitkit CPU kernels: {info['cpu_kernels']}")
     peak = {"bf16": matmul_peak(torch.bfloat16), "fp32": matmul_peak(torch.float32)}
     print(f"matmul peak (2048^3): bf16 {peak['bf16']:.2f} TFLOP/s, fp32 {peak['fp32']:.2f} TFLOP/s\n")
 

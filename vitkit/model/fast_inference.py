@@ -18,8 +18,8 @@ Why, measured on the 2-core AMX Xeon, ViT-S/16 @224, torch 2.14.1 (profile and A
 - Under autocast the residual stream stays fp32 (bf16 branch + fp32 stream -> fp32), so every LayerNorm reads fp32
   and every linear re-casts its input. The model casts the stream to bf16 once after the position embedding
   (`VisionTransformer._encode`); LayerNorm and softmax still accumulate in fp32 inside PyTorch's CPU kernels.
-- Attention runs in vitkit's own brgemm kernel where it is built (`cpu_attention.py`: PyTorch's CPU flash kernel is
-  slow at ViT-*/16's 197 keys), else in SDPA.
+- Attention and LayerNorm run in vitkit's own kernels where they are built (`cpu_kernels.py`: PyTorch's CPU flash
+  kernel is slow at ViT-*/16's 197 keys), else in SDPA and F.layer_norm.
 Logits stay within bf16 tolerance of the fp32 model (tests/test_fast_inference.py).
 
 The packed copy lives beside the layer (a weak-keyed table: not in its state_dict, never copied or pickled) with

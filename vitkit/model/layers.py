@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module
 
-from . import cpu_attention, fast_inference
+from . import cpu_kernels, fast_inference
 from .attention_backend import pick_backend
 from .fast_inference import Linear
 
@@ -340,12 +340,13 @@ def _run_fast(p: _FastBlock, x: torch.Tensor, queries: int | None = None) -> tor
     lp = torch.ops.mkldnn._linear_pointwise
     B, N, C = x.shape
     x = x.to(torch.bfloat16).contiguous()
-    qkv = lp(F.layer_norm(x, *p.norm1), *p.qkv, "none", [], "")  # (B, N, 3D): q, k, v side by side
+    ln = cpu_kernels.layer_norm  # F.layer_norm, or the kernels' where built (cpu_kernels.py)
+    qkv = lp(ln(x, *p.norm1), *p.qkv, "none", [], "")  # (B, N, 3D): q, k, v side by side
     Q = N if queries is None else queries  # only the first Q rows' outputs: their queries, all keys and values
     if queries is not None:
         x = x[:, :queries].contiguous()  # (B, Q, D)
-    if p.qk_norm is None and cpu_attention.usable(N, p.head_dim, Q):  # the brgemm kernel (cpu_attention.py)
-        o = cpu_attention.attention(qkv.view(B, N, 3 * C), p.num_heads, Q, p.head_dim**-0.5)  # (B, Q, D)
+    if p.qk_norm is None and cpu_kernels.usable(N, p.head_dim, Q):  # the brgemm kernel (cpu_kernels.py)
+        o = cpu_kernels.attention(qkv.view(B, N, 3 * C), p.num_heads, Q, p.head_dim**-0.5)  # (B, Q, D)
     else:
         q, k, v = qkv.view(B, N, 3, p.num_heads, p.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if p.qk_norm is not None:
@@ -355,7 +356,7 @@ def _run_fast(p: _FastBlock, x: torch.Tensor, queries: int | None = None) -> tor
     if p.few_rows is not None and p.few_rows[0][0] <= B * Q <= p.few_rows[0][1]:
         proj, fc2 = p.few_rows[1:]  # the same weights packed for this row count (ROW_PACKED_PROJECTIONS)
     x = lp.binary(o, x, *proj, "add")  # x + proj(o): the add is a post-op of the matmul
-    h = lp(F.layer_norm(x, *p.norm2), *p.fc1, "gelu", [], "none")  # GELU(fc1(.)), exact erf as nn.GELU(); (B, Q, 4D)
+    h = lp(ln(x, *p.norm2), *p.fc1, "gelu", [], "none")  # GELU(fc1(.)), exact erf as nn.GELU(); (B, Q, 4D)
     return lp.binary(h, x, *fc2, "add")  # x + fc2(h)
 
 

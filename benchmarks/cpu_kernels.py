@@ -1,12 +1,13 @@
-"""vitkit's CPU attention kernel (vitkit/model/cpu_attention.py) against PyTorch's SDPA, op alone and in whole models.
+"""vitkit's CPU kernels (vitkit/model/cpu_kernels.py) against PyTorch's ops, op alone and in whole models.
 
-    flock /tmp/vitkit-heavy.lock .venv/bin/python benchmarks/cpu_attention.py                # ViT-S/16 b32 and b1
+    flock /tmp/vitkit-heavy.lock .venv/bin/python benchmarks/cpu_kernels.py                # ViT-S/16 b32 and b1
     ... --models s16_224:32,s16_224:1,ti4_32:128,ti4_32:1,b16_224:16,s14_224:8,s16_384:4     # more shapes
 
-Op alone: attention from a (B, N, 3C) bf16 qkv tensor, the kernel vs SDPA on the same layout (median of 30).
-Whole model: `create_model` + `torch.autocast("cpu", bf16)` + `torch.inference_mode()`, the kernel and SDPA
-(`cpu_attention.disabled()`) alternating call by call in one process, so drift in the machine's pace hits both.
-Needs the kernel built (`vitkit kernels build`); prints the machine, versions and the kernel's status first.
+Op alone: attention from a (B, N, 3C) bf16 qkv tensor, the kernel vs SDPA on the same layout, and LayerNorm of a
+(B, 197, 384) bf16 tensor, the kernel vs F.layer_norm (medians). Whole model: `create_model` +
+`torch.autocast("cpu", bf16)` + `torch.inference_mode()`, with the kernels and without (`cpu_kernels.disabled()`:
+SDPA and F.layer_norm) alternating call by call in one process, so drift in the machine's pace hits both.
+Needs the kernels built (`vitkit kernels build`); prints the machine, versions and the kernels' status first.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from machine import cpu_model  # benchmarks/machine.py; scripts run as `python benchmarks/<name>.py`
 
 import vitkit
-from vitkit.model import cpu_attention
+from vitkit.model import cpu_kernels
 
 # name: (create_model name, kwargs, image size)
 MODELS = {
@@ -51,8 +52,15 @@ def sdpa(qkv: torch.Tensor, heads: int) -> torch.Tensor:
 
 def op_alone(batch: int, tokens: int, heads: int, head_dim: int) -> tuple[float, float]:
     qkv = torch.randn(batch, tokens, 3 * heads * head_dim).bfloat16()
-    ours = median_ms(lambda: cpu_attention.attention(qkv, heads, tokens, head_dim**-0.5))
+    ours = median_ms(lambda: cpu_kernels.attention(qkv, heads, tokens, head_dim**-0.5))
     return ours, median_ms(lambda: sdpa(qkv, heads))
+
+
+def layer_norm_alone(batch: int) -> tuple[float, float]:
+    x = torch.randn(batch, 197, 384).bfloat16()
+    w, b = torch.randn(384), torch.randn(384)
+    ours = median_ms(lambda: cpu_kernels.layer_norm(x, (384,), w, b, 1e-6), reps=200)
+    return ours, median_ms(lambda: F.layer_norm(x, (384,), w, b, 1e-6), reps=200)
 
 
 def whole_model(key: str, batch: int, calls: int) -> tuple[float, float]:
@@ -63,7 +71,7 @@ def whole_model(key: str, batch: int, calls: int) -> tuple[float, float]:
     with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
         for _ in range(3):
             model(x)
-            with cpu_attention.disabled():
+            with cpu_kernels.disabled():
                 model(x)
         for i in range(calls):
             for kernel in (True, False) if i % 2 else (False, True):
@@ -71,7 +79,7 @@ def whole_model(key: str, batch: int, calls: int) -> tuple[float, float]:
                 if kernel:
                     model(x)
                 else:
-                    with cpu_attention.disabled():
+                    with cpu_kernels.disabled():
                         model(x)
                 times[kernel].append(time.perf_counter() - t)
     return statistics.median(times[True]) * 1e3, statistics.median(times[False]) * 1e3
@@ -87,21 +95,27 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     print(f"machine: {cpu_model()}, torch threads {torch.get_num_threads()}, torch {torch.__version__}")
-    print(f"kernel: {cpu_attention.status()}")
-    if cpu_attention.kernel() is None:
+    print(f"kernels: {cpu_kernels.status()}")
+    if cpu_kernels.kernel() is None:
         print("nothing to compare: build it with `vitkit kernels build`")
         return 1
     print("\nop alone (attention from the qkv tensor, 197 tokens, 6 heads x 64):")
     for batch in (32, 1):
         ours, theirs = op_alone(batch, 197, 6, 64)
         print(f"  batch {batch:>3}: kernel {ours:.3f} ms, SDPA {theirs:.3f} ms ({theirs / ours:.2f}x)")
-    print("\nwhole model, alternating call by call:")
+    print("\nLayerNorm alone ((B, 197, 384) bf16, fp32 weight and bias):")
+    for batch in (32, 1):
+        ours, theirs = layer_norm_alone(batch)
+        print(
+            f"  batch {batch:>3}: kernel {ours * 1e3:.1f} us, F.layer_norm {theirs * 1e3:.1f} us ({theirs / ours:.2f}x)"
+        )
+    print("\nwhole model, with the kernels and without (SDPA, F.layer_norm), alternating call by call:")
     for item in args.models.split(","):
         key, batch = item.split(":")
         calls = args.calls or (9 if int(batch) >= 8 else 61)
         ours, theirs = whole_model(key, int(batch), calls)
         print(
-            f"  {key} batch {batch:>3}: kernel {ours:.2f} ms, SDPA {theirs:.2f} ms "
+            f"  {key} batch {batch:>3}: kernels {ours:.2f} ms, without {theirs:.2f} ms "
             f"({theirs / ours:.3f}x, {calls} calls each)"
         )
     return 0

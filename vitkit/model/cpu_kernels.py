@@ -1,16 +1,20 @@
-"""Self-attention for the CPU bf16 inference fast path: a small C++ kernel on oneDNN's brgemm (csrc/cpu_attention.cpp).
+"""vitkit's C++ kernels for the CPU bf16 inference fast path (csrc/cpu_kernels.cpp): attention and LayerNorm.
 
-Why: at ViT-*/16's 197 tokens PyTorch's CPU flash attention runs on the slow side of a cliff (key counts that are
-not a multiple of 16), and attention is a third of a ViT-S/16 forward at batch 32. The kernel pads the keys inside
-its packed copies (exact: padded keys get probability 0), reads q / k / v straight from the qkv projection's output
-and writes (B, Q, C) for the output projection. Measured on the 2-core AMX Xeon (benchmarks/README.md): attention
-alone at batch 32 3.99-4.55 vs 5.34-5.49 ms; the whole ViT-S/16 1.01-1.21x at batch 32 (noisy), 1.04-1.07x at batch
-1. Logits stay within bf16 tolerance of SDPA's (tests/test_cpu_attention.py).
+Attention, on oneDNN's brgemm (AMX): at ViT-*/16's 197 tokens PyTorch's CPU flash attention runs on the slow side of
+a cliff (key counts that are not a multiple of 16), and attention is a third of a ViT-S/16 forward at batch 32. The
+kernel pads the keys inside its packed copies (exact: padded keys get probability 0), reads q / k / v straight from
+the qkv projection's output and writes (B, Q, C) for the output projection. Measured on the 2-core AMX Xeon
+(benchmarks/README.md): attention alone at batch 32 3.99-4.55 vs 5.34-5.49 ms; the whole ViT-S/16 1.01-1.21x at
+batch 32 (noisy), 1.04-1.07x at batch 1.
+LayerNorm (bf16 in and out, fp32 statistics): ATen runs its AVX2 kernel for bf16 here; this one saves ~15 µs a call
+at batch 1, ViT-S/16 batch 1 1.025x (nothing at batch 32).
+Both stay within bf16 tolerance of PyTorch's ops (tests/test_cpu_kernels.py).
 
 Built once per machine, never during a forward: `vitkit kernels build` (which `make setup` runs) compiles the source
 with torch.utils.cpp_extension (a C++ compiler and ninja; ~25 s) into the cache folder (VITKIT_CACHE, default
 ~/.cache/vitkit), keyed by the source, torch and Python versions. Until it is built, or where the CPU lacks
-AVX512-BF16, or with VITKIT_CPU_ATTENTION=0, the fast path calls SDPA as before. `vitkit kernels status` says which.
+AVX512-BF16, or with VITKIT_CPU_KERNELS=0, the fast path calls SDPA and F.layer_norm as before. `vitkit kernels
+status` says which.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from types import ModuleType
 
 import torch
 
-SOURCE = Path(__file__).with_name("csrc") / "cpu_attention.cpp"
+SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
 CFLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"]
 CFLAGS += ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]  # ATen's Vectorized<float>: 16 lanes
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16")  # what the compiled code executes
@@ -43,7 +47,7 @@ MAX_TOKENS = 320
 
 _module: ModuleType | None = None
 _probed = False
-_enabled = os.environ.get("VITKIT_CPU_ATTENTION", "1") != "0"
+_enabled = os.environ.get("VITKIT_CPU_KERNELS", "1") != "0"
 
 
 def cache_dir() -> Path:
@@ -59,7 +63,7 @@ def build_key() -> str:
 
 
 def module_name() -> str:
-    return f"vitkit_cpu_attention_{build_key()}"
+    return f"vitkit_cpu_kernels_{build_key()}"
 
 
 def library_path() -> Path:
@@ -104,7 +108,7 @@ def build(verbose: bool = False) -> Path:
         return target
     reason = why_not_buildable()
     if reason:
-        raise RuntimeError(f"cannot build vitkit's CPU attention kernel: {reason}")
+        raise RuntimeError(f"cannot build vitkit's CPU kernels: {reason}")
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix="build-") as tmp:
         # built in a private folder, then moved into place: a second process never loads a half-written library
@@ -153,22 +157,33 @@ def attention(qkv: torch.Tensor, heads: int, queries: int, scale: float) -> torc
     return kernel().attention(qkv, heads, queries, scale)
 
 
+def layer_norm(x: torch.Tensor, shape, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float):
+    """F.layer_norm's arguments, for a contiguous bf16 x on the fast path: the kernel's LayerNorm where it takes
+    them (loaded; fp32 weight and bias; width a multiple of 16), else F.layer_norm. Same result within bf16 rounding."""
+    mod = kernel()
+    if mod is None or weight is None or bias is None or x.shape[-1] % 16:
+        return torch.nn.functional.layer_norm(x, shape, weight, bias, eps)
+    if weight.dtype != torch.float32 or bias.dtype != torch.float32:  # bf16 weights (low_precision_inference)
+        return torch.nn.functional.layer_norm(x, shape, weight, bias, eps)
+    return mod.layer_norm(x, weight, bias, eps)
+
+
 def status() -> str:
     """One line: whether the kernel is in use, and if not, why."""
     if not _enabled:
-        return "off (VITKIT_CPU_ATTENTION=0)"
+        return "off (VITKIT_CPU_KERNELS=0)"
     if kernel() is not None:
         return f"in use ({library_path()})"
     if not cpu_supported():
-        return "not used: this CPU lacks AVX-512 BF16 (the fast path uses SDPA)"
+        return "not used: this CPU lacks AVX-512 BF16 (the fast path uses PyTorch's ops)"
     if not library_path().exists():
-        return "not built: run `vitkit kernels build` (the fast path uses SDPA until then)"
-    return "built, but oneDNN's bf16 brgemm is unavailable on this CPU (the fast path uses SDPA)"
+        return "not built: run `vitkit kernels build` (the fast path uses PyTorch's ops until then)"
+    return "built, but oneDNN's bf16 brgemm is unavailable on this CPU (the fast path uses PyTorch's ops)"
 
 
 @contextlib.contextmanager
 def disabled() -> Iterator[None]:
-    """Use SDPA inside the block (A/B measurements, tests)."""
+    """PyTorch's ops (SDPA, F.layer_norm) inside the block (A/B measurements, tests)."""
     global _enabled
     before, _enabled = _enabled, False
     try:

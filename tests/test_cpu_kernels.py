@@ -1,6 +1,7 @@
-"""The CPU attention kernel (vitkit/model/cpu_attention.py, csrc/cpu_attention.cpp): its packings are oneDNN's, its
+"""The CPU kernels (vitkit/model/cpu_kernels.py, csrc/cpu_kernels.cpp). Attention: its packings are oneDNN's, its
 output is SDPA's within bf16 rounding for any token count (padded keys get no weight), the fast path really calls
-it (every block with more than one query), and without it everything falls back to SDPA.
+it (every block with more than one query). LayerNorm: F.layer_norm's output within bf16 rounding, called twice per
+block. Without the library everything falls back to SDPA and F.layer_norm.
 
 Where the kernel cannot be built (no AVX-512 BF16, no compiler) the kernel tests skip with the reason, except under
 CI=true on a machine that can build it: there they must run."""
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import vitkit
-from vitkit.model import cpu_attention, fast_inference
+from vitkit.model import cpu_kernels, fast_inference
 
 from .conftest import tiny_kwargs
 
@@ -23,15 +24,15 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 @pytest.fixture(scope="module")
 def ext():
-    reason = cpu_attention.why_not_buildable()
-    if reason and not cpu_attention.library_path().exists():
-        pytest.skip(f"the CPU attention kernel cannot be built here: {reason}")
-    cpu_attention.build()  # a no-op once `make setup` / `vitkit kernels build` has built it
-    mod = cpu_attention.kernel()
+    reason = cpu_kernels.why_not_buildable()
+    if reason and not cpu_kernels.library_path().exists():
+        pytest.skip(f"the CPU kernels cannot be built here: {reason}")
+    cpu_kernels.build()  # a no-op once `make setup` / `vitkit kernels build` has built it
+    mod = cpu_kernels.kernel()
     if mod is None and IN_CI:
-        pytest.fail(f"built but not loaded: {cpu_attention.status()}")
+        pytest.fail(f"built but not loaded: {cpu_kernels.status()}")
     if mod is None:
-        pytest.skip(cpu_attention.status())
+        pytest.skip(cpu_kernels.status())
     return mod
 
 
@@ -68,7 +69,7 @@ def test_matches_sdpa_within_bf16_rounding(ext, B, N, heads, head_dim, queries):
     torch.manual_seed(N)
     qkv = (torch.randn(B, N, 3 * heads * head_dim) * 2).bfloat16()
     exact = _sdpa(qkv.float(), heads, queries)
-    ours = cpu_attention.attention(qkv, heads, queries, head_dim**-0.5)
+    ours = cpu_kernels.attention(qkv, heads, queries, head_dim**-0.5)
     theirs = _sdpa(qkv, heads, queries)
     assert ours.shape == (B, queries, heads * head_dim) and ours.dtype == torch.bfloat16
     err, sdpa_err = (ours.float() - exact).abs().max(), (theirs.float() - exact).abs().max()
@@ -79,8 +80,8 @@ def test_matches_sdpa_within_bf16_rounding(ext, B, N, heads, head_dim, queries):
 
 def test_scale_is_honoured(ext):
     qkv = torch.randn(1, 33, 3 * 64).bfloat16()
-    a = cpu_attention.attention(qkv, 1, 33, 0.125)
-    b = cpu_attention.attention(qkv, 1, 33, 1.0)
+    a = cpu_kernels.attention(qkv, 1, 33, 0.125)
+    b = cpu_kernels.attention(qkv, 1, 33, 1.0)
     q, k, v = qkv.float().view(1, 33, 3, 1, 64).permute(2, 0, 3, 1, 4).unbind(0)
     ref = F.scaled_dot_product_attention(q, k, v, scale=1.0).transpose(1, 2).reshape(1, 33, 64)
     assert (b.float() - ref).abs().max() <= 0.05
@@ -94,7 +95,7 @@ def test_scale_is_honoured(ext):
 )  # fmt: skip
 def test_bad_input_is_refused_with_a_reason(ext, qkv, heads, queries, match):
     with pytest.raises(RuntimeError, match=match):
-        cpu_attention.attention(qkv, heads, queries, 0.125)
+        cpu_kernels.attention(qkv, heads, queries, 0.125)
 
 
 def _model(**kw):
@@ -104,15 +105,15 @@ def _model(**kw):
 
 @pytest.fixture
 def calls(monkeypatch):
-    """The query counts `cpu_attention.attention` was called with."""
+    """The query counts `cpu_kernels.attention` was called with."""
     log = []
-    orig = cpu_attention.attention
+    orig = cpu_kernels.attention
 
     def spy(qkv, heads, queries, scale):
         log.append(queries)
         return orig(qkv, heads, queries, scale)
 
-    monkeypatch.setattr(cpu_attention, "attention", spy)
+    monkeypatch.setattr(cpu_kernels, "attention", spy)
     return log
 
 
@@ -128,10 +129,10 @@ def test_fast_path_calls_the_kernel_and_matches_sdpa(ext, calls, extras):
     fast = _bf16(model, x)
     with torch.inference_mode():
         ref = model(x)
-    # every block but a class-token-only last one (one query: SDPA, see cpu_attention.usable)
+    # every block but a class-token-only last one (one query: SDPA, see cpu_kernels.usable)
     assert calls == ([65 + extras.get("reg_tokens", 0)] * 2 if not extras.get("global_pool") else [65] * 3)
     calls.clear()
-    with cpu_attention.disabled():
+    with cpu_kernels.disabled():
         sdpa = _bf16(model, x)
     assert calls == []
     scale = ref.abs().max()
@@ -140,9 +141,9 @@ def test_fast_path_calls_the_kernel_and_matches_sdpa(ext, calls, extras):
 
 
 def test_shapes_it_does_not_take_keep_sdpa(ext, calls):
-    assert cpu_attention.usable(197, 64, 4) and cpu_attention.usable(320, 32, 320)
-    assert not cpu_attention.usable(197, 64, 1)  # one query: SDPA skips the packing
-    assert not cpu_attention.usable(321, 64, 321) and not cpu_attention.usable(197, 48, 197)
+    assert cpu_kernels.usable(197, 64, 4) and cpu_kernels.usable(320, 32, 320)
+    assert not cpu_kernels.usable(197, 64, 1)  # one query: SDPA skips the packing
+    assert not cpu_kernels.usable(321, 64, 321) and not cpu_kernels.usable(197, 48, 197)
     model = _model(embed_dim=96, num_heads=2)  # head_dim 48
     qk = _model(qk_norm=True)
     long = _model(img_size=80)  # 401 tokens: past MAX_TOKENS, where SDPA is faster
@@ -155,8 +156,8 @@ def test_shapes_it_does_not_take_keep_sdpa(ext, calls):
 
 
 def test_without_the_library_the_fast_path_uses_sdpa(monkeypatch):
-    monkeypatch.setattr(cpu_attention, "_probed", True)
-    monkeypatch.setattr(cpu_attention, "_module", None)
+    monkeypatch.setattr(cpu_kernels, "_probed", True)
+    monkeypatch.setattr(cpu_kernels, "_module", None)
     model = _model()
     x = torch.randn(2, 3, 32, 32)
     out = _bf16(model, x)
@@ -164,35 +165,35 @@ def test_without_the_library_the_fast_path_uses_sdpa(monkeypatch):
     with torch.inference_mode():
         ref = model(x)
     assert (out - ref).abs().max() <= 0.03 * ref.abs().max()
-    assert not cpu_attention.status().startswith("in use")
+    assert not cpu_kernels.status().startswith("in use")
 
 
 def test_a_damaged_library_warns_and_falls_back(monkeypatch, tmp_path):
     monkeypatch.setenv("VITKIT_CACHE", str(tmp_path))
-    monkeypatch.setattr(cpu_attention, "_probed", False)
-    monkeypatch.setattr(cpu_attention, "_module", None)
-    monkeypatch.setattr(cpu_attention, "cpu_supported", lambda: True)
-    cpu_attention.library_path().parent.mkdir(parents=True)
-    cpu_attention.library_path().write_bytes(b"not a shared library")
+    monkeypatch.setattr(cpu_kernels, "_probed", False)
+    monkeypatch.setattr(cpu_kernels, "_module", None)
+    monkeypatch.setattr(cpu_kernels, "cpu_supported", lambda: True)
+    cpu_kernels.library_path().parent.mkdir(parents=True)
+    cpu_kernels.library_path().write_bytes(b"not a shared library")
     with pytest.warns(UserWarning, match="vitkit kernels build"):
-        assert cpu_attention.kernel() is None
-    assert not cpu_attention.usable(197, 64, 197)
+        assert cpu_kernels.kernel() is None
+    assert not cpu_kernels.usable(197, 64, 197)
 
 
 def test_build_key_follows_the_source_and_torch(monkeypatch):
-    key = cpu_attention.build_key()
-    monkeypatch.setattr(cpu_attention, "CFLAGS", cpu_attention.CFLAGS + ["-DX"])
-    assert cpu_attention.build_key() != key
+    key = cpu_kernels.build_key()
+    monkeypatch.setattr(cpu_kernels, "CFLAGS", cpu_kernels.CFLAGS + ["-DX"])
+    assert cpu_kernels.build_key() != key
     monkeypatch.setattr(torch, "__version__", "0.0.0")
-    assert cpu_attention.build_key() != key
+    assert cpu_kernels.build_key() != key
 
 
 def test_cli_status_and_build_if_supported():
     run = lambda *a: subprocess.run([sys.executable, "-m", "vitkit", "kernels", *a], capture_output=True, text=True)
     status = run("status")
-    assert status.returncode == 0 and status.stdout.startswith("cpu attention: ")
+    assert status.returncode == 0 and status.stdout.startswith("cpu kernels: ")
     built = run("build", "--if-supported")
-    assert built.returncode == 0 and "cpu attention:" in built.stdout, built.stderr
+    assert built.returncode == 0 and "cpu kernels:" in built.stdout, built.stderr
 
 
 def test_a_failed_build_does_not_fail_setup(monkeypatch, tmp_path, capsys):
@@ -201,13 +202,53 @@ def test_a_failed_build_does_not_fail_setup(monkeypatch, tmp_path, capsys):
     from vitkit import cli
 
     monkeypatch.setenv("VITKIT_CACHE", str(tmp_path))  # nothing built here yet
-    monkeypatch.setattr(cpu_attention, "why_not_buildable", lambda: None)
+    monkeypatch.setattr(cpu_kernels, "why_not_buildable", lambda: None)
 
     def broken(verbose=False):
-        raise RuntimeError("Error building extension 'vitkit_cpu_attention'\nerror: 'brgemm' is not a member")
+        raise RuntimeError("Error building extension 'vitkit_cpu_kernels'\nerror: 'brgemm' is not a member")
 
-    monkeypatch.setattr(cpu_attention, "build", broken)
+    monkeypatch.setattr(cpu_kernels, "build", broken)
     assert cli.main(["kernels", "build", "--if-supported"]) == 0
     assert "the build failed: error: 'brgemm' is not a member" in capsys.readouterr().out
     assert cli.main(["kernels", "build"]) == 1
-    assert "building the CPU attention kernel failed" in capsys.readouterr().err
+    assert "building the CPU kernels failed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("shape", [(1, 197, 384), (3, 65, 192), (2, 5, 768), (7, 16)])
+def test_layer_norm_matches_pytorchs_within_bf16_rounding(ext, shape):
+    torch.manual_seed(shape[-1])
+    x = (torch.randn(shape) * 3 + 1).bfloat16()
+    w, b = torch.randn(shape[-1]), torch.randn(shape[-1])
+    exact = F.layer_norm(x.float(), shape[-1:], w, b, 1e-6)
+    ours = cpu_kernels.layer_norm(x, shape[-1:], w, b, 1e-6)
+    theirs = F.layer_norm(x, shape[-1:], w, b, 1e-6)
+    assert ours.dtype == torch.bfloat16 and ours.shape == x.shape
+    assert (ours.float() - exact).abs().max() <= 1.5 * (theirs.float() - exact).abs().max() + 1e-3
+    # eps is honoured: a constant row normalises to the bias alone, whatever eps
+    flat = torch.full(shape, 2.0).bfloat16()
+    torch.testing.assert_close(
+        cpu_kernels.layer_norm(flat, shape[-1:], w, b, 1e-6).float(), b.expand(shape), atol=0.02, rtol=0.01
+    )
+
+
+def test_layer_norm_falls_back_where_the_kernel_does_not_take_it(ext):
+    x = torch.randn(2, 9, 64).bfloat16()
+    w, b = torch.randn(64), torch.randn(64)
+    for args in [(w.bfloat16(), b.bfloat16()), (w, None), (None, None)]:  # bf16 weights, no bias, no affine
+        assert torch.equal(cpu_kernels.layer_norm(x, (64,), *args, 1e-5), F.layer_norm(x, (64,), *args, 1e-5))
+    odd = torch.randn(2, 9, 20).bfloat16()
+    assert torch.equal(
+        cpu_kernels.layer_norm(odd, (20,), w[:20], b[:20], 1e-5), F.layer_norm(odd, (20,), w[:20], b[:20], 1e-5)
+    )
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        ext.layer_norm(odd, w[:20], b[:20], 1e-5)
+
+
+def test_fast_path_runs_both_layernorms_of_every_block_in_the_kernel(ext, monkeypatch):
+    seen = []
+    orig = cpu_kernels.layer_norm
+    monkeypatch.setattr(cpu_kernels, "layer_norm", lambda x, *a: seen.append(x.shape) or orig(x, *a))
+    model = _model()
+    _bf16(model, torch.randn(2, 3, 32, 32))
+    assert len(seen) == 2 * 3  # norm1 and norm2 of the 3 blocks (the last block's norm2 on its one row)
+    assert seen[-1] == (2, 1, 128)

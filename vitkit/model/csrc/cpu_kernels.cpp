@@ -1,5 +1,6 @@
-// Self-attention for vitkit's CPU bf16 inference fast path: softmax(q kᵀ · scale) v straight from the fused qkv
-// projection's output, on oneDNN's brgemm micro-kernels (AMX on Sapphire Rapids and later) through ATen's cpublas.
+// vitkit's CPU bf16 inference fast path kernels: attention and LayerNorm (vitkit/model/cpu_kernels.py).
+//
+// Attention: softmax(q kᵀ · scale) v straight from the fused qkv projection's output, on oneDNN's brgemm micro-kernels (AMX on Sapphire Rapids and later) through ATen's cpublas.
 //
 // Why not PyTorch's SDPA: its CPU flash kernel slows down at key counts that are not a multiple of 16 (197 keys:
 // 5.2-5.4 ms at ViT-S/16 batch 32, 192 keys: 3.7 ms), splits heads out of the qkv tensor through strided views,
@@ -12,7 +13,7 @@
 // scores = q kᵀ (fp32, brgemm), p = exp(scale · (scores - rowmax)) (bf16), o = p v (fp32, brgemm),
 // out = o / rowsum (bf16).
 //
-// Built by vitkit/model/cpu_attention.py with -O3 -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512bf16 -fopenmp
+// Built by vitkit/model/cpu_kernels.py with -O3 -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512bf16 -fopenmp
 // (without -fopenmp, at::parallel_for compiles to a serial loop).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -21,6 +22,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <vector>
@@ -114,11 +116,11 @@ float softmax_row(const float* s, int64_t keys, int64_t padded, float scale, BFl
 // qkv: (B, N, 3·C) bf16; returns (B, Q, C) bf16: attention of the first Q tokens' queries over all N keys.
 at::Tensor attention(const at::Tensor& qkv, int64_t heads, int64_t queries, double scale) {
   TORCH_CHECK(qkv.device().is_cpu() && qkv.dim() == 3 && qkv.scalar_type() == at::kBFloat16 && qkv.is_contiguous(),
-              "cpu_attention: qkv must be a contiguous (B, N, 3*C) bf16 CPU tensor");
-  TORCH_CHECK(heads >= 1 && qkv.size(2) % (3 * heads) == 0, "cpu_attention: 3*C must split into 3 x heads");
+              "cpu_kernels: qkv must be a contiguous (B, N, 3*C) bf16 CPU tensor");
+  TORCH_CHECK(heads >= 1 && qkv.size(2) % (3 * heads) == 0, "cpu_kernels: 3*C must split into 3 x heads");
   const int64_t B = qkv.size(0), N = qkv.size(1), C = qkv.size(2) / 3, D = C / heads;
-  TORCH_CHECK(D == 32 || D == 64, "cpu_attention: head_dim must be 32 or 64, got ", D);
-  TORCH_CHECK(queries >= 1 && queries <= N, "cpu_attention: queries must be in 1..N");
+  TORCH_CHECK(D == 32 || D == 64, "cpu_kernels: head_dim must be 32 or 64, got ", D);
+  TORCH_CHECK(queries >= 1 && queries <= N, "cpu_kernels: queries must be in 1..N");
   const int64_t Np = round_up(N, kKeyAlign), row = 3 * C;
   const int64_t q_blocks = (queries + kQueryBlock - 1) / kQueryBlock;
   // Split an image's queries over threads only when images x heads are too few to keep every thread busy.
@@ -170,6 +172,49 @@ at::Tensor attention(const at::Tensor& qkv, int64_t heads, int64_t queries, doub
   return out;
 }
 
+// LayerNorm over the last dimension for the same fast path: x (..., C) bf16 -> bf16, fp32 weight and bias (the
+// module's own parameters), C a multiple of 16. Each row is read three times from L1 (mean, variance around the
+// mean, normalise), all in fp32. ATen's bf16 LayerNorm runs its AVX2 kernel here and spends ~15 µs more per call at
+// batch 1 (benchmarks/README.md).
+at::Tensor layer_norm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps) {
+  const int64_t C = x.size(-1);
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.is_contiguous() && C % 16 == 0,
+              "cpu layer_norm: x must be a contiguous bf16 CPU tensor whose last dimension is a multiple of 16");
+  TORCH_CHECK(weight.scalar_type() == at::kFloat && bias.scalar_type() == at::kFloat && weight.numel() == C &&
+                  bias.numel() == C && weight.is_contiguous() && bias.is_contiguous(),
+              "cpu layer_norm: weight and bias must be contiguous fp32 tensors of C elements");
+  const int64_t rows = x.numel() / C;
+  auto out = at::empty_like(x);
+  const BFloat16* src = x.const_data_ptr<BFloat16>();
+  BFloat16* dst = out.data_ptr<BFloat16>();
+  const float* w = weight.const_data_ptr<float>();
+  const float* b = bias.const_data_ptr<float>();
+  const float e = static_cast<float>(eps), inv_c = 1.f / static_cast<float>(C);
+  auto load = [](const BFloat16* p) {  // 16 bf16 -> fp32: the bf16 bits are the high half of the fp32 word
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+  };
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const BFloat16* xr = src + r * C;
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t c = 0; c < C; c += 16) acc = _mm512_add_ps(acc, load(xr + c));
+      const __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(acc) * inv_c);
+      acc = _mm512_setzero_ps();
+      for (int64_t c = 0; c < C; c += 16) {
+        const __m512 d = _mm512_sub_ps(load(xr + c), mean);
+        acc = _mm512_fmadd_ps(d, d, acc);
+      }
+      const __m512 rstd = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(acc) * inv_c + e));
+      for (int64_t c = 0; c < C; c += 16) {
+        const __m512 y = _mm512_mul_ps(_mm512_sub_ps(load(xr + c), mean), rstd);
+        const __m512 z = _mm512_fmadd_ps(y, _mm512_loadu_ps(w + c), _mm512_loadu_ps(b + c));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + r * C + c), (__m256i)_mm512_cvtneps_pbh(z));
+      }
+    }
+  });
+  return out;
+}
+
 // Test hooks: our packings next to oneDNN's own (`cpublas::pack`), for the layouts brgemm reads.
 at::Tensor onednn_pack(const at::Tensor& b) {  // b: (K, N) bf16 contiguous, K even, N in {16, 32, 48, 64}
   TORCH_CHECK(b.dim() == 2 && b.scalar_type() == at::kBFloat16 && b.is_contiguous(), "onednn_pack: (K, N) bf16");
@@ -195,6 +240,7 @@ bool brgemm_available() { return cpublas::could_pack(at::kBFloat16); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention", &attention, "softmax(q k^T scale) v from a (B, N, 3C) bf16 qkv -> (B, Q, C) bf16");
+  m.def("layer_norm", &layer_norm, "LayerNorm over the last dim: bf16 x, fp32 weight / bias -> bf16");
   m.def("brgemm_available", &brgemm_available, "whether oneDNN's bf16 brgemm runs on this CPU");
   m.def("onednn_pack", &onednn_pack, "test hook: oneDNN's VNNI packing of a (K, N) bf16 matrix");
   m.def("packed_keys", &packed_keys, "test hook: the kernel's packing of (N, D) keys");
