@@ -24,6 +24,8 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 @pytest.fixture(scope="module")
 def ext():
+    if not cpu_kernels._enabled:
+        pytest.skip("VITKIT_CPU_KERNELS=0: the kernels are switched off")
     reason = cpu_kernels.why_not_buildable()
     if reason and not cpu_kernels.library_path().exists():
         pytest.skip(f"the CPU kernels cannot be built here: {reason}")
