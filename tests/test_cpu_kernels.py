@@ -175,6 +175,7 @@ def test_a_damaged_library_warns_and_falls_back(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu_kernels, "_probed", False)
     monkeypatch.setattr(cpu_kernels, "_module", None)
     monkeypatch.setattr(cpu_kernels, "cpu_supported", lambda: True)
+    monkeypatch.setattr(cpu_kernels, "_enabled", True)  # whatever VITKIT_CPU_KERNELS says
     cpu_kernels.library_path().parent.mkdir(parents=True)
     cpu_kernels.library_path().write_bytes(b"not a shared library")
     with pytest.warns(UserWarning, match="vitkit kernels build"):
