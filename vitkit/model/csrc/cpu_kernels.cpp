@@ -39,6 +39,15 @@ constexpr int64_t kKeyAlign = 16;    // keys are zero-padded to a multiple of th
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+// 16 fp32 lanes -> 16 bf16 at dst (round to nearest even), and back: a bf16 is the high half of an fp32 word.
+inline void store_bf16(BFloat16* dst, __m512 x) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh(x));
+}
+inline __m512 load_bf16(const BFloat16* src) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
 // Keys of one (image, head) as brgemm's B operand of scores = q kᵀ: kᵀ is [head_dim, keys_padded], stored in blocks
 // of up to 64 key columns, each block in VNNI order ([head_dim / 2][width][2]: rows 2i and 2i+1 interleaved).
 // The pair (k[n][2i], k[n][2i+1]) is one 32-bit word that moves as a whole, so each block is a 32-bit transpose:
@@ -97,17 +106,17 @@ float softmax_row(const float* s, int64_t keys, int64_t padded, float scale, BFl
   for (int64_t c = 0; c < full; c += 16) {
     const Vec e = at::vec::fmadd(Vec(_mm512_loadu_ps(s + c)), vscale, vshift).exp_u20();
     vsum = vsum + e;
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + c), (__m256i)_mm512_cvtneps_pbh(e));
+    store_bf16(p + c, e);
   }
   int64_t c = full;
   if (tail) {
     const Vec e0 = at::vec::fmadd(Vec(_mm512_maskz_loadu_ps(tail, s + full)), vscale, vshift).exp_u20();
     const Vec e(_mm512_maskz_mov_ps(tail, e0));  // lanes past `keys` -> 0
     vsum = vsum + e;
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + c), (__m256i)_mm512_cvtneps_pbh(e));
+    store_bf16(p + c, e);
     c += 16;
   }
-  for (; c < padded; c += 16) _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + c), _mm256_setzero_si256());
+  for (; c < padded; c += 16) store_bf16(p + c, _mm512_setzero_ps());
   return _mm512_reduce_add_ps(vsum);
 }
 
@@ -162,7 +171,7 @@ at::Tensor attention(const at::Tensor& qkv, int64_t heads, int64_t queries, doub
           const __m512 inv = _mm512_set1_ps(inv_sum[r]);
           for (int64_t d = 0; d < D; d += 16) {
             const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(o.data() + r * D + d), inv);
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + d), (__m256i)_mm512_cvtneps_pbh(x));
+            store_bf16(dst + d, x);
           }
         }
       }
@@ -190,25 +199,22 @@ at::Tensor layer_norm(const at::Tensor& x, const at::Tensor& weight, const at::T
   const float* w = weight.const_data_ptr<float>();
   const float* b = bias.const_data_ptr<float>();
   const float e = static_cast<float>(eps), inv_c = 1.f / static_cast<float>(C);
-  auto load = [](const BFloat16* p) {  // 16 bf16 -> fp32: the bf16 bits are the high half of the fp32 word
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-  };
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const BFloat16* xr = src + r * C;
       __m512 acc = _mm512_setzero_ps();
-      for (int64_t c = 0; c < C; c += 16) acc = _mm512_add_ps(acc, load(xr + c));
+      for (int64_t c = 0; c < C; c += 16) acc = _mm512_add_ps(acc, load_bf16(xr + c));
       const __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(acc) * inv_c);
       acc = _mm512_setzero_ps();
       for (int64_t c = 0; c < C; c += 16) {
-        const __m512 d = _mm512_sub_ps(load(xr + c), mean);
+        const __m512 d = _mm512_sub_ps(load_bf16(xr + c), mean);
         acc = _mm512_fmadd_ps(d, d, acc);
       }
       const __m512 rstd = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(acc) * inv_c + e));
       for (int64_t c = 0; c < C; c += 16) {
-        const __m512 y = _mm512_mul_ps(_mm512_sub_ps(load(xr + c), mean), rstd);
+        const __m512 y = _mm512_mul_ps(_mm512_sub_ps(load_bf16(xr + c), mean), rstd);
         const __m512 z = _mm512_fmadd_ps(y, _mm512_loadu_ps(w + c), _mm512_loadu_ps(b + c));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + r * C + c), (__m256i)_mm512_cvtneps_pbh(z));
+        store_bf16(dst + r * C + c, z);
       }
     }
   });
