@@ -255,3 +255,97 @@ def test_fast_path_runs_both_layernorms_of_every_block_in_the_kernel(ext, monkey
     _bf16(model, torch.randn(2, 3, 32, 32))
     assert len(seen) == 2 * 3  # norm1 and norm2 of the 3 blocks (the last block's norm2 on its one row)
     assert seen[-1] == (2, 1, 128)
+
+
+# ------------------------------------------------------------------ training: attention with its own backward
+def _attention_fp32(qkv, heads):
+    """Reference softmax(q kᵀ / √d) v in fp32 from a (B, N, 3C) qkv, differentiable -> (B, N, C)."""
+    B, N, C3 = qkv.shape
+    q, k, v = qkv.view(B, N, 3, heads, C3 // 3 // heads).permute(2, 0, 3, 1, 4).unbind(0)
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C3 // 3)
+
+
+@pytest.mark.parametrize(
+    "B,N,heads,head_dim",
+    [(2, 197, 6, 64), (2, 65, 3, 64), (3, 17, 2, 32), (1, 1, 2, 64), (2, 64, 2, 64), (1, 300, 2, 32), (4, 5, 1, 32)],
+)  # fmt: skip
+def test_training_attention_and_its_gradient_match_fp32(ext, B, N, heads, head_dim):
+    """Output and d(qkv) within the error of bf16 explicit attention (what training ran before) of the fp32 values."""
+    torch.manual_seed(N)
+    qkv = (torch.randn(B, N, 3 * heads * head_dim) * 1.5).bfloat16()
+    grad = torch.randn(B, N, heads * head_dim).bfloat16()
+    exact_in = qkv.float().requires_grad_()
+    exact = _attention_fp32(exact_in, heads)
+    exact.backward(grad.float())
+    bf16_in = qkv.clone().requires_grad_()  # the same product in bf16, the yardstick for rounding
+    _attention_fp32(bf16_in, heads).backward(grad)
+    ours_in = qkv.clone().requires_grad_()
+    ours = cpu_kernels.attention_with_grad(ours_in, heads, head_dim**-0.5)
+    ours.backward(grad)
+    assert ours.shape == exact.shape and ours.dtype == ours_in.grad.dtype == torch.bfloat16
+    out_err, grad_err = (ours.float() - exact).abs().max(), (ours_in.grad.float() - exact_in.grad).abs().max()
+    ref_grad_err = (bf16_in.grad.float() - exact_in.grad).abs().max()
+    assert out_err <= 0.01 * exact.abs().max() + 1e-3, out_err
+    assert grad_err <= 2 * ref_grad_err + 1e-3, (grad_err, ref_grad_err)
+    # every third of d(qkv) is written: q, k and v all get their gradient (a pass left out would leave garbage)
+    C = heads * head_dim
+    for part in range(3):
+        sl = slice(part * C, (part + 1) * C)
+        assert (ours_in.grad[..., sl].float() - exact_in.grad[..., sl]).abs().max() <= 2 * ref_grad_err + 1e-3
+
+
+def test_training_attention_backward_refuses_bad_input(ext):
+    qkv = torch.randn(1, 8, 3 * 64).bfloat16()
+    out, lse = ext.attention_forward(qkv, 1, 0.125)
+    with pytest.raises(RuntimeError, match="lse"):
+        ext.attention_backward(out, qkv, out, lse[..., :4].contiguous(), 1, 0.125)
+    with pytest.raises(RuntimeError, match="dout and out"):
+        ext.attention_backward(out.float(), qkv, out, lse, 1, 0.125)
+
+
+def _train_step_grads(model, x, y):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    return {n: p.grad.float().clone() for n, p in model.named_parameters()}
+
+
+@pytest.fixture
+def train_calls(monkeypatch):
+    """The token counts `cpu_kernels.attention_with_grad` was called with."""
+    log = []
+    orig = cpu_kernels.attention_with_grad
+
+    def spy(qkv, heads, scale):
+        log.append(qkv.shape[1])
+        return orig(qkv, heads, scale)
+
+    monkeypatch.setattr(cpu_kernels, "attention_with_grad", spy)
+    return log
+
+
+def test_bf16_training_runs_attention_on_the_kernel_with_the_same_gradients(ext, train_calls):
+    torch.manual_seed(0)
+    model = _model().train()
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 5, (4,))
+    ours = _train_step_grads(model, x, y)
+    assert train_calls == [65, 65]  # blocks 0 and 1; the class-token-only last block keeps explicit attention
+    with cpu_kernels.disabled():
+        ref = _train_step_grads(model, x, y)
+    assert train_calls == [65, 65]
+    for name, g in ref.items():
+        assert (ours[name] - g).abs().max() <= 0.05 * g.abs().max() + 1e-4, name
+
+
+def test_training_cases_the_kernel_does_not_take(ext, train_calls):
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 5, (2,))
+    _train_step_grads(_model(qk_norm=True).train(), x, y)
+    _train_step_grads(_model(attn_drop_rate=0.1).train(), x, y)
+    _train_step_grads(_model(attn_backend="math").train(), x, y)
+    _train_step_grads(_model(embed_dim=96, num_heads=2).train(), x, y)  # head_dim 48
+    model = _model().train()
+    F.cross_entropy(model(x), y).backward()  # fp32 training: SDPA
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x, return_attention=[0])  # a returned map needs explicit attention
+    assert train_calls == [65]  # only the map request's other block (1; block 2 is class-token-only)

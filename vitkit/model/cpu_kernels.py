@@ -157,6 +157,44 @@ def attention(qkv: torch.Tensor, heads: int, queries: int, scale: float) -> torc
     return kernel().attention(qkv, heads, queries, scale)
 
 
+def trainable(tokens: int, head_dim: int) -> bool:
+    """Whether training attention at this shape should run on the kernels (`attention_with_grad`), and they are loaded.
+
+    Same sequence-length bound as inference: at most MAX_TOKENS, past which SDPA's blocked kernel (and its backward)
+    catches up (attention_backend.py measures the explicit path losing from ~400 tokens on).
+    """
+    return head_dim in HEAD_DIMS and tokens <= MAX_TOKENS and kernel() is not None
+
+
+class _Attention(torch.autograd.Function):
+    """softmax(q kᵀ · scale) v with its gradient, both on the kernels: (B, N, 3·C) bf16 qkv -> (B, N, C) bf16.
+
+    The forward keeps the (B, heads, N) log-sum-exps, not the (B, heads, N, N) probabilities: the backward recomputes
+    them (as flash attention does), and reads q, k, v, the output and its gradient in place.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
+        out, lse = kernel().attention_forward(qkv, heads, scale)
+        ctx.save_for_backward(qkv, out, lse)
+        ctx.heads, ctx.scale = heads, scale
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        qkv, out, lse = ctx.saved_tensors
+        dout = dout.to(torch.bfloat16).contiguous()
+        return kernel().attention_backward(dout, qkv, out, lse, ctx.heads, ctx.scale), None, None
+
+
+def attention_with_grad(qkv: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
+    """`attention` for all N queries, differentiable: qkv (B, N, 3·C) bf16 contiguous -> (B, N, C) bf16.
+
+    For training (autograd on); the caller has checked `trainable`."""
+    return _Attention.apply(qkv, heads, scale)
+
+
 def layer_norm(x: torch.Tensor, shape, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float):
     """F.layer_norm's arguments, for a contiguous bf16 x on the fast path: the kernel's LayerNorm where it takes
     them (loaded; fp32 weight and bias; width a multiple of 16), else F.layer_norm. Same result within bf16 rounding."""

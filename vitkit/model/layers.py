@@ -132,7 +132,11 @@ class Attention(nn.Module):
         queries: compute the output of the first Q tokens only (their queries attend over all N keys); None: Q = N.
         """
         B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x)  # (B, N, 3D)
+        if self._on_training_kernel(qkv, need_weights, queries):
+            o = cpu_kernels.attention_with_grad(qkv, self.num_heads, self.scale)  # (B, N, D)
+            return self.proj_drop(self.proj(o, residual=residual)), None
+        qkv = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
         if queries is not None:
             q = q[:, :, :queries]  # (B, heads, Q, head_dim)
@@ -156,6 +160,19 @@ class Attention(nn.Module):
         x = x.transpose(1, 2).reshape(B, Q, C)  # (B, Q, D)
         x = self.proj_drop(self.proj(x, residual=residual))
         return x, (attn if need_weights else None)
+
+    def _on_training_kernel(self, qkv: torch.Tensor, need_weights: bool, queries: int | None) -> bool:
+        """Whether this call's attention runs on vitkit's CPU kernels with their own backward (cpu_kernels.py): bf16
+        training on the CPU where `auto` would pick explicit attention, for all queries, without attention dropout,
+        qk-norm or a returned map, outside torch.compile (a C++ call would break its graph)."""
+        if need_weights or queries is not None or self.backend != "auto" or not isinstance(self.q_norm, nn.Identity):
+            return False
+        if qkv.dtype != torch.bfloat16 or not qkv.is_cpu or not (torch.is_grad_enabled() and qkv.requires_grad):
+            return False
+        if self.training and self.attn_drop.p > 0 or torch.compiler.is_compiling():
+            return False
+        N = qkv.shape[1]
+        return pick_backend("cpu", N, True) == "math" and cpu_kernels.trainable(N, self.head_dim)
 
 
 class Mlp(nn.Module):

@@ -93,14 +93,15 @@ void pack_values(const BFloat16* v, int64_t row_stride, int64_t keys, int64_t ke
 }
 
 // One row of scores (fp32, `keys` long) -> p = exp(scale · (s - max)) as bf16, zeros up to `padded`; returns the
-// sum of the fp32 values of p.
-float softmax_row(const float* s, int64_t keys, int64_t padded, float scale, BFloat16* p) {
+// sum of the fp32 values of p, and the row's max in `row_max`.
+float softmax_row(const float* s, int64_t keys, int64_t padded, float scale, BFloat16* p, float& row_max) {
   const int64_t full = keys / 16 * 16;
   const __mmask16 tail = static_cast<__mmask16>((1u << (keys - full)) - 1);
   __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for (int64_t c = 0; c < full; c += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(s + c));
   if (tail) vmax = _mm512_mask_max_ps(vmax, tail, vmax, _mm512_maskz_loadu_ps(tail, s + full));
   const float mx = _mm512_reduce_max_ps(vmax);
+  row_max = mx;
   const Vec vscale(scale), vshift(-mx * scale);
   Vec vsum(0.f);
   for (int64_t c = 0; c < full; c += 16) {
@@ -123,7 +124,8 @@ float softmax_row(const float* s, int64_t keys, int64_t padded, float scale, BFl
 }  // namespace
 
 // qkv: (B, N, 3·C) bf16; returns (B, Q, C) bf16: attention of the first Q tokens' queries over all N keys.
-at::Tensor attention(const at::Tensor& qkv, int64_t heads, int64_t queries, double scale) {
+// lse: nullptr, or room for (B, heads, Q) fp32 log-sum-exps of the scaled scores (what the backward needs).
+static at::Tensor attend(const at::Tensor& qkv, int64_t heads, int64_t queries, double scale, float* lse) {
   TORCH_CHECK(qkv.device().is_cpu() && qkv.dim() == 3 && qkv.scalar_type() == at::kBFloat16 && qkv.is_contiguous(),
               "cpu_kernels: qkv must be a contiguous (B, N, 3*C) bf16 CPU tensor");
   TORCH_CHECK(heads >= 1 && qkv.size(2) % (3 * heads) == 0, "cpu_kernels: 3*C must split into 3 x heads");
@@ -163,7 +165,10 @@ at::Tensor attention(const at::Tensor& qkv, int64_t heads, int64_t queries, doub
                           scores.data() + n0);
         }
         for (int64_t r = 0; r < rows; ++r) {
-          inv_sum[r] = 1.f / softmax_row(scores.data() + r * Np, N, Np, s, p.data() + r * Np);
+          float row_max;
+          const float sum = softmax_row(scores.data() + r * Np, N, Np, s, p.data() + r * Np, row_max);
+          inv_sum[r] = 1.f / sum;
+          if (lse) lse[(b * heads + h) * queries + m + r] = s * row_max + std::log(sum);
         }
         cpublas::brgemm(rows, D, Np, Np, D, D, false, p.data(), v_packed.data(), o.data());  // o (rows, D) = p v
         for (int64_t r = 0; r < rows; ++r) {
@@ -179,6 +184,147 @@ at::Tensor attention(const at::Tensor& qkv, int64_t heads, int64_t queries, doub
     cpublas::brgemm_release();
   });
   return out;
+}
+
+at::Tensor attention(const at::Tensor& qkv, int64_t heads, int64_t queries, double scale) {
+  return attend(qkv, heads, queries, scale, nullptr);
+}
+
+// Training forward: (B, N, C) output for all N queries, and the (B, heads, N) fp32 log-sum-exps for the backward.
+std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& qkv, int64_t heads, double scale) {
+  TORCH_CHECK(qkv.dim() == 3, "cpu_kernels: qkv must be (B, N, 3*C)");
+  auto lse = at::empty({qkv.size(0), heads, qkv.size(1)}, qkv.options().dtype(at::kFloat));
+  auto out = attend(qkv, heads, qkv.size(1), scale, lse.data_ptr<float>());
+  return {out, lse};
+}
+
+namespace {
+
+// One block of up to 64 rows of the backward's elementwise step, on fp32 scores s and dp (rows x Np, row stride Np):
+//   p = exp(scale · s - lse),  ds = scale · p · (dp - delta),  both to bf16 (columns >= valid -> 0).
+// lse and delta are per row (row_lse / row_delta, query-major pass) or per column (col_lse / col_delta, key-major
+// pass); p is stored only where p_out is given.
+void softmax_grad_block(const float* s, const float* dp, int64_t rows, int64_t valid, int64_t Np, float scale,
+                        const float* row_lse, const float* row_delta, const float* col_lse, const float* col_delta,
+                        BFloat16* p_out, BFloat16* ds_out) {
+  const __m512 vscale = _mm512_set1_ps(scale);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < Np; c += 16) {
+      const int64_t n = std::max<int64_t>(0, std::min<int64_t>(16, valid - c));
+      const __mmask16 m = static_cast<__mmask16>((1u << n) - 1);
+      __m512 p = _mm512_setzero_ps(), ds = _mm512_setzero_ps();
+      if (m) {
+        const __m512 l = row_lse ? _mm512_set1_ps(row_lse[r]) : _mm512_maskz_loadu_ps(m, col_lse + c);
+        const __m512 d = row_delta ? _mm512_set1_ps(row_delta[r]) : _mm512_maskz_loadu_ps(m, col_delta + c);
+        const __m512 x = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(m, s + r * Np + c), vscale, l);
+        p = _mm512_maskz_mov_ps(m, Vec(x).exp_u20());
+        ds = _mm512_mul_ps(_mm512_mul_ps(p, vscale), _mm512_sub_ps(_mm512_maskz_loadu_ps(m, dp + r * Np + c), d));
+      }
+      if (p_out) store_bf16(p_out + r * Np + c, p);
+      store_bf16(ds_out + r * Np + c, ds);
+    }
+  }
+}
+
+// rows x D fp32 (row stride D) -> bf16 rows `stride` apart.
+void store_rows(const float* src, int64_t rows, int64_t D, BFloat16* dst, int64_t stride) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t d = 0; d < D; d += 16) store_bf16(dst + r * stride + d, _mm512_loadu_ps(src + r * D + d));
+}
+
+// rows x width scores into an (rows, Np) fp32 buffer: a (row stride lda) times bᵀ, b packed by pack_keys.
+void scores_block(const BFloat16* a, int64_t lda, int64_t rows, const BFloat16* b_packed, int64_t Np, int64_t D,
+                  float* out) {
+  for (int64_t n0 = 0; n0 < Np; n0 += kKeyBlock) {
+    const int64_t width = std::min(kKeyBlock, Np - n0);
+    cpublas::brgemm(rows, width, D, lda, width, Np, false, a + 0, b_packed + n0 * D, out + n0);
+  }
+}
+
+}  // namespace
+
+// Gradient of `attention_forward` (flash-attention style: probabilities recomputed from the log-sum-exps, nothing
+// N x N kept between the passes). dout, out: (B, N, C) bf16; qkv: (B, N, 3·C) bf16; lse: (B, heads, N) fp32.
+// Returns dqkv (B, N, 3·C) bf16. One (image, head) per task, in two passes over its N x N scores:
+//   query-major (rows = queries): s = q kᵀ, dp = dout vᵀ, ds = scale · p ⊙ (dp - delta) -> dq = ds k
+//   key-major (rows = keys):      sᵀ = k qᵀ, dpᵀ = v doutᵀ, pᵀ, dsᵀ      -> dv = pᵀ dout, dk = dsᵀ q
+// where delta = rowsum(dout ⊙ out) per query. Computing the scores twice (once per orientation) costs two more
+// N x N x D products than transposing p and ds, but keeps every operand in a layout brgemm reads.
+at::Tensor attention_backward(const at::Tensor& dout, const at::Tensor& qkv, const at::Tensor& out,
+                              const at::Tensor& lse, int64_t heads, double scale) {
+  TORCH_CHECK(qkv.device().is_cpu() && qkv.dim() == 3 && qkv.scalar_type() == at::kBFloat16 && qkv.is_contiguous(),
+              "cpu_kernels: qkv must be a contiguous (B, N, 3*C) bf16 CPU tensor");
+  TORCH_CHECK(heads >= 1 && qkv.size(2) % (3 * heads) == 0, "cpu_kernels: 3*C must split into 3 x heads");
+  const int64_t B = qkv.size(0), N = qkv.size(1), C = qkv.size(2) / 3, D = C / heads;
+  TORCH_CHECK(D == 32 || D == 64, "cpu_kernels: head_dim must be 32 or 64, got ", D);
+  for (const at::Tensor* t : {&dout, &out}) {
+    TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->is_contiguous() && t->dim() == 3 && t->size(0) == B &&
+                    t->size(1) == N && t->size(2) == C,
+                "cpu_kernels: dout and out must be contiguous (B, N, C) bf16 tensors");
+  }
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.numel() == B * heads * N,
+              "cpu_kernels: lse must be a contiguous (B, heads, N) fp32 tensor");
+  const int64_t Np = round_up(N, kKeyAlign), row = 3 * C;
+  auto dqkv = at::empty_like(qkv);
+  const BFloat16* base = qkv.const_data_ptr<BFloat16>();
+  const BFloat16* dout_base = dout.const_data_ptr<BFloat16>();
+  const BFloat16* out_base = out.const_data_ptr<BFloat16>();
+  const float* lse_base = lse.const_data_ptr<float>();
+  BFloat16* dqkv_base = dqkv.data_ptr<BFloat16>();
+  const float sc = static_cast<float>(scale);
+
+  at::parallel_for(0, B * heads, 1, [&](int64_t begin, int64_t end) {
+    // packed operands: ...T = as bᵀ of a score product (pack_keys), ...V = as the b of a p-times product (pack_values)
+    std::vector<BFloat16> kT(Np * D), vT(Np * D), qT(Np * D), gT(Np * D), kV(Np * D), qV(Np * D), gV(Np * D);
+    std::vector<BFloat16> p(kQueryBlock * Np), ds(kQueryBlock * Np);
+    std::vector<float> s(kQueryBlock * Np), dp(kQueryBlock * Np), acc(kQueryBlock * D), acc2(kQueryBlock * D);
+    std::vector<float> delta(Np, 0.f);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / heads, h = task % heads;
+      const BFloat16* q = base + b * N * row + h * D;  // k at q + C, v at q + 2C; rows `row` apart
+      const BFloat16* k = q + C;
+      const BFloat16* v = q + 2 * C;
+      const BFloat16* g = dout_base + b * N * C + h * D;  // rows C apart
+      const BFloat16* o = out_base + b * N * C + h * D;
+      const float* l = lse_base + task * N;
+      BFloat16* dq = dqkv_base + b * N * row + h * D;
+      for (int64_t i = 0; i < N; ++i) {
+        __m512 acc_v = _mm512_setzero_ps();
+        for (int64_t d = 0; d < D; d += 16)
+          acc_v = _mm512_fmadd_ps(load_bf16(g + i * C + d), load_bf16(o + i * C + d), acc_v);
+        delta[i] = _mm512_reduce_add_ps(acc_v);
+      }
+      pack_keys(k, row, N, Np, D, kT.data());
+      pack_keys(v, row, N, Np, D, vT.data());
+      pack_keys(q, row, N, Np, D, qT.data());
+      pack_keys(g, C, N, Np, D, gT.data());
+      pack_values(k, row, N, Np, D, kV.data());
+      pack_values(q, row, N, Np, D, qV.data());
+      pack_values(g, C, N, Np, D, gV.data());
+      for (int64_t m = 0; m < N; m += kQueryBlock) {  // query-major: dq
+        const int64_t rows = std::min(kQueryBlock, N - m);
+        scores_block(q + m * row, row, rows, kT.data(), Np, D, s.data());
+        scores_block(g + m * C, C, rows, vT.data(), Np, D, dp.data());
+        softmax_grad_block(s.data(), dp.data(), rows, N, Np, sc, l + m, delta.data() + m, nullptr, nullptr, nullptr,
+                           ds.data());
+        cpublas::brgemm(rows, D, Np, Np, D, D, false, ds.data(), kV.data(), acc.data());
+        store_rows(acc.data(), rows, D, dq + m * row, row);
+      }
+      for (int64_t m = 0; m < N; m += kQueryBlock) {  // key-major: dk, dv
+        const int64_t rows = std::min(kQueryBlock, N - m);
+        scores_block(k + m * row, row, rows, qT.data(), Np, D, s.data());
+        scores_block(v + m * row, row, rows, gT.data(), Np, D, dp.data());
+        softmax_grad_block(s.data(), dp.data(), rows, N, Np, sc, nullptr, nullptr, l, delta.data(), p.data(),
+                           ds.data());
+        cpublas::brgemm(rows, D, Np, Np, D, D, false, p.data(), gV.data(), acc.data());    // dv = pᵀ dout
+        cpublas::brgemm(rows, D, Np, Np, D, D, false, ds.data(), qV.data(), acc2.data());  // dk = dsᵀ q
+        store_rows(acc2.data(), rows, D, dq + C + m * row, row);
+        store_rows(acc.data(), rows, D, dq + 2 * C + m * row, row);
+      }
+    }
+    cpublas::brgemm_release();
+  });
+  return dqkv;
 }
 
 // LayerNorm over the last dimension for the same fast path: x (..., C) bf16 -> bf16, fp32 weight and bias (the
@@ -246,6 +392,8 @@ bool brgemm_available() { return cpublas::could_pack(at::kBFloat16); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention", &attention, "softmax(q k^T scale) v from a (B, N, 3C) bf16 qkv -> (B, Q, C) bf16");
+  m.def("attention_forward", &attention_forward, "training forward: (B, N, C) output and (B, heads, N) fp32 lse");
+  m.def("attention_backward", &attention_backward, "dqkv (B, N, 3C) bf16 from dout, qkv, out and lse");
   m.def("layer_norm", &layer_norm, "LayerNorm over the last dim: bf16 x, fp32 weight / bias -> bf16");
   m.def("brgemm_available", &brgemm_available, "whether oneDNN's bf16 brgemm runs on this CPU");
   m.def("onednn_pack", &onednn_pack, "test hook: oneDNN's VNNI packing of a (K, N) bf16 matrix");
