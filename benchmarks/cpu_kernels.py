@@ -2,11 +2,15 @@
 
     flock /tmp/vitkit-heavy.lock .venv/bin/python benchmarks/cpu_kernels.py                # ViT-S/16 b32 and b1
     ... --models s16_224:32,s16_224:1,ti4_32:128,ti4_32:1,b16_224:16,s14_224:8,s16_384:4     # more shapes
+    ... --train s16_224:32,ti4_32:128 --models ''                                             # training only
 
 Op alone: attention from a (B, N, 3C) bf16 qkv tensor, the kernel vs SDPA on the same layout, and LayerNorm of a
 (B, 197, 384) bf16 tensor, the kernel vs F.layer_norm (medians). Whole model: `create_model` +
 `torch.autocast("cpu", bf16)` + `torch.inference_mode()`, with the kernels and without (`cpu_kernels.disabled()`:
 SDPA and F.layer_norm) alternating call by call in one process, so drift in the machine's pace hits both.
+Training (`--train`): one step (bf16 autocast forward, cross-entropy, backward, AdamW, as benchmarks/throughput.py
+runs it) with all the kernels, without any, and with each training kernel alone switched off (the attention with its
+backward, the residual add, the LayerNorm to bf16), the variants alternating step by step.
 Needs the kernels built (`vitkit kernels build`); prints the machine, versions and the kernels' status first.
 """
 
@@ -85,6 +89,56 @@ def whole_model(key: str, batch: int, calls: int) -> tuple[float, float]:
     return statistics.median(times[True]) * 1e3, statistics.median(times[False]) * 1e3
 
 
+# The training kernels, each switched off by replacing its entry point with what the model runs without it.
+TRAINING_KERNELS = {
+    "attention": ("trainable", lambda tokens, head_dim: False),
+    "residual add": ("residual_add", lambda x, y: x + y),
+    "LayerNorm to bf16": ("layer_norm_to_bf16", lambda x, norm: None),
+}
+
+
+def train_step_variants(key: str, batch: int, rounds: int) -> dict[str, float]:
+    """Median ms of a training step per variant: "all kernels", "none", and "without <kernel>" for each one."""
+    name, kwargs, img = MODELS[key]
+    model = vitkit.create_model(name, **kwargs).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+    x, y = torch.randn(batch, 3, img, img), torch.randint(0, model.cfg.num_classes, (batch,))
+
+    def step() -> None:
+        with torch.autocast("cpu", torch.bfloat16):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def run(variant: str) -> float:
+        saved = {}
+        if variant.startswith("without "):
+            attr, stand_in = TRAINING_KERNELS[variant[len("without ") :]]
+            saved[attr] = getattr(cpu_kernels, attr)
+            setattr(cpu_kernels, attr, stand_in)
+        try:
+            t = time.perf_counter()
+            if variant == "none":
+                with cpu_kernels.disabled():
+                    step()
+            else:
+                step()
+            return time.perf_counter() - t
+        finally:
+            for attr, fn in saved.items():
+                setattr(cpu_kernels, attr, fn)
+
+    variants = ["all kernels", "none"] + [f"without {k}" for k in TRAINING_KERNELS]
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for v in variants:  # warm-up: each variant's first step allocates and builds kernels' caches
+        run(v)
+    for i in range(rounds):
+        for v in variants if i % 2 else variants[::-1]:
+            times[v].append(run(v))
+    return {v: statistics.median(t) * 1e3 for v, t in times.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
@@ -93,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--calls", type=int, default=0, help="alternating calls per path (default: 9 at batch >= 8, 61 below)"
     )
+    p.add_argument("--train", default="", help="comma list of MODEL:BATCH for the training-step A/B (e.g. s16_224:32)")
+    p.add_argument("--rounds", type=int, default=5, help="alternating training steps per variant (default 5)")
     args = p.parse_args(argv)
     print(f"machine: {cpu_model()}, torch threads {torch.get_num_threads()}, torch {torch.__version__}")
     print(f"kernels: {cpu_kernels.status()}")
@@ -109,8 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"  batch {batch:>3}: kernel {ours * 1e3:.1f} us, F.layer_norm {theirs * 1e3:.1f} us ({theirs / ours:.2f}x)"
         )
-    print("\nwhole model, with the kernels and without (SDPA, F.layer_norm), alternating call by call:")
-    for item in args.models.split(","):
+    if args.models:
+        print("\nwhole model, with the kernels and without (SDPA, F.layer_norm), alternating call by call:")
+    for item in filter(None, args.models.split(",")):
         key, batch = item.split(":")
         calls = args.calls or (9 if int(batch) >= 8 else 61)
         ours, theirs = whole_model(key, int(batch), calls)
@@ -118,6 +175,12 @@ def main(argv: list[str] | None = None) -> int:
             f"  {key} batch {batch:>3}: kernels {ours:.2f} ms, without {theirs:.2f} ms "
             f"({theirs / ours:.3f}x, {calls} calls each)"
         )
+    for item in filter(None, args.train.split(",")):
+        key, batch = item.split(":")
+        print(f"\ntraining step {key} batch {batch} (bf16 autocast + AdamW), median of {args.rounds}, alternating:")
+        ms = train_step_variants(key, int(batch), args.rounds)
+        for variant, t in ms.items():
+            print(f"  {variant:<28} {t:8.1f} ms   all kernels are {t / ms['all kernels']:.3f}x faster")
     return 0
 
 

@@ -349,3 +349,90 @@ def test_training_cases_the_kernel_does_not_take(ext, train_calls):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(x, return_attention=[0])  # a returned map needs explicit attention
     assert train_calls == [65]  # only the map request's other block (1; block 2 is class-token-only)
+
+
+@pytest.mark.parametrize("shape", [(2, 197, 384), (3, 7), (17,)])  # numel not a multiple of 16: the masked tail
+def test_residual_add_is_the_exact_sum_and_passes_gradients_on(ext, shape):
+    torch.manual_seed(0)
+    x = torch.randn(shape).requires_grad_()
+    y = torch.randn(shape).bfloat16().requires_grad_()
+    out = cpu_kernels.residual_add(x, y)
+    assert out.dtype == torch.float32 and torch.equal(out, x.detach() + y.detach().float())
+    g = torch.randn(shape)
+    out.backward(g)
+    assert torch.equal(x.grad, g) and y.grad.dtype == torch.bfloat16 and torch.equal(y.grad, g.bfloat16())
+
+
+def test_residual_add_falls_back_where_the_kernel_does_not_take_it(ext, monkeypatch):
+    def boom(*a):
+        raise AssertionError("the kernel was called")
+
+    monkeypatch.setattr(cpu_kernels._ResidualAdd, "apply", boom)
+    x, yb = torch.randn(4, 16), torch.randn(4, 16).bfloat16()
+    for a, b in ((x, x), (yb, yb), (x, torch.randn(1, 16).bfloat16()), (x.t(), yb.t())):  # dtypes, broadcast, strides
+        assert torch.equal(cpu_kernels.residual_add(a, b), a + b)
+
+
+def test_layer_norm_to_bf16_matches_fp32_layer_norm_and_its_gradients(ext):
+    torch.manual_seed(0)
+    norm = torch.nn.LayerNorm(384, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5), norm.bias.normal_()
+    x = (torch.randn(4, 50, 384) * 3 + 1).requires_grad_()
+    g = torch.randn(4, 50, 384).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = cpu_kernels.layer_norm_to_bf16(x, norm)
+    assert y is not None and y.dtype == torch.bfloat16
+    y.backward(g)
+    ours = x.grad, norm.weight.grad, norm.bias.grad
+    x.grad = norm.weight.grad = norm.bias.grad = None
+    ref = F.layer_norm(x, (384,), norm.weight, norm.bias, 1e-6)
+    ref.backward(g.float())
+    assert (y.float() - ref).abs().max() <= 2**-8 * ref.abs().max()  # bf16 rounding of the fp32 result
+    for got, want in zip(ours, (x.grad, norm.weight.grad, norm.bias.grad)):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+def test_layer_norm_to_bf16_only_under_bf16_autocast_with_grad(ext):
+    norm, x = torch.nn.LayerNorm(32), torch.randn(2, 32)
+    assert cpu_kernels.layer_norm_to_bf16(x, norm) is None  # no autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert cpu_kernels.layer_norm_to_bf16(x, norm) is not None
+        with torch.no_grad():
+            assert cpu_kernels.layer_norm_to_bf16(x, norm) is None  # not training
+        assert cpu_kernels.layer_norm_to_bf16(x.bfloat16(), norm) is None
+        assert cpu_kernels.layer_norm_to_bf16(torch.randn(2, 24), torch.nn.LayerNorm(24)) is None  # width % 16
+        assert cpu_kernels.layer_norm_to_bf16(x, torch.nn.LayerNorm(32, elementwise_affine=False)) is None
+        assert cpu_kernels.layer_norm_to_bf16(torch.randn(32, 2).t(), norm) is None  # not contiguous
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert cpu_kernels.layer_norm_to_bf16(x, norm) is None
+
+
+def test_bf16_training_step_uses_the_norm_and_add_kernels_with_the_same_gradients(ext, monkeypatch):
+    seen = {"norm": 0, "add": 0}
+    norm, add = cpu_kernels._LayerNormToBF16.apply, cpu_kernels._ResidualAdd.apply
+
+    def count(key, fn):
+        def wrapped(*a):
+            seen[key] += 1
+            return fn(*a)
+
+        return wrapped
+
+    monkeypatch.setattr(cpu_kernels._LayerNormToBF16, "apply", count("norm", norm))
+    monkeypatch.setattr(cpu_kernels._ResidualAdd, "apply", count("add", add))
+    torch.manual_seed(0)
+    model = _model(drop_path_rate=0.1).train()  # drop-path keeps a bf16 branch: still the kernel's add
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 5, (4,))
+    torch.manual_seed(1)
+    ours = _train_step_grads(model, x, y)
+    # 3 blocks x (norm1, norm2) and two residual adds, but the first add of the class-token-only last block, whose
+    # stream is the (B, 1, D) slice of the class token (not contiguous): PyTorch's add there
+    assert seen == {"norm": 6, "add": 5}
+    torch.manual_seed(1)  # the same drop-path draws
+    with cpu_kernels.disabled():
+        ref = _train_step_grads(model, x, y)
+    assert seen == {"norm": 6, "add": 5}
+    for name, g in ref.items():
+        assert (ours[name] - g).abs().max() <= 0.05 * g.abs().max() + 1e-4, name

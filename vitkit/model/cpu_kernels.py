@@ -195,6 +195,70 @@ def attention_with_grad(qkv: torch.Tensor, heads: int, scale: float) -> torch.Te
     return _Attention.apply(qkv, heads, scale)
 
 
+class _ResidualAdd(torch.autograd.Function):
+    """x (fp32) + y (bf16) -> fp32 in one pass; the gradient goes to x as it is and to y in bf16 (as autograd's add
+    would hand it back for a bf16 input)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return kernel().residual_add(x, y)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return grad, grad.to(torch.bfloat16)
+
+
+def residual_add(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x + y for an fp32 residual stream x and a bf16 branch y (bf16 autocast training): one pass on the kernel
+    where it takes them (loaded; contiguous CPU tensors of one shape; not under torch.compile), else x + y."""
+    if (
+        x.dtype != torch.float32
+        or y.dtype != torch.bfloat16
+        or x.shape != y.shape
+        or not (x.is_cpu and y.is_cpu and x.is_contiguous() and y.is_contiguous())
+        or torch.compiler.is_compiling()
+        or kernel() is None
+    ):
+        return x + y
+    return _ResidualAdd.apply(x, y)
+
+
+class _LayerNormToBF16(torch.autograd.Function):
+    """LayerNorm of an fp32 x with fp32 weight and bias, written out in bf16; the gradients come back in fp32."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+        y, mean, rstd = kernel().layer_norm_train(x, weight, bias, eps)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
+        x, weight, mean, rstd = ctx.saved_tensors
+        dy = grad.to(torch.bfloat16).contiguous()
+        dx, dw, db = kernel().layer_norm_train_backward(dy, x, mean, rstd, weight)
+        return dx, dw, db, None
+
+
+def layer_norm_to_bf16(x: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor | None:
+    """`norm(x)` rounded to bf16, in one pass and with its own backward, for bf16 autocast training where the result
+    feeds a linear (which would cast it to bf16 anyway); None where the kernel does not take the call: not recording
+    gradients, autocast off or not bf16, not an fp32 contiguous CPU x, no fp32 affine, a width that is not a multiple
+    of 16, under torch.compile, or the kernels not loaded."""
+    w, b = norm.weight, norm.bias
+    if not torch.is_grad_enabled() or w is None or b is None or x.shape[-1] % 16 or len(norm.normalized_shape) != 1:
+        return None
+    if not torch.is_autocast_enabled("cpu") or torch.get_autocast_dtype("cpu") != torch.bfloat16:
+        return None
+    if x.dtype != torch.float32 or w.dtype != torch.float32 or b.dtype != torch.float32:
+        return None
+    if not (x.is_cpu and x.is_contiguous()) or torch.compiler.is_compiling() or kernel() is None:
+        return None
+    return _LayerNormToBF16.apply(x, w, b, norm.eps)
+
+
 def layer_norm(x: torch.Tensor, shape, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float):
     """F.layer_norm's arguments, for a contiguous bf16 x on the fast path: the kernel's LayerNorm where it takes
     them (loaded; fp32 weight and bias; width a multiple of 16), else F.layer_norm. Same result within bf16 rounding."""

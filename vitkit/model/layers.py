@@ -221,6 +221,18 @@ class DropPath(nn.Module):
         return f"p={self.p}"
 
 
+class PreNorm(nn.LayerNorm):
+    """nn.LayerNorm (same parameters and state_dict keys) for a block's norm1 / norm2, whose output feeds a linear.
+
+    In bf16 autocast training on the CPU it writes bf16 straight away (`cpu_kernels.layer_norm_to_bf16`): autocast
+    would run it in fp32 and the next linear would cast the result, a pass more each way. Elsewhere: nn.LayerNorm.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = cpu_kernels.layer_norm_to_bf16(x, self)
+        return super().forward(x) if y is None else y
+
+
 class Block(nn.Module):
     """One Transformer encoder block: x + attn(LN(x)), then x + mlp(LN(x)) (pre-norm, optional LayerScale)."""
 
@@ -239,11 +251,11 @@ class Block(nn.Module):
         attn_backend: str = "auto",
     ):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.norm1 = PreNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, num_heads, qkv_bias, qk_norm, attn_drop, proj_drop, norm_eps, attn_backend)
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path)
-        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.norm2 = PreNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop)
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path)
@@ -271,8 +283,9 @@ class Block(nn.Module):
                 return self.mlp(self.norm2(x), residual=x), attn
         y, attn = self.attn(self.norm1(x), need_weights, queries=queries)
         x = x if queries is None else x[:, :queries]
-        x = x + self.drop_path1(self.ls1(y))
-        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        add = cpu_kernels.residual_add  # x + branch; one pass for an fp32 stream and a bf16 branch (autocast)
+        x = add(x, self.drop_path1(self.ls1(y)))
+        x = add(x, self.drop_path2(self.ls2(self.mlp(self.norm2(x)))))
         return x, attn  # (B, Q, D), (B, heads, Q, N) or None
 
     def _fast_plan(self) -> _FastBlock | None:

@@ -367,6 +367,139 @@ at::Tensor layer_norm(const at::Tensor& x, const at::Tensor& weight, const at::T
   return out;
 }
 
+// The residual add of bf16 training under autocast: x (fp32, the residual stream) + y (bf16, a block's branch) ->
+// fp32, in one pass. PyTorch's mixed-dtype add first writes y converted to fp32 into a temporary, then adds.
+at::Tensor residual_add(const at::Tensor& x, const at::Tensor& y) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "cpu residual_add: x must be a contiguous fp32 CPU tensor");
+  TORCH_CHECK(y.device().is_cpu() && y.scalar_type() == at::kBFloat16 && y.is_contiguous() && y.sizes() == x.sizes(),
+              "cpu residual_add: y must be a contiguous bf16 CPU tensor of x's shape");
+  auto out = at::empty_like(x);
+  const float* a = x.const_data_ptr<float>();
+  const BFloat16* b = y.const_data_ptr<BFloat16>();
+  float* o = out.data_ptr<float>();
+  const int64_t n = x.numel();
+  at::parallel_for(0, (n + 15) / 16, 2048, [&](int64_t begin, int64_t end) {
+    for (int64_t v = begin; v < end; ++v) {
+      const int64_t i = v * 16, left = std::min<int64_t>(16, n - i);
+      if (left == 16) {
+        _mm512_storeu_ps(o + i, _mm512_add_ps(_mm512_loadu_ps(a + i), load_bf16(b + i)));
+      } else {  // the tail: masked loads and store
+        const __mmask16 m = static_cast<__mmask16>((1u << left) - 1);
+        const __m512i h = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, b + i));
+        const __m512 bv = _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
+        _mm512_mask_storeu_ps(o + i, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, a + i), bv));
+      }
+    }
+  });
+  return out;
+}
+
+// LayerNorm for bf16 training under autocast, where its output feeds a linear: x (rows, C) fp32 -> y bf16, with the
+// per-row mean and 1/std (fp32) kept for the backward. Autocast runs LayerNorm in fp32 and the linear then casts its
+// fp32 output to bf16: one more pass each way (and the cast's gradient back to fp32 in the backward).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_train(const at::Tensor& x, const at::Tensor& weight,
+                                                                 const at::Tensor& bias, double eps) {
+  const int64_t C = x.size(-1);
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() && C % 16 == 0,
+              "cpu layer_norm_train: x must be a contiguous fp32 CPU tensor whose last dimension is a multiple of 16");
+  TORCH_CHECK(weight.scalar_type() == at::kFloat && bias.scalar_type() == at::kFloat && weight.numel() == C &&
+                  bias.numel() == C && weight.is_contiguous() && bias.is_contiguous(),
+              "cpu layer_norm_train: weight and bias must be contiguous fp32 tensors of C elements");
+  const int64_t rows = x.numel() / C;
+  auto y = at::empty(x.sizes(), x.options().dtype(at::kBFloat16));
+  auto mean = at::empty({rows}, x.options()), rstd = at::empty({rows}, x.options());
+  const float* src = x.const_data_ptr<float>();
+  const float* w = weight.const_data_ptr<float>();
+  const float* b = bias.const_data_ptr<float>();
+  BFloat16* dst = y.data_ptr<BFloat16>();
+  float* mean_p = mean.data_ptr<float>();
+  float* rstd_p = rstd.data_ptr<float>();
+  const float e = static_cast<float>(eps), inv_c = 1.f / static_cast<float>(C);
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* xr = src + r * C;
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t c = 0; c < C; c += 16) acc = _mm512_add_ps(acc, _mm512_loadu_ps(xr + c));
+      const float mu = _mm512_reduce_add_ps(acc) * inv_c;
+      const __m512 vmu = _mm512_set1_ps(mu);
+      acc = _mm512_setzero_ps();
+      for (int64_t c = 0; c < C; c += 16) {
+        const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(xr + c), vmu);
+        acc = _mm512_fmadd_ps(d, d, acc);
+      }
+      const float rs = 1.f / std::sqrt(_mm512_reduce_add_ps(acc) * inv_c + e);
+      const __m512 vrs = _mm512_set1_ps(rs);
+      for (int64_t c = 0; c < C; c += 16) {
+        const __m512 xh = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(xr + c), vmu), vrs);
+        store_bf16(dst + r * C + c, _mm512_fmadd_ps(xh, _mm512_loadu_ps(w + c), _mm512_loadu_ps(b + c)));
+      }
+      mean_p[r] = mu;
+      rstd_p[r] = rs;
+    }
+  });
+  return {y, mean, rstd};
+}
+
+// Its gradient: dy (rows, C) bf16, x fp32 and the kept statistics -> dx fp32, dweight, dbias fp32 (C). Per row, with
+// x̂ = (x - mean) · rstd and g = dy · weight: dx = rstd · (g - mean(g) - x̂ · mean(g · x̂)). The weight and bias
+// gradients (Σ dy · x̂, Σ dy over rows) are summed per thread, then across threads.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_train_backward(const at::Tensor& dy, const at::Tensor& x,
+                                                                          const at::Tensor& mean,
+                                                                          const at::Tensor& rstd,
+                                                                          const at::Tensor& weight) {
+  const int64_t C = x.size(-1), rows = x.numel() / C;
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && C % 16 == 0 && dy.scalar_type() == at::kBFloat16 &&
+                  dy.is_contiguous() && dy.sizes() == x.sizes(),
+              "cpu layer_norm_train_backward: dy must be contiguous bf16 and x contiguous fp32, of one shape");
+  TORCH_CHECK(mean.numel() == rows && rstd.numel() == rows && weight.numel() == C &&
+                  weight.scalar_type() == at::kFloat && mean.scalar_type() == at::kFloat &&
+                  rstd.scalar_type() == at::kFloat,
+              "cpu layer_norm_train_backward: mean and rstd need one fp32 value per row, weight C fp32 values");
+  auto dx = at::empty_like(x);
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows));
+  auto partial = at::zeros({threads, 2, C}, x.options());  // per thread: Σ dy · x̂, Σ dy
+  const BFloat16* g_p = dy.const_data_ptr<BFloat16>();
+  const float* x_p = x.const_data_ptr<float>();
+  const float* mean_p = mean.const_data_ptr<float>();
+  const float* rstd_p = rstd.const_data_ptr<float>();
+  const float* w = weight.const_data_ptr<float>();
+  float* dx_p = dx.data_ptr<float>();
+  float* part = partial.data_ptr<float>();
+  const float inv_c = 1.f / static_cast<float>(C);
+  at::parallel_for(0, threads, 1, [&](int64_t t_begin, int64_t t_end) {
+    for (int64_t t = t_begin; t < t_end; ++t) {
+      float* dw = part + t * 2 * C;
+      float* db = dw + C;
+      for (int64_t r = rows * t / threads; r < rows * (t + 1) / threads; ++r) {
+        const float* xr = x_p + r * C;
+        const BFloat16* gr = g_p + r * C;
+        const __m512 mu = _mm512_set1_ps(mean_p[r]), rs = _mm512_set1_ps(rstd_p[r]);
+        __m512 sum_g = _mm512_setzero_ps(), sum_gx = _mm512_setzero_ps();
+        for (int64_t c = 0; c < C; c += 16) {
+          const __m512 xh = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(xr + c), mu), rs);
+          const __m512 d = load_bf16(gr + c);
+          const __m512 g = _mm512_mul_ps(d, _mm512_loadu_ps(w + c));
+          sum_g = _mm512_add_ps(sum_g, g);
+          sum_gx = _mm512_fmadd_ps(g, xh, sum_gx);
+          _mm512_storeu_ps(dw + c, _mm512_fmadd_ps(d, xh, _mm512_loadu_ps(dw + c)));
+          _mm512_storeu_ps(db + c, _mm512_add_ps(d, _mm512_loadu_ps(db + c)));
+        }
+        const __m512 a = _mm512_set1_ps(_mm512_reduce_add_ps(sum_g) * inv_c);
+        const __m512 bb = _mm512_set1_ps(_mm512_reduce_add_ps(sum_gx) * inv_c);
+        for (int64_t c = 0; c < C; c += 16) {
+          const __m512 xh = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(xr + c), mu), rs);
+          const __m512 g = _mm512_mul_ps(load_bf16(gr + c), _mm512_loadu_ps(w + c));
+          const __m512 v = _mm512_sub_ps(_mm512_sub_ps(g, a), _mm512_mul_ps(xh, bb));
+          _mm512_storeu_ps(dx_p + r * C + c, _mm512_mul_ps(v, rs));
+        }
+      }
+    }
+  });
+  auto sums = partial.sum(0);  // (2, C)
+  return {dx, sums[0].contiguous(), sums[1].contiguous()};
+}
+
 // Test hooks: our packings next to oneDNN's own (`cpublas::pack`), for the layouts brgemm reads.
 at::Tensor onednn_pack(const at::Tensor& b) {  // b: (K, N) bf16 contiguous, K even, N in {16, 32, 48, 64}
   TORCH_CHECK(b.dim() == 2 && b.scalar_type() == at::kBFloat16 && b.is_contiguous(), "onednn_pack: (K, N) bf16");
@@ -394,6 +527,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention", &attention, "softmax(q k^T scale) v from a (B, N, 3C) bf16 qkv -> (B, Q, C) bf16");
   m.def("attention_forward", &attention_forward, "training forward: (B, N, C) output and (B, heads, N) fp32 lse");
   m.def("attention_backward", &attention_backward, "dqkv (B, N, 3C) bf16 from dout, qkv, out and lse");
+  m.def("residual_add", &residual_add, "fp32 x + bf16 y -> fp32, one pass (bf16 training's residual adds)");
+  m.def("layer_norm_train", &layer_norm_train, "LayerNorm fp32 x -> bf16 y, mean, rstd (bf16 training)");
+  m.def("layer_norm_train_backward", &layer_norm_train_backward, "dx, dweight, dbias of layer_norm_train");
   m.def("layer_norm", &layer_norm, "LayerNorm over the last dim: bf16 x, fp32 weight / bias -> bf16");
   m.def("brgemm_available", &brgemm_available, "whether oneDNN's bf16 brgemm runs on this CPU");
   m.def("onednn_pack", &onednn_pack, "test hook: oneDNN's VNNI packing of a (K, N) bf16 matrix");
