@@ -1,4 +1,5 @@
-"""vitkit's C++ kernels for the CPU bf16 inference fast path (csrc/cpu_kernels.cpp): attention and LayerNorm.
+"""vitkit's C++ kernels for CPU bf16 (csrc/cpu_kernels.cpp): the inference fast path's attention and LayerNorm,
+and bf16 training's attention (with its backward), residual add and pre-norm LayerNorm.
 
 Attention, on oneDNN's brgemm (AMX): at ViT-*/16's 197 tokens PyTorch's CPU flash attention runs on the slow side of
 a cliff (key counts that are not a multiple of 16), and attention is a third of a ViT-S/16 forward at batch 32. The
@@ -9,6 +10,20 @@ batch 32 (noisy), 1.04-1.07x at batch 1.
 LayerNorm (bf16 in and out, fp32 statistics): ATen runs its AVX2 kernel for bf16 here; this one saves ~15 µs a call
 at batch 1, ViT-S/16 batch 1 1.025x (nothing at batch 32).
 Both stay within bf16 tolerance of PyTorch's ops (tests/test_cpu_kernels.py).
+
+bf16 training under autocast (the model called the ordinary way, `Block` and `Attention` pick these by themselves):
+- attention with its own backward (`attention_with_grad`), where `auto` would pick explicit attention (up to
+  MAX_TOKENS): the forward keeps the log-sum-exps, the backward recomputes the probabilities (flash-attention style),
+  reads q, k, v in place and writes d(qkv) in the layout the qkv projection's backward takes. No (B, heads, N, N)
+  tensor is kept between forward and backward (explicit attention keeps its fp32 softmax: 30 MB a block at ViT-S/16
+  batch 32);
+- the residual add (`residual_add`): autocast leaves the stream fp32 and the branches bf16, and PyTorch's
+  mixed-dtype add converts the branch into a temporary before adding;
+- the pre-norms (`layer_norm_to_bf16`, `layers.PreNorm`): fp32 in, bf16 out, where autocast would write fp32 and the
+  next linear would cast it.
+Whole training step, each kernel alone switched off (`benchmarks/cpu_kernels.py --train`, benchmarks/README.md):
+ViT-S/16 batch 32 and ViT-Ti/4 batch 128 about 1.1x with all three. Gradients match PyTorch's within bf16 rounding
+(tests).
 
 Built once per machine, never during a forward: `vitkit kernels build` (which `make setup` runs) compiles the source
 with torch.utils.cpp_extension (a C++ compiler and ninja; ~25 s) into the cache folder (VITKIT_CACHE, default

@@ -1,6 +1,9 @@
-// vitkit's CPU bf16 inference fast path kernels: attention and LayerNorm (vitkit/model/cpu_kernels.py).
+// vitkit's CPU bf16 kernels (vitkit/model/cpu_kernels.py). Inference fast path: attention and LayerNorm.
+// bf16 training under autocast: attention with its backward (`attention_forward` / `attention_backward`), the
+// residual add of an fp32 stream and a bf16 branch, and a LayerNorm that takes fp32 and writes bf16, with its backward.
 //
-// Attention: softmax(q kᵀ · scale) v straight from the fused qkv projection's output, on oneDNN's brgemm micro-kernels (AMX on Sapphire Rapids and later) through ATen's cpublas.
+// Attention: softmax(q kᵀ · scale) v straight from the fused qkv projection's output, on oneDNN's brgemm
+// micro-kernels (AMX on Sapphire Rapids and later) through ATen's cpublas.
 //
 // Why not PyTorch's SDPA: its CPU flash kernel slows down at key counts that are not a multiple of 16 (197 keys:
 // 5.2-5.4 ms at ViT-S/16 batch 32, 192 keys: 3.7 ms), splits heads out of the qkv tensor through strided views,
@@ -200,28 +203,71 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& qkv, int6
 
 namespace {
 
-// One block of up to 64 rows of the backward's elementwise step, on fp32 scores s and dp (rows x Np, row stride Np):
-//   p = exp(scale · s - lse),  ds = scale · p · (dp - delta),  both to bf16 (columns >= valid -> 0).
-// lse and delta are per row (row_lse / row_delta, query-major pass) or per column (col_lse / col_delta, key-major
-// pass); p is stored only where p_out is given.
-void softmax_grad_block(const float* s, const float* dp, int64_t rows, int64_t valid, int64_t Np, float scale,
-                        const float* row_lse, const float* row_delta, const float* col_lse, const float* col_delta,
-                        BFloat16* p_out, BFloat16* ds_out) {
+// One block of query rows of the backward's elementwise step, in place on fp32 scores s and dp (row stride Np):
+//   s <- p = exp(scale · s - lse),  dp <- ds = scale · p · (dp - delta)  (per-row lse and delta; 0 from column
+// `valid` on), and ds rounded to bf16 into ds_out. Rows from `rows` to `rows_padded` are zeroed (the transposes read
+// whole 16-row tiles).
+void softmax_grad_rows(float* s, float* dp, int64_t rows, int64_t rows_padded, int64_t valid, int64_t Np,
+                       float scale, const float* lse, const float* delta, BFloat16* ds_out) {
   const __m512 vscale = _mm512_set1_ps(scale);
-  for (int64_t r = 0; r < rows; ++r) {
+  for (int64_t r = 0; r < rows_padded; ++r) {
+    const __m512 l = _mm512_set1_ps(r < rows ? lse[r] : 0.f), d = _mm512_set1_ps(r < rows ? delta[r] : 0.f);
     for (int64_t c = 0; c < Np; c += 16) {
-      const int64_t n = std::max<int64_t>(0, std::min<int64_t>(16, valid - c));
+      const int64_t n = r < rows ? std::max<int64_t>(0, std::min<int64_t>(16, valid - c)) : 0;
       const __mmask16 m = static_cast<__mmask16>((1u << n) - 1);
       __m512 p = _mm512_setzero_ps(), ds = _mm512_setzero_ps();
       if (m) {
-        const __m512 l = row_lse ? _mm512_set1_ps(row_lse[r]) : _mm512_maskz_loadu_ps(m, col_lse + c);
-        const __m512 d = row_delta ? _mm512_set1_ps(row_delta[r]) : _mm512_maskz_loadu_ps(m, col_delta + c);
         const __m512 x = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(m, s + r * Np + c), vscale, l);
         p = _mm512_maskz_mov_ps(m, Vec(x).exp_u20());
         ds = _mm512_mul_ps(_mm512_mul_ps(p, vscale), _mm512_sub_ps(_mm512_maskz_loadu_ps(m, dp + r * Np + c), d));
       }
-      if (p_out) store_bf16(p_out + r * Np + c, p);
+      _mm512_storeu_ps(s + r * Np + c, p);
+      _mm512_storeu_ps(dp + r * Np + c, ds);
       store_bf16(ds_out + r * Np + c, ds);
+    }
+  }
+}
+
+// Transpose 16 rows of 16 floats in registers (row j of the result = column j of the input): pairs of rows
+// interleaved (unpack ps), then pairs of pairs (unpack pd), then the 128-bit lanes put in order (two shuffles).
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  auto lo = [](__m512 a, __m512 b) {
+    return _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
+  };
+  auto hi = [](__m512 a, __m512 b) {
+    return _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
+  };
+  for (int i = 0; i < 4; ++i) {  // r[4i + c], 128-bit lane L: column 4L + c, rows 4i..4i+3
+    r[4 * i] = lo(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = hi(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = lo(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = hi(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512 v0 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x44), v1 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xEE);
+    const __m512 w0 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x44);
+    const __m512 w1 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xEE);
+    t[c] = _mm512_shuffle_f32x4(v0, w0, 0x88);
+    t[4 + c] = _mm512_shuffle_f32x4(v0, w0, 0xDD);
+    t[8 + c] = _mm512_shuffle_f32x4(v1, w1, 0x88);
+    t[12 + c] = _mm512_shuffle_f32x4(v1, w1, 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
+
+// src: rows_padded (a multiple of 16) x Np fp32, row stride Np -> its transpose in bf16 at dst (row stride ld_dst).
+void transpose_to_bf16(const float* src, int64_t rows_padded, int64_t Np, BFloat16* dst, int64_t ld_dst) {
+  __m512 r[16];
+  for (int64_t r0 = 0; r0 < rows_padded; r0 += 16) {
+    for (int64_t c0 = 0; c0 < Np; c0 += 16) {
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + (r0 + i) * Np + c0);
+      transpose16(r);
+      for (int j = 0; j < 16; ++j) store_bf16(dst + (c0 + j) * ld_dst + r0, r[j]);
     }
   }
 }
@@ -243,13 +289,15 @@ void scores_block(const BFloat16* a, int64_t lda, int64_t rows, const BFloat16* 
 
 }  // namespace
 
-// Gradient of `attention_forward` (flash-attention style: probabilities recomputed from the log-sum-exps, nothing
-// N x N kept between the passes). dout, out: (B, N, C) bf16; qkv: (B, N, 3·C) bf16; lse: (B, heads, N) fp32.
-// Returns dqkv (B, N, 3·C) bf16. One (image, head) per task, in two passes over its N x N scores:
-//   query-major (rows = queries): s = q kᵀ, dp = dout vᵀ, ds = scale · p ⊙ (dp - delta) -> dq = ds k
-//   key-major (rows = keys):      sᵀ = k qᵀ, dpᵀ = v doutᵀ, pᵀ, dsᵀ      -> dv = pᵀ dout, dk = dsᵀ q
-// where delta = rowsum(dout ⊙ out) per query. Computing the scores twice (once per orientation) costs two more
-// N x N x D products than transposing p and ds, but keeps every operand in a layout brgemm reads.
+// Gradient of `attention_forward` (flash-attention style: the probabilities recomputed from the log-sum-exps, so
+// nothing N x N is kept from the forward). dout, out: (B, N, C) bf16; qkv: (B, N, 3·C) bf16; lse: (B, heads, N) fp32.
+// Returns dqkv (B, N, 3·C) bf16. One (image, head) per task:
+//   per block of 64 queries: s = q kᵀ, dp = dout vᵀ, p = exp(scale · s - lse), ds = scale · p ⊙ (dp - delta),
+//   dq = ds k; p and ds are also written transposed (keys x queries, bf16; 16 x 16 register transposes);
+//   then per block of 64 keys: dv = pᵀ dout, dk = dsᵀ q,
+// where delta = rowsum(dout ⊙ out) per query. A first version recomputed sᵀ = k qᵀ and dpᵀ = v doutᵀ for the key
+// pass instead of transposing (two more products and a second exp pass): the same bits, 1.23x slower (ViT-S/16
+// batch 32: 13.81 vs 11.23 ms; benchmarks/README.md).
 at::Tensor attention_backward(const at::Tensor& dout, const at::Tensor& qkv, const at::Tensor& out,
                               const at::Tensor& lse, int64_t heads, double scale) {
   TORCH_CHECK(qkv.device().is_cpu() && qkv.dim() == 3 && qkv.scalar_type() == at::kBFloat16 && qkv.is_contiguous(),
@@ -274,9 +322,9 @@ at::Tensor attention_backward(const at::Tensor& dout, const at::Tensor& qkv, con
   const float sc = static_cast<float>(scale);
 
   at::parallel_for(0, B * heads, 1, [&](int64_t begin, int64_t end) {
-    // packed operands: ...T = as bᵀ of a score product (pack_keys), ...V = as the b of a p-times product (pack_values)
-    std::vector<BFloat16> kT(Np * D), vT(Np * D), qT(Np * D), gT(Np * D), kV(Np * D), qV(Np * D), gV(Np * D);
-    std::vector<BFloat16> p(kQueryBlock * Np), ds(kQueryBlock * Np);
+    // packed operands: kT, vT as bᵀ of a score product (pack_keys); kV, qV, gV as the b of a product over N
+    std::vector<BFloat16> kT(Np * D), vT(Np * D), kV(Np * D), qV(Np * D), gV(Np * D);
+    std::vector<BFloat16> ds(kQueryBlock * Np), pT(Np * Np), dsT(Np * Np);  // pT, dsT: keys x queries
     std::vector<float> s(kQueryBlock * Np), dp(kQueryBlock * Np), acc(kQueryBlock * D), acc2(kQueryBlock * D);
     std::vector<float> delta(Np, 0.f);
     for (int64_t task = begin; task < end; ++task) {
@@ -296,28 +344,23 @@ at::Tensor attention_backward(const at::Tensor& dout, const at::Tensor& qkv, con
       }
       pack_keys(k, row, N, Np, D, kT.data());
       pack_keys(v, row, N, Np, D, vT.data());
-      pack_keys(q, row, N, Np, D, qT.data());
-      pack_keys(g, C, N, Np, D, gT.data());
       pack_values(k, row, N, Np, D, kV.data());
       pack_values(q, row, N, Np, D, qV.data());
       pack_values(g, C, N, Np, D, gV.data());
-      for (int64_t m = 0; m < N; m += kQueryBlock) {  // query-major: dq
-        const int64_t rows = std::min(kQueryBlock, N - m);
+      for (int64_t m = 0; m < N; m += kQueryBlock) {  // query-major: dq, and p, ds transposed
+        const int64_t rows = std::min(kQueryBlock, N - m), rows_padded = round_up(rows, 16);
         scores_block(q + m * row, row, rows, kT.data(), Np, D, s.data());
         scores_block(g + m * C, C, rows, vT.data(), Np, D, dp.data());
-        softmax_grad_block(s.data(), dp.data(), rows, N, Np, sc, l + m, delta.data() + m, nullptr, nullptr, nullptr,
-                           ds.data());
-        cpublas::brgemm(rows, D, Np, Np, D, D, false, ds.data(), kV.data(), acc.data());
+        softmax_grad_rows(s.data(), dp.data(), rows, rows_padded, N, Np, sc, l + m, delta.data() + m, ds.data());
+        cpublas::brgemm(rows, D, Np, Np, D, D, false, ds.data(), kV.data(), acc.data());  // dq = ds k
         store_rows(acc.data(), rows, D, dq + m * row, row);
+        transpose_to_bf16(s.data(), rows_padded, Np, pT.data() + m, Np);
+        transpose_to_bf16(dp.data(), rows_padded, Np, dsT.data() + m, Np);
       }
       for (int64_t m = 0; m < N; m += kQueryBlock) {  // key-major: dk, dv
         const int64_t rows = std::min(kQueryBlock, N - m);
-        scores_block(k + m * row, row, rows, qT.data(), Np, D, s.data());
-        scores_block(v + m * row, row, rows, gT.data(), Np, D, dp.data());
-        softmax_grad_block(s.data(), dp.data(), rows, N, Np, sc, nullptr, nullptr, l, delta.data(), p.data(),
-                           ds.data());
-        cpublas::brgemm(rows, D, Np, Np, D, D, false, p.data(), gV.data(), acc.data());    // dv = pᵀ dout
-        cpublas::brgemm(rows, D, Np, Np, D, D, false, ds.data(), qV.data(), acc2.data());  // dk = dsᵀ q
+        cpublas::brgemm(rows, D, Np, Np, D, D, false, pT.data() + m * Np, gV.data(), acc.data());    // dv = pᵀ dout
+        cpublas::brgemm(rows, D, Np, Np, D, D, false, dsT.data() + m * Np, qV.data(), acc2.data());  // dk = dsᵀ q
         store_rows(acc2.data(), rows, D, dq + C + m * row, row);
         store_rows(acc.data(), rows, D, dq + 2 * C + m * row, row);
       }
