@@ -228,8 +228,8 @@ def residual_add(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """x + y for an fp32 residual stream x and a bf16 branch y (bf16 autocast training): one pass on the kernel
     where it takes them (loaded; contiguous CPU tensors of one shape; not under torch.compile), else x + y."""
     if (
-        x.dtype != torch.float32
-        or y.dtype != torch.bfloat16
+        y.dtype != torch.bfloat16  # first: fp32 models and the bf16-stream inference path leave here
+        or x.dtype != torch.float32
         or x.shape != y.shape
         or not (x.is_cpu and y.is_cpu and x.is_contiguous() and y.is_contiguous())
         or torch.compiler.is_compiling()

@@ -165,9 +165,11 @@ class Attention(nn.Module):
         """Whether this call's attention runs on vitkit's CPU kernels with their own backward (cpu_kernels.py): bf16
         training on the CPU where `auto` would pick explicit attention, for all queries, without attention dropout,
         qk-norm or a returned map, outside torch.compile (a C++ call would break its graph)."""
+        if not (torch.is_grad_enabled() and qkv.requires_grad) or qkv.dtype != torch.bfloat16:  # inference, fp32
+            return False
         if need_weights or queries is not None or self.backend != "auto" or not isinstance(self.q_norm, nn.Identity):
             return False
-        if qkv.dtype != torch.bfloat16 or not qkv.is_cpu or not (torch.is_grad_enabled() and qkv.requires_grad):
+        if not qkv.is_cpu:
             return False
         if self.training and self.attn_drop.p > 0 or torch.compiler.is_compiling():
             return False
@@ -229,8 +231,8 @@ class PreNorm(nn.LayerNorm):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = cpu_kernels.layer_norm_to_bf16(x, self)
-        return super().forward(x) if y is None else y
+        y = cpu_kernels.layer_norm_to_bf16(x, self) if torch.is_grad_enabled() else None  # inference: no detour
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps) if y is None else y
 
 
 class Block(nn.Module):
