@@ -124,6 +124,40 @@ float softmax_row(const float* s, int64_t keys, int64_t padded, float scale, BFl
   return _mm512_reduce_add_ps(vsum);
 }
 
+// 16 consecutive values as fp32, from bf16 or fp32 (the two LayerNorms' inputs).
+inline __m512 load16(const BFloat16* src) { return load_bf16(src); }
+inline __m512 load16(const float* src) { return _mm512_loadu_ps(src); }
+
+// LayerNorm of `rows` rows of C values (C a multiple of 16) into bf16: each row read three times from L1 (mean,
+// variance around the mean, normalise) in fp32; the per-row mean and 1/std are written where mean / rstd are given.
+template <typename In>
+void normalise_rows(const In* src, int64_t rows, int64_t C, const float* w, const float* b, float eps, BFloat16* dst,
+                    float* mean, float* rstd) {
+  const float inv_c = 1.f / static_cast<float>(C);
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const In* xr = src + r * C;
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t c = 0; c < C; c += 16) acc = _mm512_add_ps(acc, load16(xr + c));
+      const float mu = _mm512_reduce_add_ps(acc) * inv_c;
+      const __m512 vmu = _mm512_set1_ps(mu);
+      acc = _mm512_setzero_ps();
+      for (int64_t c = 0; c < C; c += 16) {
+        const __m512 d = _mm512_sub_ps(load16(xr + c), vmu);
+        acc = _mm512_fmadd_ps(d, d, acc);
+      }
+      const float rs = 1.f / std::sqrt(_mm512_reduce_add_ps(acc) * inv_c + eps);
+      const __m512 vrs = _mm512_set1_ps(rs);
+      for (int64_t c = 0; c < C; c += 16) {
+        const __m512 xh = _mm512_mul_ps(_mm512_sub_ps(load16(xr + c), vmu), vrs);
+        store_bf16(dst + r * C + c, _mm512_fmadd_ps(xh, _mm512_loadu_ps(w + c), _mm512_loadu_ps(b + c)));
+      }
+      if (mean) mean[r] = mu;
+      if (rstd) rstd[r] = rs;
+    }
+  });
+}
+
 }  // namespace
 
 // qkv: (B, N, 3·C) bf16; returns (B, Q, C) bf16: attention of the first Q tokens' queries over all N keys.
@@ -387,26 +421,7 @@ at::Tensor layer_norm(const at::Tensor& x, const at::Tensor& weight, const at::T
   BFloat16* dst = out.data_ptr<BFloat16>();
   const float* w = weight.const_data_ptr<float>();
   const float* b = bias.const_data_ptr<float>();
-  const float e = static_cast<float>(eps), inv_c = 1.f / static_cast<float>(C);
-  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const BFloat16* xr = src + r * C;
-      __m512 acc = _mm512_setzero_ps();
-      for (int64_t c = 0; c < C; c += 16) acc = _mm512_add_ps(acc, load_bf16(xr + c));
-      const __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(acc) * inv_c);
-      acc = _mm512_setzero_ps();
-      for (int64_t c = 0; c < C; c += 16) {
-        const __m512 d = _mm512_sub_ps(load_bf16(xr + c), mean);
-        acc = _mm512_fmadd_ps(d, d, acc);
-      }
-      const __m512 rstd = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(acc) * inv_c + e));
-      for (int64_t c = 0; c < C; c += 16) {
-        const __m512 y = _mm512_mul_ps(_mm512_sub_ps(load_bf16(xr + c), mean), rstd);
-        const __m512 z = _mm512_fmadd_ps(y, _mm512_loadu_ps(w + c), _mm512_loadu_ps(b + c));
-        store_bf16(dst + r * C + c, z);
-      }
-    }
-  });
+  normalise_rows(src, rows, C, w, b, static_cast<float>(eps), dst, nullptr, nullptr);
   return out;
 }
 
@@ -458,29 +473,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_train(const at::Tensor
   BFloat16* dst = y.data_ptr<BFloat16>();
   float* mean_p = mean.data_ptr<float>();
   float* rstd_p = rstd.data_ptr<float>();
-  const float e = static_cast<float>(eps), inv_c = 1.f / static_cast<float>(C);
-  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const float* xr = src + r * C;
-      __m512 acc = _mm512_setzero_ps();
-      for (int64_t c = 0; c < C; c += 16) acc = _mm512_add_ps(acc, _mm512_loadu_ps(xr + c));
-      const float mu = _mm512_reduce_add_ps(acc) * inv_c;
-      const __m512 vmu = _mm512_set1_ps(mu);
-      acc = _mm512_setzero_ps();
-      for (int64_t c = 0; c < C; c += 16) {
-        const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(xr + c), vmu);
-        acc = _mm512_fmadd_ps(d, d, acc);
-      }
-      const float rs = 1.f / std::sqrt(_mm512_reduce_add_ps(acc) * inv_c + e);
-      const __m512 vrs = _mm512_set1_ps(rs);
-      for (int64_t c = 0; c < C; c += 16) {
-        const __m512 xh = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(xr + c), vmu), vrs);
-        store_bf16(dst + r * C + c, _mm512_fmadd_ps(xh, _mm512_loadu_ps(w + c), _mm512_loadu_ps(b + c)));
-      }
-      mean_p[r] = mu;
-      rstd_p[r] = rs;
-    }
-  });
+  normalise_rows(src, rows, C, w, b, static_cast<float>(eps), dst, mean_p, rstd_p);
   return {y, mean, rstd};
 }
 
