@@ -108,8 +108,11 @@ def _loss_curve(model, steps, autocast, seed=0):
     return torch.tensor(losses)
 
 
-def test_200_step_loss_curve_of_fast_path_matches_fp32_reference():
-    kw = tiny_kwargs(img_size=16, patch_size=4, num_classes=4)
+@pytest.mark.parametrize(
+    "width", [{}, dict(embed_dim=64, num_heads=2)], ids=["head_dim8", "head_dim32"]
+)  # head_dim 32: the training attention runs on vitkit's CPU kernels where they are built (cpu_kernels.py)
+def test_200_step_loss_curve_of_fast_path_matches_fp32_reference(width):
+    kw = tiny_kwargs(img_size=16, patch_size=4, num_classes=4, **width)
     ref_model = vitkit.create_model("vit_tiny_patch16_224", attn_backend="sdpa", **kw)
     fast_model = vitkit.create_model("vit_tiny_patch16_224", **kw)  # auto backend, bf16 autocast: the default path
     fast_model.load_state_dict(ref_model.state_dict())
