@@ -158,16 +158,32 @@ void normalise_rows(const In* src, int64_t rows, int64_t C, const float* w, cons
   });
 }
 
+// rows x width scores into an (rows, Np) fp32 buffer: a (row stride lda) times bᵀ, b packed by pack_keys.
+void scores_block(const BFloat16* a, int64_t lda, int64_t rows, const BFloat16* b_packed, int64_t Np, int64_t D,
+                  float* out) {
+  for (int64_t n0 = 0; n0 < Np; n0 += kKeyBlock) {
+    const int64_t width = std::min(kKeyBlock, Np - n0);
+    cpublas::brgemm(rows, width, D, lda, width, Np, false, a, b_packed + n0 * D, out + n0);
+  }
+}
+
+// The checks every attention entry point makes of its (B, N, 3·C) qkv; returns head_dim.
+int64_t checked_head_dim(const at::Tensor& qkv, int64_t heads) {
+  TORCH_CHECK(qkv.device().is_cpu() && qkv.dim() == 3 && qkv.scalar_type() == at::kBFloat16 && qkv.is_contiguous(),
+              "cpu_kernels: qkv must be a contiguous (B, N, 3*C) bf16 CPU tensor");
+  TORCH_CHECK(heads >= 1 && qkv.size(2) % (3 * heads) == 0, "cpu_kernels: 3*C must split into 3 x heads");
+  const int64_t D = qkv.size(2) / 3 / heads;
+  TORCH_CHECK(D == 32 || D == 64, "cpu_kernels: head_dim must be 32 or 64, got ", D);
+  return D;
+}
+
 }  // namespace
 
 // qkv: (B, N, 3·C) bf16; returns (B, Q, C) bf16: attention of the first Q tokens' queries over all N keys.
 // lse: nullptr, or room for (B, heads, Q) fp32 log-sum-exps of the scaled scores (what the backward needs).
 static at::Tensor attend(const at::Tensor& qkv, int64_t heads, int64_t queries, double scale, float* lse) {
-  TORCH_CHECK(qkv.device().is_cpu() && qkv.dim() == 3 && qkv.scalar_type() == at::kBFloat16 && qkv.is_contiguous(),
-              "cpu_kernels: qkv must be a contiguous (B, N, 3*C) bf16 CPU tensor");
-  TORCH_CHECK(heads >= 1 && qkv.size(2) % (3 * heads) == 0, "cpu_kernels: 3*C must split into 3 x heads");
-  const int64_t B = qkv.size(0), N = qkv.size(1), C = qkv.size(2) / 3, D = C / heads;
-  TORCH_CHECK(D == 32 || D == 64, "cpu_kernels: head_dim must be 32 or 64, got ", D);
+  const int64_t D = checked_head_dim(qkv, heads);
+  const int64_t B = qkv.size(0), N = qkv.size(1), C = qkv.size(2) / 3;
   TORCH_CHECK(queries >= 1 && queries <= N, "cpu_kernels: queries must be in 1..N");
   const int64_t Np = round_up(N, kKeyAlign), row = 3 * C;
   const int64_t q_blocks = (queries + kQueryBlock - 1) / kQueryBlock;
@@ -196,11 +212,7 @@ static at::Tensor attend(const at::Tensor& qkv, int64_t heads, int64_t queries, 
       const int64_t last = std::min(queries, first + blocks_per_split * kQueryBlock);
       for (int64_t m = first; m < last; m += kQueryBlock) {
         const int64_t rows = std::min(kQueryBlock, last - m);
-        for (int64_t n0 = 0; n0 < Np; n0 += kKeyBlock) {  // scores (rows, Np) = q kᵀ
-          const int64_t width = std::min(kKeyBlock, Np - n0);
-          cpublas::brgemm(rows, width, D, row, width, Np, false, q + m * row, k_packed.data() + n0 * D,
-                          scores.data() + n0);
-        }
+        scores_block(q + m * row, row, rows, k_packed.data(), Np, D, scores.data());  // (rows, Np) = q kᵀ
         for (int64_t r = 0; r < rows; ++r) {
           float row_max;
           const float sum = softmax_row(scores.data() + r * Np, N, Np, s, p.data() + r * Np, row_max);
@@ -312,14 +324,6 @@ void store_rows(const float* src, int64_t rows, int64_t D, BFloat16* dst, int64_
     for (int64_t d = 0; d < D; d += 16) store_bf16(dst + r * stride + d, _mm512_loadu_ps(src + r * D + d));
 }
 
-// rows x width scores into an (rows, Np) fp32 buffer: a (row stride lda) times bᵀ, b packed by pack_keys.
-void scores_block(const BFloat16* a, int64_t lda, int64_t rows, const BFloat16* b_packed, int64_t Np, int64_t D,
-                  float* out) {
-  for (int64_t n0 = 0; n0 < Np; n0 += kKeyBlock) {
-    const int64_t width = std::min(kKeyBlock, Np - n0);
-    cpublas::brgemm(rows, width, D, lda, width, Np, false, a + 0, b_packed + n0 * D, out + n0);
-  }
-}
 
 }  // namespace
 
@@ -334,11 +338,8 @@ void scores_block(const BFloat16* a, int64_t lda, int64_t rows, const BFloat16* 
 // batch 32: 13.81 vs 11.23 ms; benchmarks/README.md).
 at::Tensor attention_backward(const at::Tensor& dout, const at::Tensor& qkv, const at::Tensor& out,
                               const at::Tensor& lse, int64_t heads, double scale) {
-  TORCH_CHECK(qkv.device().is_cpu() && qkv.dim() == 3 && qkv.scalar_type() == at::kBFloat16 && qkv.is_contiguous(),
-              "cpu_kernels: qkv must be a contiguous (B, N, 3*C) bf16 CPU tensor");
-  TORCH_CHECK(heads >= 1 && qkv.size(2) % (3 * heads) == 0, "cpu_kernels: 3*C must split into 3 x heads");
-  const int64_t B = qkv.size(0), N = qkv.size(1), C = qkv.size(2) / 3, D = C / heads;
-  TORCH_CHECK(D == 32 || D == 64, "cpu_kernels: head_dim must be 32 or 64, got ", D);
+  const int64_t D = checked_head_dim(qkv, heads);
+  const int64_t B = qkv.size(0), N = qkv.size(1), C = qkv.size(2) / 3;
   for (const at::Tensor* t : {&dout, &out}) {
     TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->is_contiguous() && t->dim() == 3 && t->size(0) == B &&
                     t->size(1) == N && t->size(2) == C,
