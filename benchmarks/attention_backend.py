@@ -1,6 +1,6 @@
 """Time one vitkit Attention layer per backend and sequence length: the measurements behind `attn_backend="auto"`.
 
-    flock /tmp/vitkit-heavy.lock .venv/bin/python benchmarks/attention_backend.py [--dim 384 --heads 6]
+    .venv/bin/python benchmarks/attention_backend.py [--dim 384 --heads 6]
 
 For each token count it times the layer (qkv projection, attention, output projection) under bf16 autocast:
 training = forward + backward, inference = forward under `torch.inference_mode()`, for `sdpa` (PyTorch's fused

@@ -1,6 +1,6 @@
 """CIFAR-10 under a wall-clock budget on this machine's CPU: how good a ViT gets in N minutes.
 
-    python benchmarks/cifar10_budget.py --minutes 10 --data /work/shared/datasets/cifar10-train.tar.gz --out DIR
+    .venv/bin/python benchmarks/cifar10_budget.py --minutes 10 --out DIR   # --data ARCHIVE (default below)
 
 Steps: build (or reuse) the decode cache of the archive and report its one-time cost separately; train with the
 recipe `vitkit/recipes/cifar10_budget.yaml` (flags override it) under the budget, the clock starting after the data
@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from machine import cpu_model  # benchmarks/machine.py; scripts run as `python benchmarks/<name>.py`
+from machine import DEFAULT_CIFAR10, cpu_model  # benchmarks/machine.py (this folder is on sys.path)
 
 
 def load_average() -> str:
@@ -32,7 +32,7 @@ def load_average() -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--minutes", type=float, default=10.0)
-    p.add_argument("--data", default="/work/shared/datasets/cifar10-train.tar.gz")
+    p.add_argument("--data", default=DEFAULT_CIFAR10, help=f"CIFAR-10 train archive (default {DEFAULT_CIFAR10})")
     p.add_argument("--out", default="runs/cifar10_budget")
     p.add_argument("--recipe", default="cifar10_budget", help="recipe name or YAML path")
     p.add_argument("--cache-dir", default=None, help="decode cache folder (default ~/.cache/vitkit)")

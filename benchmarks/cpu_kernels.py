@@ -1,8 +1,8 @@
 """vitkit's CPU kernels (vitkit/model/cpu_kernels.py) against PyTorch's ops, op alone and in whole models.
 
-    flock /tmp/vitkit-heavy.lock .venv/bin/python benchmarks/cpu_kernels.py                # ViT-S/16 b32 and b1
+    .venv/bin/python benchmarks/cpu_kernels.py                                           # ViT-S/16 b32 and b1
     ... --models s16_224:32,s16_224:1,ti4_32:128,ti4_32:1,b16_224:16,s14_224:8,s16_384:4     # more shapes
-    ... --train s16_224:32,ti4_32:128 --models ''                                             # training only
+    ... --train s16_224:32,ti4_32:128 --models ''                                           # training only
 
 Op alone: attention from a (B, N, 3C) bf16 qkv tensor, the kernel vs SDPA on the same layout, and LayerNorm of a
 (B, 197, 384) bf16 tensor, the kernel vs F.layer_norm (medians). Whole model: `create_model` +

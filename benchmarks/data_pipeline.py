@@ -8,8 +8,7 @@ Measures, on the machine it runs on:
      the same recipes done the usual torchvision way (one `v2.Compose` call per image, then v2.MixUp/CutMix);
   3. the BatchLoader end to end (gather from the memmap + transform).
 
-    flock /tmp/vitkit-heavy.lock .venv/bin/python benchmarks/data_pipeline.py \
-        --data ../shared/datasets/cifar10-train.tar.gz
+    .venv/bin/python benchmarks/data_pipeline.py [--data ARCHIVE]   # default: the CIFAR-10 train archive
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ import time
 import numpy as np
 import torch
 import torchvision
-from machine import cpu_model  # benchmarks/machine.py; scripts run as `python benchmarks/<name>.py`
+from machine import DEFAULT_CIFAR10, cpu_model  # benchmarks/machine.py (this folder is on sys.path)
 from torchvision.transforms import v2
 
 from vitkit.config import PreprocessConfig
@@ -67,7 +66,7 @@ def torchvision_per_image(aa: v2.Transform | None, pad: int, size: tuple[int, in
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default="../shared/datasets/cifar10-train.tar.gz")
+    ap.add_argument("--data", default=DEFAULT_CIFAR10, help=f"an image archive (default {DEFAULT_CIFAR10})")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--seconds", type=float, default=3.0, help="measuring time per configuration")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads for the transforms")

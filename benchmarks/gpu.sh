@@ -7,7 +7,7 @@
 #   benchmarks/gpu.sh --dry-run       # on a CPU: every code path in seconds (tiny models, 3 training steps)
 #
 # Environment: PYTHON (default: python3, or .venv/bin/python when present), CIFAR (default: the first of
-# runs/gpu_data/cifar10-train.tar.gz, ../shared/datasets/, /work/shared/datasets/ that exists), OUT (reports;
+# runs/gpu_data/cifar10-train.tar.gz, ../shared/datasets/cifar10-train.tar.gz that exists), OUT (reports;
 # default runs/gpu), RUN (the training run folder with its checkpoints; default runs/gpu_cifar10), TRAIN_MINUTES
 # (default 4), BENCH_SECONDS (time limit of the throughput table; default 170; 0 skips it), RECIPE (default
 # cifar10_gpu), COMPILE (default 1: `vitkit train --compile`, ~30 s of compile for ~1.5x the model step; 0: eager),
@@ -24,8 +24,7 @@ if [[ -z "$PY" ]]; then
 fi
 CIFAR="${CIFAR:-}"
 if [[ -z "$CIFAR" ]]; then
-  for c in runs/gpu_data/cifar10-train.tar.gz ../shared/datasets/cifar10-train.tar.gz \
-           /work/shared/datasets/cifar10-train.tar.gz; do
+  for c in runs/gpu_data/cifar10-train.tar.gz ../shared/datasets/cifar10-train.tar.gz; do
     if [[ -f "$c" ]]; then CIFAR="$c"; break; fi
   done
 fi

@@ -2,7 +2,7 @@
 torch.compile. Called by benchmarks/gpu.sh; `--dry-run` runs every code path on the CPU in seconds (tiny models,
 one repetition, torch.compile with the "eager" backend so no compiler is needed).
 
-    PYTHONPATH=. python benchmarks/gpu_bench.py [--dry-run] [--json]
+    PYTHONPATH=. python benchmarks/gpu_bench.py [--dry-run] [--json] [--out benchmarks/results/gpu.jsonl]
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from machine import append_record  # noqa: E402
 from throughput import ARCHS, Arch, build  # noqa: E402
 
 GPU_BATCH = {"ti4_32": 512, "s16_224": 256, "b16_224": 128}  # big enough to fill a GPU
@@ -93,7 +94,8 @@ def measure(a: Arch, mode: str, device: torch.device, compiled: bool, reps: int,
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny models, one repetition: check the code paths")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="also print one JSON line with every row")
+    p.add_argument("--out", help="append this run (commit, device, every row) as one line to this .jsonl file")
     p.add_argument("--reps", type=int, default=10)
     args = p.parse_args(argv)
     dry = args.dry_run
@@ -130,8 +132,11 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         rows.append(dict(arch=key, mode=mode, batch=a.batch, compiled=compiled, ratio=round(ratio, 3), **r))
+    figures = {"device": name, "torch": torch.__version__, "rows": rows}
     if args.json:
-        print(json.dumps({"device": name, "torch": torch.__version__, "rows": rows}))
+        print(json.dumps(figures))
+    if args.out and not dry:
+        print(f"appended to {append_record(args.out, 'gpu_bench', figures)}")
     with contextlib.suppress(Exception):
         if device.type == "cuda":
             print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")

@@ -2,7 +2,10 @@
 600 steps, five ways: as is, explicit (math) attention, SDPA without flash, qk-norm, fp32. Results in
 benchmarks/README.md "GPU".
 
-    PYTHONPATH=. python3 benchmarks/gpu_nan_probe.py   # on the GPU machine, CIFAR archive in runs/gpu_data/
+    PYTHONPATH=. python3 benchmarks/gpu_nan_probe.py   # on a GPU machine
+
+Environment: CIFAR (the CIFAR-10 train archive; default runs/gpu_data/cifar10-train.tar.gz, where gpu.sh's runs put
+it), OUT (where probe.jsonl is appended; default runs/gpu_nan_probe).
 """
 
 import json
@@ -16,7 +19,7 @@ import torch
 sys.path.insert(0, ".")
 from vitkit.train import build_config, fit  # noqa: E402
 
-DATA = "runs/gpu_data/cifar10-train.tar.gz"
+DATA = os.environ.get("CIFAR", "runs/gpu_data/cifar10-train.tar.gz")
 variants = {
     "default": ({}, {}),
     "math_attn": ({"attn_backend": "math"}, {}),
@@ -24,7 +27,8 @@ variants = {
     "qk_norm": ({"qk_norm": True}, {}),
     "fp32": ({}, {"precision": "fp32"}),
 }
-out = os.environ.get("OUT", "/tmp")
+out = os.environ.get("OUT", "runs/gpu_nan_probe")
+os.makedirs(out, exist_ok=True)
 for name, (mk, extra) in variants.items():
     torch.backends.cuda.enable_flash_sdp(extra.get("flash", True))
     cfg = build_config(

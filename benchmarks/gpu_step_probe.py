@@ -45,7 +45,7 @@ def main() -> None:
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     B = 8 if args.dry_run else args.batch
     steps = 3 if args.dry_run else 30
-    cfg = build_config("cifar10_gpu", data=args.data, out="/tmp/probe")
+    cfg = build_config("cifar10_gpu", data=args.data, out="runs/gpu_step_probe")
     print("device:", torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "| torch", torch.__version__)
     import vitkit
 

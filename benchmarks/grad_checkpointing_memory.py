@@ -3,7 +3,7 @@
 Each setting runs in a fresh subprocess and reports its peak resident memory (ru_maxrss), so one setting's
 allocations cannot hide in the other's. One step = forward + backward under bf16 autocast + AdamW step.
 
-    flock /tmp/vitkit-heavy.lock .venv/bin/python benchmarks/grad_checkpointing_memory.py --model L/16 --batch 8
+    .venv/bin/python benchmarks/grad_checkpointing_memory.py --model L/16 --batch 8
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """A/B of the CPU bf16 inference fast path (vitkit/model/fast_inference.py), ViT-S/16 @224, one process, interleaved.
 
-    flock /tmp/vitkit-heavy.lock .venv/bin/python benchmarks/inference_fast_path.py --batch 32 --reps 9
-    flock /tmp/vitkit-heavy.lock .venv/bin/python benchmarks/inference_fast_path.py --batch 1 --reps 31
+    .venv/bin/python benchmarks/inference_fast_path.py --batch 32 --reps 9
+    .venv/bin/python benchmarks/inference_fast_path.py --batch 1 --reps 31
 
 Rows: timm under bf16 autocast; the same vitkit model with the fast path switched off (`fast_inference.disabled()`,
 the ordinary autocast ops) and on (the default); the bf16-weight copy (`low_precision_inference`); with

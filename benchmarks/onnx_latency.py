@@ -4,7 +4,7 @@ Same weights, same random input, same thread count for both engines (onnxruntime
 which would otherwise steal the cores from PyTorch); median wall time of calls taken in turns after warm-up.
 Ratios are PyTorch time / onnxruntime time (> 1: onnxruntime faster).
 
-    flock /tmp/vitkit-heavy.lock .venv/bin/python benchmarks/onnx_latency.py
+    .venv/bin/python benchmarks/onnx_latency.py
 """
 
 from __future__ import annotations

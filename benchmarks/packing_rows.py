@@ -4,7 +4,7 @@ fc2 faster from a weight oneDNN packed for a one-row input than from its default
 Two copies of one model, one whose blocks always use the one-row packing for proj and fc2 and one that never does,
 called alternately (ABBA) on the same input under the CPU bf16 inference fast path; median ms of each.
 
-    flock /tmp/vitkit-heavy.lock .venv/bin/python benchmarks/packing_rows.py [--calls 100]
+    .venv/bin/python benchmarks/packing_rows.py [--calls 100]
 
 Enter a width's row range (tokens x batch) in ROW_PACKED_PROJECTIONS where the ratio is clearly above 1.
 """

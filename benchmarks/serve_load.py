@@ -7,8 +7,8 @@ the error count (target 0), the server's mean batch size and RSS before/after. W
 load also runs against a server with --max-batch 1, in the same process, so the batching gain is a ratio measured
 side by side. The client threads share the machine's cores with the server: figures are end-to-end on one box.
 
-    flock /tmp/vitkit-heavy.lock .venv/bin/python benchmarks/serve_load.py                  # 1,000 x 8, demo model
-    flock /tmp/vitkit-heavy.lock .venv/bin/python benchmarks/serve_load.py --endpoint explain --requests 300
+    .venv/bin/python benchmarks/serve_load.py                                          # 1,000 x 8, demo model
+    .venv/bin/python benchmarks/serve_load.py --endpoint explain --requests 300
 
 Checkpoint: --checkpoint, else runs/demo/model.safetensors (`vitkit demo --out runs/demo` makes it in ~1 min),
 else a small random ViT (vit_cifar_patch4_32 shape, 10 classes) written to a temporary folder.

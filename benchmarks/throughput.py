@@ -5,9 +5,10 @@ drift in machine load hits all of them alike), median of >= 5 timed repetitions 
 calls each library 5 times back to back per repetition (`--latency-burst`): the latency of a warm model, as a
 server answering a stream of requests sees it, and as timm's own benchmark measures it.
 
-    flock /tmp/vitkit-heavy.lock .venv/bin/python benchmarks/throughput.py            # full table, ~10 min (B/16: bf16)
-    flock /tmp/vitkit-heavy.lock .venv/bin/python benchmarks/throughput.py --quick    # ViT-Ti/4 + S/16, < 2 min
-    ... --json                                    # also one JSON line with every ratio (vitkit / fastest peer)
+    .venv/bin/python benchmarks/throughput.py            # full table, ~10 min (B/16: bf16 only)
+    .venv/bin/python benchmarks/throughput.py --quick    # ViT-Ti/4 + S/16, < 2 min
+    ... --json                                           # also one JSON line with every ratio (vitkit / fastest peer)
+    ... --out benchmarks/results/throughput.jsonl        # append this run (commit, machine, figures) to the history
     ... --only ti4_32 --modes train --precisions bf16 --libs vitkit,timm              # a slice
 
 Each library is called the ordinary way: `create_model`-style constructor, `torch.autocast("cpu", bf16)` for bf16,
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from machine import cpu_model  # benchmarks/machine.py; scripts run as `python benchmarks/<name>.py`
+from machine import DEFAULT_CIFAR10, append_record, cpu_model  # benchmarks/machine.py (this folder is on sys.path)
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -237,9 +238,9 @@ def fix_malloc() -> str:
     """glibc only: fixed mmap / trim thresholds for every library in the process alike (`vitkit.allocator`).
 
     By default glibc serves big blocks with fresh mmap()s that the kernel zero-fills page by page on first touch,
-    and where its threshold sits depends on the process's history: it moved timm's ViT-S/16 batch-32 bf16
-    inference between 395 and 528 ms on this machine. `--malloc fixed` sets what the `vitkit` command sets for
-    itself; the default leaves glibc as it is (each library called the ordinary way).
+    and where its threshold sits depends on the process's history, so one library's allocations can slow the next
+    one's (benchmarks/README.md, "Allocator"). `--malloc fixed` sets what the `vitkit` command sets for itself; the
+    default leaves glibc as it is (each library called the ordinary way).
     """
     from vitkit import allocator
 
@@ -247,10 +248,7 @@ def fix_malloc() -> str:
 
 
 # ------------------------------------------------------------------------------------------------ end-to-end
-CIFAR_TAR = "/work/shared/datasets/cifar10-train.tar.gz"
-
-
-def vitkit_train_throughput(steps: int, data: str = CIFAR_TAR) -> dict:
+def vitkit_train_throughput(steps: int, data: str = DEFAULT_CIFAR10) -> dict:
     """img/s of `vitkit train` (vitkit.train.fit with the cifar10_budget recipe) for a fixed number of steps.
 
     The decode cache is built on first use (reported apart by fit as data seconds); img/s counts training time.
@@ -276,9 +274,10 @@ def vitkit_train_throughput(steps: int, data: str = CIFAR_TAR) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ main
-WARMUP = 2  # calls per library before timing (one left B/16's first timed step paying for the first big blocks)
+WARMUP = 2  # calls per library before timing: with one, B/16's first timed step still paid for its first big blocks
 
-# issue 5's targets: (workload key as in the JSON ratios, what is compared, bound, description)
+# the project's CPU speed targets (docs/speed.md):
+# (workload key as in the JSON ratios, what is compared, bound, description)
 TARGETS = (
     ("ti4_32/train/b128/bf16", "ratio", 4.0, "training ViT-Ti/4 @32, vitkit / fastest peer >= 4x"),
     ("s16_224/train/b32/bf16", "ratio", 2.0, "training ViT-S/16 @224, vitkit / fastest peer >= 2x"),
@@ -338,6 +337,10 @@ def main(argv: list[str] | None = None) -> int:
         "stream of requests); 1 = one call per library per repetition, each after another library's (cold caches)",
     )
     p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end `vitkit train` measurement")
+    p.add_argument("--data", default=DEFAULT_CIFAR10, help="CIFAR-10 train archive for the end-to-end measurement")
+    p.add_argument(
+        "--out", help="append this run (commit, machine, versions, every figure) as one line to this .jsonl file"
+    )
     p.add_argument(
         "--malloc", choices=("default", "fixed"), default="default", help="glibc malloc as is, or fix_malloc()"
     )
@@ -399,23 +402,25 @@ def main(argv: list[str] | None = None) -> int:
 
     verdicts = target_verdicts(results)
     if verdicts:
-        print("targets (issue 5):")
+        print("targets (docs/speed.md):")
         for v in verdicts:
             unit = "x" if v["compares"] == "ratio" else " ms"
             partial = "" if len(v["peers"]) == len(LIBS) - 1 else f" (peers in this run: {', '.join(v['peers'])})"
             print(f"  {'MET    ' if v['met'] else 'NOT MET'}  {v['target']}: reached {v['reached']:.2f}{unit}{partial}")
         print()
 
-    e2e = None if args.no_e2e else vitkit_train_throughput(steps=10 if args.quick else 30)
+    e2e = None if args.no_e2e else vitkit_train_throughput(steps=10 if args.quick else 30, data=args.data)
     if e2e is not None:
         print(f"end-to-end `vitkit train` (cifar10_budget recipe, CIFAR-10 train tar): {e2e}")
     load_after = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     print(f"load after: {load_after}")
+    ratios = {workload_key(e): e.get("ratio") for e in results}
+    out = {"machine": info, "malloc": malloc, "load_after": load_after, "peak_tflops": peak, "ratios": ratios}
+    out.update(targets=verdicts, results=results, e2e=e2e)
     if args.json:
-        ratios = {workload_key(e): e.get("ratio") for e in results}
-        out = {"machine": info, "malloc": malloc, "load_after": load_after, "peak_tflops": peak, "ratios": ratios}
-        out.update(targets=verdicts, results=results, e2e=e2e)
         print(json.dumps(out))
+    if args.out:
+        print(f"appended to {append_record(args.out, 'throughput', out)}")
     return 0
 
 

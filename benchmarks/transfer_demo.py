@@ -1,8 +1,8 @@
 """Transfer, measured: a ViT pretrained on CIFAR-10 classes 0-4, fine-tuned on classes 5-9 with 10 % of their labels,
 against the same ViT trained from scratch on the same labelled images for the same wall-clock time.
 
-    flock /tmp/vitkit-heavy.lock .venv/bin/python benchmarks/transfer_demo.py            # ~7 min on 2 cores
-    ... --pretrain-seconds 300 --train-seconds 90                                         # longer budgets
+    .venv/bin/python benchmarks/transfer_demo.py                 # ~7 min on 2 cores
+    ... --pretrain-seconds 300 --train-seconds 90                # longer budgets
 
 Splits (seeded, stratified): classes 5-9 lose 10 % of their images to a validation set that neither run trains
 on; 10 % of the rest (2,250 images) are the labelled set both runs train on. Classes 0-4 (all 25,000 images)
@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from machine import cpu_model  # benchmarks/machine.py; scripts run as `python benchmarks/<name>.py`
+from machine import DEFAULT_CIFAR10, cpu_model  # benchmarks/machine.py (this folder is on sys.path)
 
 import vitkit  # noqa: E402
 from vitkit.data.loader import BatchLoader  # noqa: E402
@@ -38,8 +38,6 @@ from vitkit.interop.transfer import prepare_for_transfer  # noqa: E402
 from vitkit.train.loop import EpochHooks, StepState, evaluate, train_one_epoch  # noqa: E402
 from vitkit.train.optim import build_optimizer  # noqa: E402
 from vitkit.train.schedule import WarmupCosine  # noqa: E402
-
-DEFAULT_DATA = "/work/shared/datasets/cifar10-train.tar.gz"
 
 
 def machine() -> str:
@@ -107,7 +105,7 @@ def accuracy(model: vitkit.VisionTransformer, ds: ImageArrayDataset, idx: np.nda
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default=DEFAULT_DATA)
+    p.add_argument("--data", default=DEFAULT_CIFAR10, help=f"CIFAR-10 train archive (default {DEFAULT_CIFAR10})")
     p.add_argument("--pretrain-seconds", type=float, default=240.0)
     p.add_argument("--train-seconds", type=float, default=60.0, help="budget of each target run (fine-tune, scratch)")
     p.add_argument("--label-fraction", type=float, default=0.1)

@@ -6,7 +6,7 @@ Each `Case` is a file name, its bytes and what a correct reader must do with it:
 directory named like an image, a non-UTF-8 file name) into a dataset-like folder.
 
 Used by tests/test_reliability*.py and tests/test_fuzz*.py; run it directly to write a corpus for poking
-at the CLI by hand: `python -m tests.badinput /tmp/corpus`.
+at the CLI by hand: `python -m tests.badinput runs/badinput`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""benchmarks/throughput.py states plainly which of issue 5's targets a run met (pure bookkeeping, no timing)."""
+"""benchmarks/throughput.py states plainly which of the speed targets (docs/speed.md) a run met (bookkeeping only)."""
 
 import importlib.util
 import sys
