@@ -4,12 +4,10 @@ By default glibc serves a block above its mmap threshold with a fresh `mmap()`, 
 page on first touch. The threshold starts at 128 KiB and rises to the largest block freed so far (at most 32 MiB),
 and the heap is trimmed back to the OS whenever its free top passes twice that. A ViT forward allocates and frees
 tens of MiB per layer (ViT-S/16 batch 32: the MLP's hidden activation alone is 19 MiB), and where the threshold
-sits depends on what the process allocated before. Measured on the 2-core AMX Xeon (benchmarks/README.md):
-- a process that ran batch-1 forwards before batch 32 (as a server does): 14,000-25,000 minor page faults per
-  batch-32 ViT-S/16 forward, 247-263 ms; with the thresholds fixed, none, 222-225 ms. A process that starts at
-  batch 32 can settle without faults either way;
-- `vitkit train` (cifar10_budget recipe, 40 steps): 378,000-407,000 faults -> 96,000-104,000, and 1,003-1,037 ->
-  1,069-1,091 img/s.
+sits depends on what the process allocated before: a process that ran small batches first (as a server does)
+page-faults every large activation back in on each forward. Fixing the thresholds removes those faults: `vitkit
+train` about +5 % img/s, a batch-32 forward after batch-1 traffic about 10 % faster (benchmarks/README.md, "What
+each lever gave"; the end-to-end row of `benchmarks/throughput.py --malloc fixed` against `--malloc default`).
 
 `configure()` fixes the mmap threshold at its maximum (32 MiB: bigger blocks are still mmapped) and lets the heap
 keep up to 128 MiB of free space before trimming, which bounds the memory held back. The `vitkit` command calls it

@@ -1,11 +1,12 @@
 """RandAugment and TrivialAugmentWide for a whole uint8 batch at once, each image with its own ops and magnitudes.
 
 torchvision's `v2.RandAugment` draws one op per call, so a batch costs a Python loop over images (~2,000 img/s
-at 32 px on one core). Here every image still draws its own op, sign and magnitude, but images that drew the
-same op are transformed together with per-image magnitudes: geometric ops as one `grid_sample` with a (B, 2, 3)
-matrix stack, colour ops as broadcast arithmetic. The op table, magnitude ranges and pixel arithmetic follow
-torchvision's (`_AUGMENTATION_SPACE`, `_apply_image_or_video_transform`, the `functional` kernels), so an image
-transformed here equals torchvision's result for the same op and magnitude (tests check it).
+at 32 px on one core, `benchmarks/data_pipeline.py`). Here every image still draws its own op, sign and
+magnitude, but images that drew the same op are transformed together with per-image magnitudes: geometric ops as
+one `grid_sample` with a (B, 2, 3) matrix stack, colour ops as broadcast arithmetic. The op table, magnitude
+ranges and pixel arithmetic follow torchvision's (`_AUGMENTATION_SPACE`, `_apply_image_or_video_transform`, the
+`functional` kernels), so an image transformed here equals torchvision's result for the same op and magnitude
+(tests check it).
 
 The draws (ops, bins, signs) come from torch's CPU generator wherever the images are; on a GPU the per-image
 numbers cross with `to_device` and the pixel work runs there.
