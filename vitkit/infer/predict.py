@@ -6,10 +6,10 @@ Per image: `decode_image` (any format; bombs, truncation and non-images refused 
 
 Backends are pluggable: a backend factory takes the loaded VisionTransformer (and the checkpoint path) and
 returns a callable `run(batch (B, C, H, W) float32) -> logits (B, classes) float32`. "torch" is built in (bf16
-autocast under inference_mode: about 6x faster than fp32 matmuls on AMX CPUs, and on the CPU it engages the model's
+autocast under inference_mode, several times faster than fp32 on AMX CPUs; on the CPU it engages the model's
 inference fast path of vitkit/model/fast_inference.py: prepacked weights, fused GELU, a bf16 residual stream;
-ViT-S/16 @224 about 2x timm at batch 32); other engines register theirs with `register_backend("onnxruntime",
-factory)`.
+ViT-S/16 @224 about 1.8x timm at batch 32, `benchmarks/throughput.py`); other engines register theirs with
+`register_backend("onnxruntime", factory)`.
 """
 
 from __future__ import annotations
@@ -58,10 +58,9 @@ def torch_backend(
 
     compile=True (the "torch-compile" backend): through torch.compile with inductor's freezing (weights folded into
     the graph as constants). Opt-in, for long-running serving at small batches: the first call of a batch shape
-    compiles (~10-13 s for ViT-S/16 on the 2-core CPU; a second shape compiles once more with a dynamic batch).
-    ViT-S/16 @224, bf16, 2-core AMX CPU (`benchmarks/inference_fast_path.py --compiled`): batch 1 17.7 ms vs
-    21.7 ms for the eager fast path (timm 32.8 ms); batch 32 no gain (279 vs 269 ms). The weights must not change
-    afterwards (they are frozen into the graph).
+    compiles (~10-13 s for ViT-S/16 on a 2-core CPU; a second shape compiles once more with a dynamic batch).
+    `benchmarks/inference_fast_path.py --compiled` measures it against the eager fast path: faster at batch 1,
+    no gain at batch 32. The weights must not change afterwards (they are frozen into the graph).
     """
     if precision not in ("bf16", "fp32"):
         raise ValueError(f"precision must be 'bf16' or 'fp32', got {precision!r}")
@@ -73,8 +72,8 @@ def torch_backend(
         from torch._inductor import config as inductor_config
 
         forward = torch.compile(model)
-        # freezing must be on while a shape compiles (lazily, inside a call); torch.compile(options={"freezing":
-        # True}) did not apply it here (27.8 vs 18.7 ms at batch 1), the config patch does
+        # freezing must be on while a shape compiles (lazily, inside a call): torch.compile(options={"freezing":
+        # True}) does not reach those compiles, so inductor's config is patched around every call instead
         frozen = functools.partial(inductor_config.patch, freezing=True)
 
     def run(batch: torch.Tensor) -> torch.Tensor:
