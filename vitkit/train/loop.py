@@ -208,7 +208,7 @@ def train_one_epoch(
             guard.step(optimizer, step_loss_t, grad_norm)
         else:
             if finite:
-                # ONE host sync per step (it was three: the loss check, loss.item(), the norm check)
+                # one host sync per step for the loss and the clipped norm together: each sync stalls a GPU queue
                 checks = torch.stack([step_loss_t, grad_norm.float()]) if grad_norm is not None else step_loss_t[None]
                 values = checks.tolist()
                 step_loss = values[0]
