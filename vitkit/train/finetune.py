@@ -21,6 +21,10 @@ from ..data.sources import load_source, stratified_split
 from .fit import fit
 from .recipe import build_config
 
+# Where fine-tuning's defaults differ from TrainConfig's: a smaller peak lr (when no recipe is given) and
+# layer-wise lr decay, as in BEiT / MAE fine-tuning.
+FINETUNE_DEFAULTS: dict[str, Any] = {"out": "runs/finetune", "lr": 5e-4, "layer_decay": 0.75}
+
 
 @dataclass
 class FinetuneResult:
@@ -34,9 +38,9 @@ def finetune(
     source: str | Path,
     data: str,
     num_classes: int | None = None,
-    out: str | Path = "runs/finetune",
+    out: str | Path = FINETUNE_DEFAULTS["out"],
     freeze_backbone: bool = False,
-    layer_decay: float | None = 0.75,
+    layer_decay: float | None = FINETUNE_DEFAULTS["layer_decay"],
     img_size: int | tuple[int, int] | None = None,
     strict: bool = True,
     model_overrides: dict[str, Any] | None = None,
@@ -46,7 +50,7 @@ def finetune(
 
     Args:
         num_classes: must equal the data's class count when given (a check; the data decides).
-        layer_decay: per-block lr factor (head at full lr, embeddings at layer_decay ** (depth + 1)); None: off.
+        layer_decay: per-block lr factor (head at full lr, embeddings at layer_decay ** (depth + 1)); None or 1: off.
         img_size: train at this size (position embedding resampled).
         model_overrides: more from_pretrained overrides (num_heads, drop_path_rate, global_pool ...).
         **train_options: TrainConfig fields (epochs, minutes, lr, batch_size, val_split, val_data, seed, ...).
@@ -73,7 +77,7 @@ def finetune(
 
     init = model.save(out / "init.safetensors", finetuned_from=str(source))  # zero head; fit loads it as is
     recipe = train_options.pop("recipe", None)
-    defaults = {} if recipe else {"lr": 5e-4}  # fine-tuning wants a smaller peak lr than training from scratch
+    defaults = {} if recipe else {"lr": FINETUNE_DEFAULTS["lr"]}
     cfg = build_config(
         recipe, data=data, model=str(init), out=str(out), layer_decay=layer_decay, **{**defaults, **train_options}
     )

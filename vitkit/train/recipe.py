@@ -1,4 +1,9 @@
-"""TrainConfig: every knob of a training run in one dataclass; YAML recipes fill it, CLI flags override them.
+"""TrainConfig: every option of a training run, defined once; YAML recipes fill it, CLI flags override them.
+
+Each field is declared with `option(...)`: its type and default (the dataclass), its help text, whether it may
+change when a run is resumed, and its command-line spelling. The flags of `vitkit train` and `vitkit finetune`
+are generated from these declarations (`vitkit/train/options.py`), and `RESUMABLE` (what a resume may change) is
+read from them, so adding an option is one line here.
 
 A recipe is a YAML mapping of TrainConfig fields (`augment:` holds AugmentConfig fields, `model_kwargs:` timm-style
 model overrides). Its header comment states the command, the machine, the time and the accuracy it reached, e.g.
@@ -19,50 +24,112 @@ from ..data.transforms import AugmentConfig
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 
+@dataclass(frozen=True)
+class Option:
+    """What the command line and a resume need to know about one training option, besides its type and default."""
+
+    help: str
+    resumable: bool = False  # may change when a run is resumed: the continuation stays exact
+    flag: str | None = None  # command-line spelling when it is not --field-name; "" = no flag
+    old: tuple[str, ...] = ()  # earlier spellings, still accepted with a deprecation warning
+    choices: tuple[str, ...] | None = None
+    exclusive: str | None = None  # options that name the same group exclude each other on the command line
+    nargs: str | None = None
+    metavar: str | None = None
+
+
+def option(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, **about: Any) -> Any:
+    """A TrainConfig field: `default` (or `factory` for mutable ones) plus its `Option` (help, resumable, flag ...)."""
+    return field(default=default, default_factory=factory, metadata={"option": Option(**about)})
+
+
 @dataclass
 class TrainConfig:
     """A training run. Counts are per process: with torchrun each rank takes `batch_size` images per step."""
 
-    data: str = ""  # --data source: folder, .tar(.gz), .csv, digits, cifar10, cifar100
-    val_data: str | None = None  # a separate validation source (else val_split of data)
-    val_split: float = 0.1  # stratified fraction of `data` held out for validation (0: none)
-    image_size: int | None = None  # resize images to this when loading (None: keep the data's size)
-    cache_dir: str | None = None  # decode cache (default: ~/.cache/vitkit)
-    out: str = "runs/train"
-    model: str | None = None  # preset / timm / big_vision name, or a .safetensors to fine-tune; None: by image size
-    model_kwargs: dict[str, Any] = field(default_factory=dict)  # ViTConfig overrides (stem, depth, drop_path_rate..)
-    epochs: float | None = None  # train this many epochs ...
-    minutes: float | None = None  # ... or fit the schedule into this wall-clock budget
-    batch_size: int = 128  # images per optimizer step (split into grad_accum micro-batches)
-    grad_accum: int = 1
-    lr: float = 1e-3
-    min_lr: float = 1e-5
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.999)
-    layer_decay: float | None = None  # layer-wise lr decay (fine-tuning); None: off
-    optimizer_impl: str = "auto"  # auto | fused | foreach | loop
-    warmup_epochs: float = 1.0
-    clip_grad: float | None = 1.0  # max global grad norm; None / 0: off
-    ema_decay: float = 0.0  # 0: no EMA
-    precision: str = "bf16"  # bf16 (autocast) | fp32
-    seed: int = 0
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    eval_every: int = 1  # evaluate every N epochs (and always at the end)
-    checkpoint_every: int = 0  # also write last.ckpt every N optimizer steps (0: only at epoch ends and the end)
-    checkpoint_seconds: float = 0.0  # at an epoch end, skip the write if the last was under N s ago (0: every epoch)
-    stop_after_steps: int | None = None  # stop (with a checkpoint) after this many steps, schedule unchanged
-    max_bad_steps: int = 5  # non-finite losses in a row before the run stops
-    log_every: int = 10  # steps between `train` records in metrics.jsonl
-    progress: bool = True
-    threads: int | None = None  # torch.set_num_threads; None: torch's default
-    fsdp: bool = False  # under torchrun: shard weights, gradients, optimizer state with FSDP2 (default: DDP)
-    grad_checkpointing: bool = False  # recompute block activations in backward: less memory, ~30 % more compute
-    compile: bool = False  # torch.compile the model in place (GPU model step 1.49x on an H200; ~9 % on the CPU)
+    data: str = option("", help="image folder, .tar/.tar.gz, .csv (path,label), digits, cifar10 or cifar100")
+    val_data: str | None = option(None, help="a separate validation source (same classes)", exclusive="validation")
+    val_split: float = option(
+        0.1, help="stratified fraction of --data held out for validation (0: none)", exclusive="validation"
+    )
+    image_size: int | tuple[int, int] | None = option(
+        None,
+        help="train at this size (H [W]): images are resized to it when loading, a fresh model is built for it "
+        "and a named --model is resized to it (default: the data's own size, the model's own)",
+        flag="--img-size",
+        old=("--image-size",),
+        nargs="+",
+        metavar="PX",
+    )
+    cache_dir: str | None = option(
+        None, help="where decoded images are cached (default ~/.cache/vitkit)", resumable=True
+    )
+    out: str = option("runs/train", help="run folder: checkpoints, metrics.jsonl, model.safetensors", resumable=True)
+    model: str | None = option(
+        None,
+        help="preset / timm / big_vision name or a .safetensors to fine-tune "
+        "(default: a small preset for the data's image size)",
+    )
+    model_kwargs: dict[str, Any] = option(
+        factory=dict, help="ViTConfig overrides (stem, depth, drop_path_rate ...)", flag=""
+    )
+    epochs: float | None = option(None, help="train this many epochs (default 10)", resumable=True, exclusive="length")
+    minutes: float | None = option(
+        None, help="wall-clock budget: the schedule is fitted to it", resumable=True, exclusive="length"
+    )
+    batch_size: int = option(128, help="images per optimizer step (split into --grad-accum micro-batches)")
+    grad_accum: int = option(1, help="micro-batches per optimizer step")
+    lr: float = option(1e-3, help="peak learning rate (after warmup)")
+    min_lr: float = option(1e-5, help="learning rate at the end of the cosine")
+    weight_decay: float = option(0.05, help="AdamW weight decay")
+    betas: tuple[float, float] = option((0.9, 0.999), help="AdamW betas", nargs="2", metavar="B")
+    layer_decay: float | None = option(None, help="layer-wise lr decay for fine-tuning, e.g. 0.75 (1: off)")
+    optimizer_impl: str = option("auto", help="AdamW implementation", choices=("auto", "fused", "foreach", "loop"))
+    warmup_epochs: float = option(1.0, help="epochs of linear warmup")
+    clip_grad: float | None = option(1.0, help="max global gradient norm (0: off)")
+    ema_decay: float = option(0.0, help="EMA of the weights, e.g. 0.999 (0: off)")
+    precision: str = option("bf16", help="bf16 autocast or fp32", choices=("bf16", "fp32"))
+    seed: int = option(0, help="seed of the model's initialisation, the data order and the augmentation")
+    augment: AugmentConfig = option(factory=AugmentConfig, help="augmentation (flags in options.py)", flag="")
+    eval_every: int = option(1, help="evaluate every N epochs (and always at the end)", resumable=True)
+    checkpoint_every: int = option(
+        0, help="also write last.ckpt every N optimizer steps (0: only at epoch ends and the end)", resumable=True
+    )
+    checkpoint_seconds: float = option(
+        0.0,
+        help="at an epoch end, write last.ckpt only if the last write is N s old (short epochs on a GPU; "
+        "0: every epoch)",
+        resumable=True,
+    )
+    stop_after_steps: int | None = option(
+        None,
+        help="stop (with a checkpoint) after N optimizer steps, schedule unchanged: a smoke test, or a pause",
+        resumable=True,
+    )
+    max_bad_steps: int = option(5, help="non-finite losses in a row before the run stops", resumable=True)
+    log_every: int = option(10, help="steps between `train` records in metrics.jsonl", resumable=True)
+    progress: bool = option(True, help="progress bar (--no-progress: logs only)", resumable=True)
+    threads: int | None = option(None, help="torch CPU threads (default: torch's choice)", resumable=True)
+    fsdp: bool = option(
+        False, help="under torchrun: shard weights, gradients and optimizer state with FSDP2 instead of DDP"
+    )
+    grad_checkpointing: bool = option(
+        False,
+        help="recompute block activations in backward: less memory, ~30% more compute",
+        resumable=True,  # the same activations, recomputed with the RNG replayed: the continuation stays exact
+    )
+    compile: bool = option(
+        False,
+        help="torch.compile the model in place (the first steps wait for the compiler; pays off on GPUs and long "
+        "runs: benchmarks/gpu_step_probe.py)",
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.augment, dict):
             self.augment = AugmentConfig(**self.augment)
         self.betas = tuple(float(b) for b in self.betas)
+        if isinstance(self.image_size, (list, tuple)):  # the CLI and YAML give lists
+            self.image_size = int(self.image_size[0]) if len(self.image_size) == 1 else tuple(self.image_size[:2])
         if self.precision not in ("bf16", "fp32"):
             raise ValueError(f"precision must be bf16 or fp32, got {self.precision!r}")
         if self.grad_accum < 1 or self.batch_size % self.grad_accum:
@@ -80,6 +147,36 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown training option(s) {unknown}; known: {sorted(known)}")
         return cls(**d)
+
+
+def options_of(config_class: type) -> dict[str, Option]:
+    """Field name -> Option for the fields of `config_class` declared with `option(...)`."""
+    return {f.name: f.metadata["option"] for f in dataclasses.fields(config_class) if "option" in f.metadata}
+
+
+# Options that may change when a run is resumed; any other difference would break the exact continuation.
+RESUMABLE: frozenset[str] = frozenset(name for name, opt in options_of(TrainConfig).items() if opt.resumable)
+
+
+def merge_resumed(cfg: TrainConfig, stored: TrainConfig, where: Path) -> TrainConfig:
+    """The config a resumed run continues with: the stored run's, with the RESUMABLE changes `cfg` asks for.
+
+    Raises:
+        ValueError: `cfg` changes an option outside RESUMABLE (unless `cfg.data` is empty: "resume from the run
+            folder alone, whatever its settings were").
+    """
+    mine, theirs = cfg.to_dict(), stored.to_dict()
+    clash = {k: (theirs[k], mine[k]) for k in mine if k not in RESUMABLE and mine[k] != theirs[k]}
+    if clash and cfg.data:
+        detail = ", ".join(f"{k}: run has {a!r}, now {b!r}" for k, (a, b) in clash.items())
+        raise ValueError(
+            f"'{where}' belongs to a run with other settings ({detail}); resume with the same settings, "
+            "or pass a new --out to start another run"
+        )
+    changes = {k: mine[k] for k in RESUMABLE if mine[k] != theirs[k]}
+    if cfg.epochs is None and cfg.minutes is None:  # nothing said: keep the run's own length
+        changes.pop("epochs", None), changes.pop("minutes", None)
+    return TrainConfig.from_dict(dict(theirs, **changes))
 
 
 def find_recipe(name_or_path: str | Path) -> Path:
