@@ -1,0 +1,238 @@
+"""The set-up half of a training run: its data, its model and its batch loaders, each from the TrainConfig.
+
+`fit()` (fit.py) calls these in order, then trains: `load_run_data` -> `build_or_restore_model` ->
+`wrap_model` (DDP / FSDP2, optimizer, EMA, compile) -> `make_loaders`.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import PreprocessConfig, ViTConfig, default_preprocess
+from ..data.loader import BatchLoader
+from ..data.sources import ImageArrayDataset, load_source, stratified_split
+from ..data.transforms import build_eval_transform, build_train_transform
+from ..model import create_model
+from ..model.vit import VisionTransformer
+from .distributed import DistEnv, prepare_model, unwrap
+from .ema import ModelEma
+from .optim import build_optimizer
+from .recipe import TrainConfig
+
+
+# ---------------------------------------------------------------------------------------------------- data
+@dataclass
+class RunData:
+    """The images of a run: `ds[train_idx]` to train on, `val_ds[val_idx]` to validate on (none: no validation)."""
+
+    ds: ImageArrayDataset
+    train_idx: np.ndarray
+    val_ds: ImageArrayDataset | None
+    val_idx: np.ndarray
+    seconds: float  # loading time, the decode cache's included
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.ds.classes)
+
+
+def split_validation(
+    cfg: TrainConfig, ds: ImageArrayDataset
+) -> tuple[np.ndarray, ImageArrayDataset | None, np.ndarray]:
+    """(train indices, validation dataset, validation indices): `cfg.val_data`, else a stratified `cfg.val_split`."""
+    if cfg.val_data:
+        val_ds = load_source(
+            cfg.val_data,
+            cache_dir=cfg.cache_dir,
+            image_size=ds.images.shape[1:3],
+            progress=cfg.progress,
+            classes=ds.classes,
+        )
+        return np.arange(len(ds)), val_ds, np.arange(len(val_ds))
+    if cfg.val_split > 0:
+        train_idx, val_idx = stratified_split(ds.labels, cfg.val_split, cfg.seed)
+        return train_idx, ds, val_idx
+    return np.arange(len(ds)), None, np.zeros(0, dtype=np.int64)
+
+
+def load_run_data(cfg: TrainConfig, env: DistEnv) -> RunData:
+    """Load `cfg.data` (through the decode cache) and split off the validation images; list unreadable files."""
+    start = time.perf_counter()
+    ds = load_source(
+        cfg.data, cache_dir=cfg.cache_dir, image_size=cfg.image_size, progress=cfg.progress and env.is_main
+    )
+    data = RunData(ds, *split_validation(cfg, ds), seconds=0.0)
+    data.seconds = time.perf_counter() - start
+    if ds.skipped and env.is_main:
+        shown = "; ".join(f"{f}: {r}" for f, r in ds.skipped[:5])
+        print(f"skipped {len(ds.skipped)} unreadable file(s): {shown}{' ...' if len(ds.skipped) > 5 else ''}")
+    return data
+
+
+# --------------------------------------------------------------------------------------------------- model
+def default_model(image_size: tuple[int, int]) -> tuple[str, dict[str, Any]]:
+    """A small preset that suits the data: patch 2 for tiny images, patch 4 up to 64 px, a tiny patch-16 ViT above."""
+    h, w = image_size
+    if max(h, w) <= 16:
+        return "vit_digits_patch2_8", {"img_size": (h - h % 2, w - w % 2)}
+    if max(h, w) <= 64:
+        return "vit_cifar_patch4_32", {"img_size": (h - h % 4, w - w % 4)}
+    side = min(224, max(16, min(h, w) - min(h, w) % 16))
+    return "vit_tiny_patch16_224", {"img_size": (side, side)}
+
+
+def channel_stats(images: np.ndarray, limit: int = 20_000) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std in [0, 1] of (N, H, W, C) uint8 images (a seeded sample of at most `limit`)."""
+    idx = np.random.default_rng(0).permutation(len(images))[:limit]
+    x = np.asarray(images[np.sort(idx)], dtype=np.float32) / 255.0  # (n, H, W, C)
+    mean = x.mean(axis=(0, 1, 2))
+    std = x.std(axis=(0, 1, 2)).clip(min=1e-3)
+    return tuple(round(float(m), 4) for m in mean), tuple(round(float(s), 4) for s in std)
+
+
+def build_model(cfg: TrainConfig, ds: ImageArrayDataset, train_idx: np.ndarray) -> VisionTransformer:
+    """A fresh model for `ds` (classes, channels, image size from the data) or a fine-tune of a .safetensors.
+
+    A named `cfg.model` is built at `cfg.image_size` when one is given (as `vitkit finetune --img-size` does).
+    """
+    num_classes = len(ds.classes)
+    size = {} if cfg.image_size is None else {"img_size": cfg.image_size}
+    if cfg.model and Path(cfg.model).exists():
+        from ..interop import from_pretrained  # fine-tuning: keep its preprocessing, replace its head
+
+        model = from_pretrained(cfg.model, num_classes=num_classes, **{**size, **cfg.model_kwargs})
+        model.labels = list(ds.classes)
+        return model
+    name, kw = (cfg.model, size) if cfg.model else default_model(tuple(ds.images.shape[1:3]))
+    if not cfg.model:
+        kw["in_chans"] = ds.images.shape[3]
+    model = create_model(name, **{**kw, "num_classes": num_classes, **cfg.model_kwargs})
+    mean, std = channel_stats(ds.images if len(train_idx) == len(ds) else ds.images[np.sort(train_idx)])
+    pre = default_preprocess(model.cfg)
+    model.preprocess = PreprocessConfig(
+        input_size=model.cfg.img_size, mean=mean, std=std, interpolation=pre.interpolation, crop_pct=pre.crop_pct
+    )
+    model.labels = list(ds.classes)
+    return model
+
+
+def model_from_meta(meta: dict) -> VisionTransformer:
+    """An untrained model shaped as a checkpoint's `model_meta` says (config, preprocessing, labels)."""
+    return VisionTransformer(
+        ViTConfig.from_dict(meta["config"]), PreprocessConfig.from_dict(meta["preprocess"]), meta["labels"]
+    )
+
+
+def build_or_restore_model(cfg: TrainConfig, data: RunData, state: dict | None) -> VisionTransformer:
+    """The model, built with the seeded RNG (a resume then restores the RNG it had when it stopped)."""
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    return model_from_meta(state["model_meta"]) if state else build_model(cfg, data.ds, data.train_idx)
+
+
+def describe(data: RunData, model: VisionTransformer) -> None:
+    """Two lines: what the run trains on, and on what model."""
+    ds = data.ds
+    cache = (
+        f"{'read' if ds.from_cache else 'built'} in {data.seconds:.1f} s" if ds.cache_path else f"{data.seconds:.1f} s"
+    )
+    print(
+        f"data: {ds.source}: {len(data.train_idx)} train / {len(data.val_idx)} val images, {data.num_classes} "
+        f"classes, {ds.images.shape[1]}x{ds.images.shape[2]} (decode cache {cache})"
+    )
+    c = model.cfg
+    print(
+        f"model: {c.patch_size} patches, D={c.embed_dim}, depth {c.depth}, stem {c.stem}, "
+        f"{sum(p.numel() for p in model.parameters()):,} parameters; input {model.preprocess.input_size}"
+    )
+
+
+def check_combinations(cfg: TrainConfig) -> None:
+    """Refuse the option combinations a run does not support, before any work."""
+    if not cfg.data:
+        raise ValueError("no --data given (and no checkpoint in the run folder to take it from)")
+    if cfg.fsdp and cfg.ema_decay > 0:
+        raise ValueError("--ema-decay is not supported with --fsdp (the EMA copy would not be sharded); drop one")
+    if cfg.fsdp and cfg.compile:
+        raise ValueError("--compile with --fsdp is not supported yet (untested); drop one")
+
+
+def wrap_model(
+    cfg: TrainConfig, core: VisionTransformer, env: DistEnv
+) -> tuple[nn.Module, torch.optim.Optimizer, ModelEma | None]:
+    """(the model to train: DDP / FSDP2 around `core` under torchrun, else `core`; its AdamW; the EMA or None)."""
+    core.set_grad_checkpointing(cfg.grad_checkpointing)
+    model = prepare_model(core, env, fsdp=cfg.fsdp)
+    optimizer = build_optimizer(unwrap(model), cfg.lr, cfg.weight_decay, cfg.betas, cfg.layer_decay, cfg.optimizer_impl)
+    ema = ModelEma(unwrap(model), cfg.ema_decay) if cfg.ema_decay > 0 else None
+    if cfg.compile:
+        # in place (nn.Module.compile): parameter names, checkpoints and the EMA copy (made above) stay as they are;
+        # the training graph is built on the first step; evaluation runs eagerly (TrainingRun.evaluate)
+        core.compile()
+    return model, optimizer, ema
+
+
+# ------------------------------------------------------------------------------------------------- loaders
+def micro_batch(cfg: TrainConfig, data: RunData, env: DistEnv) -> int:
+    """Images per micro-batch on each rank: batch_size / grad_accum, lowered (with a one-line warning) when the
+    training images are fewer than one batch on every rank, so that a small data set still trains."""
+    n, ranks = len(data.train_idx), env.world_size
+    if n >= cfg.batch_size * ranks:
+        return cfg.batch_size // cfg.grad_accum
+    micro = n // (ranks * cfg.grad_accum)
+    on_ranks = f" x {ranks} ranks" if ranks > 1 else ""
+    if micro < 1:
+        raise ValueError(
+            f"{data.ds.source}: {n} training images cannot fill one step ({cfg.grad_accum} micro-batch(es){on_ranks})"
+        )
+    if env.is_main:
+        print(
+            f"warning: {data.ds.source}: {n} training images are fewer than one batch ({cfg.batch_size}{on_ranks}); "
+            f"the batch size is lowered to {micro * cfg.grad_accum}",
+            file=sys.stderr,
+        )
+    return micro
+
+
+def make_loaders(
+    cfg: TrainConfig, data: RunData, core: VisionTransformer, env: DistEnv
+) -> tuple[BatchLoader, BatchLoader | None]:
+    """(training loader: shuffled, augmented, this rank's share; validation loader or None)."""
+    in_chans = core.cfg.in_chans
+    # on a GPU the pixel work of augmentation runs there: the host alone cannot feed a fast GPU (README)
+    aug_device = env.device if env.device.type == "cuda" else None
+    train_tf = build_train_transform(cfg.augment, core.preprocess, data.num_classes, in_chans, aug_device)
+    eval_tf = build_eval_transform(core.preprocess, in_chans, aug_device)
+    micro = micro_batch(cfg, data, env)
+    loader = BatchLoader(
+        data.ds,
+        data.train_idx,
+        micro,
+        shuffle=True,
+        seed=cfg.seed,
+        drop_last=True,
+        rank=env.rank,
+        world_size=env.world_size,
+        transform=train_tf,
+    )
+    if data.val_ds is None or not len(data.val_idx):
+        return loader, None
+    val_loader = BatchLoader(
+        data.val_ds,
+        data.val_idx,
+        max(256, micro),
+        shuffle=False,
+        drop_last=False,
+        rank=0 if cfg.fsdp else env.rank,  # FSDP: every forward is collective, so every rank evaluates all
+        world_size=1 if cfg.fsdp else env.world_size,
+        transform=eval_tf,
+    )
+    return loader, val_loader
