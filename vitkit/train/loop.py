@@ -137,6 +137,26 @@ def _next_step_batches(batches: Iterator, grad_accum: int) -> list | None:
     return group if len(group) == grad_accum else None
 
 
+class _LogWindow:
+    """The steps since the last `train` record: their images, the loss sum and count of the good ones, the start."""
+
+    def __init__(self) -> None:
+        self.start, self.images, self.loss, self.n = time.perf_counter(), 0, 0.0, 0
+
+    def add_loss(self, loss_sum: float, n: int) -> None:
+        self.loss, self.n = self.loss + loss_sum, self.n + n
+
+    def log(self, logger: RunLogger | None, step: int, epoch: int, lr: float, grad_norm: torch.Tensor | None) -> None:
+        """Write the window's `train` record and the bar's numbers (nothing when no step of it was good)."""
+        if logger is None or not self.n:
+            return
+        ips = self.images / max(time.perf_counter() - self.start, 1e-9)
+        grad = None if grad_norm is None else float(grad_norm)
+        logger.log("train", step, epoch=epoch, loss=self.loss / self.n, lr=lr, img_per_s=ips, grad_norm=grad)
+        if logger.bar is not None:
+            logger.bar.set_postfix(loss=f"{self.loss / self.n:.3f}", img_s=f"{ips:.0f}", lr=f"{lr:.2e}")
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: Iterable,
@@ -175,7 +195,7 @@ def train_one_epoch(
     model.train()
     loss_sum, loss_n, images = 0.0, 0, 0
     t_epoch = time.perf_counter()
-    window_t, window_imgs, window_loss, window_n = time.perf_counter(), 0, 0.0, 0
+    window = _LogWindow()
     batches = iter(loader)
     while not hooks.should_stop(state.step):
         micro = _next_step_batches(batches, grad_accum)
@@ -227,12 +247,13 @@ def train_one_epoch(
             state.bad_streak = 0
             optimizer.step()
             loss_sum, loss_n = loss_sum + step_loss, loss_n + 1
-            window_loss, window_n = window_loss + step_loss, window_n + 1
+            window.add_loss(step_loss, 1)
         if ema is not None:
             ema.update(getattr(model, "module", model), state.step)  # DDP keeps the model in .module
         state.step += 1
         state.images_seen += n_img
-        images, window_imgs = images + n_img, window_imgs + n_img
+        images += n_img
+        window.images += n_img
         hooks.on_timing(state.step)
         if logger is not None:
             logger.step(1, **({} if guard is not None else {"loss": step_loss, "lr": lr}))
@@ -240,23 +261,10 @@ def train_one_epoch(
             # a read: the log window's loss, and a checkpoint about to be written carries the current streak
             read_loss, read_n = guard.read(state, max_bad_steps, lr)
             loss_sum, loss_n = loss_sum + read_loss, loss_n + read_n
-            window_loss, window_n = window_loss + read_loss, window_n + read_n
+            window.add_loss(read_loss, read_n)
         if state.step % log_every == 0:
-            if logger is not None and window_n:
-                dt = time.perf_counter() - window_t
-                ips = window_imgs / max(dt, 1e-9)
-                logger.log(
-                    "train",
-                    state.step,
-                    epoch=epoch,
-                    loss=window_loss / window_n,
-                    lr=lr,
-                    img_per_s=ips,
-                    grad_norm=None if grad_norm is None else float(grad_norm),
-                )
-                if logger.bar is not None:
-                    logger.bar.set_postfix(loss=f"{window_loss / window_n:.3f}", img_s=f"{ips:.0f}", lr=f"{lr:.2e}")
-            window_t, window_imgs, window_loss, window_n = time.perf_counter(), 0, 0.0, 0
+            window.log(logger, state.step, epoch, lr, grad_norm)
+            window = _LogWindow()
         hooks.after_step(state.step)
     if guard is not None:  # the steps since the last read
         tail_loss, tail_n = guard.read(state, max_bad_steps, schedule.lr_at(max(state.step - 1, 0)))
