@@ -1,4 +1,4 @@
-"""vitkit's CPU kernels (vitkit/model/cpu_kernels.py) against PyTorch's ops, op alone and in whole models.
+"""vitkit's CPU kernels (vitkit/fast/kernels.py) against PyTorch's ops, op alone and in whole models.
 
     .venv/bin/python benchmarks/cpu_kernels.py                                           # ViT-S/16 b32 and b1
     ... --models s16_224:32,s16_224:1,ti4_32:128,ti4_32:1,b16_224:16,s14_224:8,s16_384:4     # more shapes
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from machine import cpu_model  # benchmarks/machine.py; scripts run as `python benchmarks/<name>.py`
 
 import vitkit
-from vitkit.model import cpu_kernels
+from vitkit.fast import kernels as cpu_kernels
 
 # name: (create_model name, kwargs, image size)
 MODELS = {

@@ -1,4 +1,4 @@
-"""A/B of the CPU bf16 inference fast path (vitkit/model/fast_inference.py), ViT-S/16 @224, one process, interleaved.
+"""A/B of the CPU bf16 inference fast path (vitkit/fast/packing.py), ViT-S/16 @224, one process, interleaved.
 
     .venv/bin/python benchmarks/inference_fast_path.py --batch 32 --reps 9
     .venv/bin/python benchmarks/inference_fast_path.py --batch 1 --reps 31
@@ -35,7 +35,7 @@ def main() -> None:
     import timm
 
     import vitkit
-    from vitkit.model import fast_inference
+    from vitkit.fast import packing as fast_inference
     from vitkit.model.precision import low_precision_inference
 
     uptime = lambda: subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()  # noqa: E731

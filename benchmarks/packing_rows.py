@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import vitkit  # noqa: E402
 from benchmarks.machine import cpu_model  # noqa: E402
-from vitkit.model import fast_inference  # noqa: E402
+from vitkit.fast import packing as fast_inference  # noqa: E402
 
 CASES = [  # (model, kwargs, batch sizes)
     ("vit_tiny_patch16_224", dict(img_size=32, patch_size=4), (1, 4, 8)),

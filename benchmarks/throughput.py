@@ -226,7 +226,7 @@ def machine_info() -> dict:
         with contextlib.suppress(ImportError):
             versions[mod] = __import__(mod).__version__
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    from vitkit.model import cpu_kernels
+    from vitkit.fast import kernels as cpu_kernels
 
     return {
         "cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "versions": versions, "load": load,

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 import vitkit
-from vitkit.model import cpu_kernels, fast_inference
+from vitkit.fast import kernels as cpu_kernels
+from vitkit.fast import packing as fast_inference
 
 from .conftest import tiny_kwargs
 

@@ -1,4 +1,4 @@
-"""The CPU bf16 inference fast path (vitkit/model/fast_inference.py): it engages only where it should, its logits
+"""The CPU bf16 inference fast path (vitkit/fast: packing.py, inference.py): it engages only where it should, its logits
 stay within bf16 tolerance of the fp32 reference, its packed weights follow weight updates, and nothing else
 about the model changes (training, fp32, state_dict, attention maps, deepcopy)."""
 
@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import vitkit
-from vitkit.model import fast_inference
+from vitkit.fast import packing as fast_inference
+from vitkit.fast.inference import packed_patch_embed
 
 from .conftest import tiny_kwargs
 
@@ -150,11 +151,6 @@ def test_low_precision_copy_uses_the_fast_path():
     assert _packed_layers(fast) and (out - ref).abs().max() <= 0.03 * ref.abs().max()
 
 
-def test_linear_rejects_unknown_activations():
-    with pytest.raises(ValueError, match="activation"):
-        fast_inference.Linear(4, 4)(torch.randn(2, 4), activation="relu")
-
-
 def test_without_the_kernels_everything_takes_the_ordinary_path(monkeypatch):
     model = _model()
     x = torch.randn(4, 3, 32, 32)
@@ -172,7 +168,8 @@ def test_patch_embedding_as_a_packed_matmul_matches_the_conv():
     x = torch.randn(2, 3, 18, 17)  # not a multiple of the patch: the conv drops the remainder, so must the matmul
     with torch.inference_mode():
         ref = pe(x)
-        out = _bf16(pe, x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = packed_patch_embed(pe, x)
     assert out.shape == ref.shape == (2, 32, 4, 4)
     assert fast_inference.packed_layers(pe) == [pe.proj]
     assert (out.float() - ref).abs().max() <= 0.02 * ref.abs().max()
@@ -180,22 +177,21 @@ def test_patch_embedding_as_a_packed_matmul_matches_the_conv():
 
 @needs_kernels
 def test_residual_rides_on_the_matmul_and_matches_the_separate_add():
-    layer = fast_inference.Linear(16, 8).eval()
+    layer = torch.nn.Linear(16, 8).eval()
     x, r = torch.randn(3, 5, 16), torch.randn(3, 5, 8)
     with torch.inference_mode():
         ref = r + layer(x)
-        ordinary = layer(x, residual=r)  # fp32: the plain add
-        fused = _bf16(layer, x, residual=r.bfloat16())
-    assert torch.equal(ordinary, ref)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fused = fast_inference.linear(layer, x, residual=r.bfloat16())
+            with pytest.raises(ValueError, match="residual"):
+                fast_inference.linear(layer, x, activation="gelu", residual=r)
     assert fused.dtype == torch.bfloat16 and (fused.float() - ref).abs().max() <= 0.05 * ref.abs().max()
-    with pytest.raises(ValueError, match="residual"):
-        _bf16(layer, x, activation="gelu", residual=r)
 
 
 @needs_kernels
 def test_straight_line_block_matches_the_module_path_and_hooks_still_fire():
     """Without hooks a block on the fast path runs as straight-line calls; a hook anywhere in the block sends it
-    through the modules (so the hook fires), with bit-identical logits."""
+    through the modules (so the hook fires), with the same logits up to bf16 rounding (no fused adds there)."""
     model = _model()
     x = torch.randn(2, 3, 32, 32)
     lean = _bf16(model, x)
@@ -204,7 +200,7 @@ def test_straight_line_block_matches_the_module_path_and_hooks_still_fire():
     hooked = _bf16(model, x)
     handle.remove()
     assert seen == [(2, 17, 256)]  # (B, 1 + 16 patches, 4 * 64)
-    assert torch.equal(lean, hooked)
+    assert (lean.float() - hooked.float()).abs().max() <= 0.03 * hooked.float().abs().max()
 
 
 @needs_kernels
@@ -224,7 +220,7 @@ def test_block_plan_follows_swapped_modules_and_parameters():
         return (fast - ordinary).abs().max() <= 0.03 * ordinary.abs().max()
 
     before = _bf16(model, x)
-    new_fc1 = fast_inference.Linear(64, 256)
+    new_fc1 = torch.nn.Linear(64, 256)
     torch.nn.init.normal_(new_fc1.weight, std=0.5)
     blk.mlp.fc1 = new_fc1.eval()  # a fresh module under the block
     swapped = _bf16(model, x)

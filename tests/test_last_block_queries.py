@@ -1,12 +1,15 @@
 """`VisionTransformer.forward` with "token" pooling runs the last block for the class token's row only
-(`Block.forward(queries=1)`): the logits and the gradients stay those of the full model, and it steps aside where
+(`vitkit.fast.blocks.Runner`, `block_forward(rows=1)`):
+the logits and the gradients stay those of the full model, and it steps aside where
 someone could see the shorter tensors (hooks, the last layer's attention map) or where the pool reads every token."""
 
 import pytest
 import torch
 
 import vitkit
-from vitkit.model import fast_inference
+from vitkit.fast import packing as fast_inference
+from vitkit.fast.blocks import block_forward
+from vitkit.fast.inference import block_plan, run_plan
 from vitkit.model import layers as layers_mod
 
 from .conftest import tiny_kwargs
@@ -23,16 +26,16 @@ def _full(model, x):
 
 @pytest.fixture
 def query_log(monkeypatch):
-    """The `queries` each Attention call got, in call order (patched on the class: an instance hook would make
-    forward() keep the full last block)."""
+    """The query rows of each attention call, None where it had one per token, in call order (patched on the class:
+    an instance hook would make forward() keep the full last block)."""
     log = []
-    orig = layers_mod.Attention.forward
+    orig = layers_mod.Attention.attend
 
-    def spy(self, x, need_weights=False, residual=None, queries=None):
-        log.append(queries)
-        return orig(self, x, need_weights, residual, queries)
+    def spy(self, q, k, v, need_weights=False):
+        log.append(None if q.shape[2] == k.shape[2] else q.shape[2])
+        return orig(self, q, k, v, need_weights)
 
-    monkeypatch.setattr(layers_mod.Attention, "forward", spy)
+    monkeypatch.setattr(layers_mod.Attention, "attend", spy)
     return log
 
 
@@ -118,18 +121,20 @@ def test_pools_that_read_every_token_and_the_last_attention_map_keep_it_whole(qu
 
 @pytest.mark.parametrize("path", ["module", "fast"])
 @pytest.mark.parametrize("extras", [{}, dict(init_values=0.1), dict(qk_norm=True)])
-def test_block_with_queries_returns_the_first_rows_of_the_full_block(path, extras):
+def test_block_with_rows_returns_the_first_rows_of_the_full_block(path, extras):
     block = _model(**extras).blocks[0].eval()
     x = torch.randn(2, 17, 64)
     if path == "fast":
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-            full, _ = block(x)
-            part, _ = block(x, queries=3)
+            plan = block_plan(block)
+            if plan is None:
+                pytest.skip("this torch build lacks the oneDNN packed-weight ops")
+            full = run_plan(plan, x.bfloat16())
+            part = run_plan(plan, x.bfloat16(), rows=3)
         torch.testing.assert_close(part.float(), full[:, :3].float(), rtol=2e-2, atol=2e-2)
         return
-    with torch.no_grad(), fast_inference.disabled():
-        full, full_map = block(x, need_weights=True)
-        part, part_map = block(x, need_weights=True, queries=3)
-    assert part.shape == (2, 3, 64) and part_map.shape == (2, 4, 3, 17)
+    with torch.no_grad():
+        full, _ = block(x)
+        part = block_forward(block, x, rows=3)
+    assert part.shape == (2, 3, 64)
     torch.testing.assert_close(part, full[:, :3], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(part_map, full_map[:, :, :3], rtol=1e-5, atol=1e-6)

@@ -62,7 +62,7 @@ def test_bf16_fast_path_agrees_with_fp32(ckpt):
 
 
 def test_bf16_predictor_runs_the_cpu_fast_path_by_default(ckpt):
-    from vitkit.model import fast_inference
+    from vitkit.fast import packing as fast_inference
 
     p = Predictor(ckpt)
     p.predict_one(noise())

@@ -19,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vitkit.model import cpu_kernels
+    from vitkit.fast import kernels as cpu_kernels
 
     if args.action == "status":
         print(f"cpu kernels: {cpu_kernels.status()}")

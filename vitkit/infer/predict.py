@@ -7,7 +7,7 @@ Per image: `decode_image` (any format; bombs, truncation and non-images refused 
 Backends are pluggable: a backend factory takes the loaded VisionTransformer (and the checkpoint path) and
 returns a callable `run(batch (B, C, H, W) float32) -> logits (B, classes) float32`. "torch" is built in (bf16
 autocast under inference_mode, several times faster than fp32 on AMX CPUs; on the CPU it engages the model's
-inference fast path of vitkit/model/fast_inference.py: prepacked weights, fused GELU, a bf16 residual stream;
+inference fast path of vitkit/fast/: prepacked weights, fused GELU, a bf16 residual stream;
 ViT-S/16 @224 about 1.8x timm at batch 32, `benchmarks/throughput.py`); other engines register theirs with
 `register_backend("onnxruntime", factory)`.
 """
@@ -29,7 +29,8 @@ import torch
 from ..config import PreprocessConfig, to_2tuple
 from ..data.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 from ..data.preprocess import preprocess_image, resize_and_crop
-from ..model import VisionTransformer, fast_inference
+from ..fast import packing
+from ..model import VisionTransformer
 from .onnx_backend import is_onnx_file, model_from_onnx, onnxruntime_backend
 
 Backend = Callable[[torch.Tensor], torch.Tensor]  # (B, C, H, W) float32 -> (B, classes) float32 logits
@@ -54,7 +55,7 @@ def torch_backend(
     """Run the model itself: bf16 autocast (precision="bf16") or plain fp32, always under inference_mode.
 
     eval mode + inference_mode + bf16 autocast on the CPU is exactly what engages the model's fast path
-    (`vitkit.model.fast_inference`); fp32 runs the ordinary, exact ops.
+    (`vitkit.fast`); fp32 runs the ordinary, exact ops.
 
     compile=True (the "torch-compile" backend): through torch.compile with inductor's freezing (weights folded into
     the graph as constants). Opt-in, for long-running serving at small batches: the first call of a batch shape
@@ -253,7 +254,7 @@ class Predictor:
             "class_token": cfg.class_token,
             "reg_tokens": cfg.reg_tokens,
             "parameters": sum(p.numel() for p in self.model.parameters()),
-            "cpu_fast_path": fast_inference.available(),  # prepacked bf16 kernels (model/fast_inference.py)
+            "cpu_fast_path": packing.available(),  # prepacked bf16 kernels (vitkit/fast)
         }
 
 

@@ -26,7 +26,7 @@ Inference: the two tie up to ~150 tokens and SDPA wins above, so inference alway
 gives the same crossing (train math wins at 17-257 tokens: 26.7 vs 97.9 ms at 17, 37.7 vs 54.3 ms at 257).
 On CUDA, fused SDPA (flash / memory-efficient kernels) wins at every length, so `auto` always picks it there.
 Where vitkit's CPU kernels are built, bf16 training that `auto` sends to explicit attention runs on the kernels'
-attention with its own backward instead (`cpu_kernels.attention_with_grad`, `Attention._on_training_kernel`): the
+attention with its own backward instead (`vitkit.fast.training`): the
 same softmax(q kᵀ / √d) v; forward + backward 1.06-1.43x faster than the explicit ops, the whole training step
 1.05-1.08x (benchmarks/README.md).
 """

@@ -6,7 +6,7 @@ image that cast is a quarter of the time. Measured on the 2-core AMX Xeon, ViT-S
 
     batch 32: autocast 420 ms -> bf16 weights 342 ms (-19 %);   batch 1: 34.7 ms -> 26.0 ms (-25 %)
 
-Since the CPU inference fast path (fast_inference.py: prepacked weights, fused GELU, bf16 residual stream), the
+Since the CPU inference fast path (vitkit/fast: prepacked weights, fused GELU, bf16 residual stream), the
 ordinary model under autocast is as fast as this copy (ViT-S/16 @224: batch 32 233 vs 240 ms, batch 1 15.7 vs
 15.4 ms). The copy needs less memory (bf16 weights only, vs fp32 weights + a packed bf16 copy); it takes the same
 fast path.

@@ -6,32 +6,28 @@ image ─► patches ─► linear embedding ─► + position embedding (+ cls 
 
 Attention maps are a first-class output: `model(x, return_attention=[...] | "all")` returns the logits and a
 dict {layer: (B, heads, N, N)}; only the asked layers compute the explicit map, the others keep the fast path.
+
+Speed lives elsewhere: `_encode` asks `vitkit.fast.select` once per call whether a faster runner should run the
+same arithmetic on this machine (CPU bf16 inference and training); otherwise the modules run as written here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn.modules import module as _module
 from torch.utils.checkpoint import checkpoint
 
+from .. import fast
 from ..config import PreprocessConfig, ViTConfig, default_preprocess
-from . import fast_inference
-from .layers import AttentionPoolLatent, Block, ConvStem, Linear, PatchEmbed
+from .layers import AttentionPoolLatent, Block, ConvStem, PatchEmbed
 from .pos_embed import resample_pos_embed, sincos_2d
 
 AttentionRequest = Iterable[int] | str | None  # layer indices (negative ok), "all", or None
-# global hooks that would see the last block's shorter output when forward() skips its unused rows
-_GLOBAL_HOOKS = (
-    "_global_forward_hooks",
-    "_global_forward_pre_hooks",
-    "_global_backward_hooks",
-    "_global_backward_pre_hooks",
-)
 
 
 @dataclass
@@ -106,7 +102,7 @@ class VisionTransformer(nn.Module):
         )
         self.fc_norm = nn.LayerNorm(D, eps=cfg.norm_eps) if cfg.use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(cfg.drop_rate)
-        self.head = Linear(D, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(D, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         self.grad_checkpointing = False  # recompute block activations in backward: less memory, ~1/3 more compute
         self.init_weights()
 
@@ -163,26 +159,26 @@ class VisionTransformer(nn.Module):
         want_attn: set[int],
         collect: set[int] | None = None,
         stop_after: int | None = None,
-        last_queries: int | None = None,
+        pooled_only: bool = False,
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor], dict[int, torch.Tensor], tuple[int, int]]:
         """Image -> tokens (B, N, D) after the blocks, attention maps, collected block outputs, the patch grid.
 
-        last_queries: the last block computes the first Q tokens' outputs only (`Block.forward`): tokens (B, Q, D).
+        pooled_only: the caller reads only the pooled output, so a runner may shorten the last block to the rows the
+        pooling reads (tokens (B, 1, D) then; `vitkit.fast.blocks.Runner`).
         """
         grid = self.patch_grid(x)
-        x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, D, h, w) -> (B, h*w, D)
+        run = fast.select(self, x, want_attn, pooled_only)  # a faster runner for this call, or None: the modules
+        x = self.patch_embed(x) if run is None else run.patch_embed(self.patch_embed, x)  # (B, D, h, w)
+        x = x.flatten(2).transpose(1, 2)  # (B, h*w, D)
         x = self.norm_pre(self.pos_drop(self._pos_embed(x, grid)))  # (B, N, D), N = prefix + h*w
-        if fast_inference.engaged(self, x):  # CPU bf16 inference: the residual stream in bf16 (fast_inference.py)
-            x = x.to(torch.bfloat16)
         maps: dict[int, torch.Tensor] = {}
         outs: dict[int, torch.Tensor] = {}
-        last = len(self.blocks) - 1
         for i, blk in enumerate(self.blocks):
-            queries = last_queries if i == last else None
+            step = blk if run is None else partial(run.block, i, blk)  # (x, need_weights) -> (x, map or None)
             if self.grad_checkpointing and self.training and torch.is_grad_enabled() and i not in want_attn:
-                x, attn = checkpoint(blk, x, False, queries, use_reentrant=False)  # activations recomputed in backward
+                x, attn = checkpoint(step, x, False, use_reentrant=False)  # activations recomputed in backward
             else:
-                x, attn = blk(x, need_weights=i in want_attn, queries=queries)  # (B, N, D)
+                x, attn = step(x, i in want_attn)  # (B, N, D)
             if attn is not None:
                 maps[i] = attn  # (B, heads, N, N)
             if collect is not None and i in collect:
@@ -228,31 +224,9 @@ class VisionTransformer(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Image (B, C, H, W) -> logits (B, classes); with return_attention also {layer: (B, heads, N, N)}."""
         want = self._layer_set(return_attention)
-        last_queries = 1 if self._pools_first_token_only(want) else None
-        tokens, maps, _, _ = self._encode(x, want, last_queries=last_queries)
+        tokens, maps, _, _ = self._encode(x, want, pooled_only=True)
         logits = self.forward_head(self.norm(tokens))
         return logits if return_attention is None else (logits, maps)
-
-    def _pools_first_token_only(self, want_attn: set[int]) -> bool:
-        """Whether the logits read the first token alone ("token" pooling): the last block then runs for that row only.
-
-        The class token's last-block output depends on every token through the keys and values, but the other rows'
-        outputs feed nothing after it: skipping them leaves the logits as they were (up to rounding) and saves most of
-        a block (ViT-S/16: proj, MLP and attention for 1 of 197 rows; ~1/12 of the forward, and of the backward in
-        training). Not when the last layer's full attention map is asked for, or when a hook on the last block, under
-        it, or on the final norm could see the shorter (B, 1, D) tensors.
-        """
-        if self.cfg.global_pool != "token" or not len(self.blocks) or len(self.blocks) - 1 in want_attn:
-            return False
-        if any(getattr(_module, name) for name in _GLOBAL_HOOKS):
-            return False
-        stack: list[nn.Module] = [self.blocks[-1], self.norm]  # a plain walk: ~2x faster than .modules() + getattr
-        while stack:
-            m = stack.pop()
-            if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
-                return False
-            stack += [c for c in m._modules.values() if c is not None]
-        return True
 
     def forward_intermediates(
         self,
@@ -294,6 +268,11 @@ class VisionTransformer(nn.Module):
         return Intermediates(layers=layers, tokens=self.norm(tokens))
 
     # --------------------------------------------------------------------------------------- housekeeping
+    def train(self, mode: bool = True) -> VisionTransformer:
+        if mode:  # fused AdamW updates weights without bumping version counters: drop the packed inference copies
+            fast.clear_cache(self)
+        return super().train(mode)
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Trade compute for memory in training: keep only each block's input, recompute the rest in backward."""
         self.grad_checkpointing = enable
@@ -312,7 +291,7 @@ class VisionTransformer(nn.Module):
         self.cfg = self.cfg.replace(num_classes=num_classes)
         if num_classes > 0:
             ref = next(self.parameters())
-            self.head = Linear(self.cfg.embed_dim, num_classes).to(ref.device, ref.dtype)
+            self.head = nn.Linear(self.cfg.embed_dim, num_classes).to(ref.device, ref.dtype)
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
         else:

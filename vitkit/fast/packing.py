@@ -1,37 +1,26 @@
-"""The CPU bf16 inference fast path: weights prepacked once for oneDNN, GELU fused into fc1, a bf16 residual stream.
+"""Prepacked bf16 weights for oneDNN: the building piece of CPU bf16 inference (`inference.py`).
 
-It engages by itself, for the model called the ordinary way, when all of these hold for a call:
+Inference engages by itself, for the model called the ordinary way, when all of these hold for a call:
 
     model.eval()  +  grad disabled (torch.inference_mode() / torch.no_grad())  +  input on the CPU
     +  bf16 compute: torch.autocast("cpu", torch.bfloat16), or bf16 weights and bf16 inputs (low_precision_inference)
 
 Training, fp32, CUDA, autograd, torch.compile / export / tracing take the ordinary path, unchanged.
 
-Why, measured on the 2-core AMX Xeon, ViT-S/16 @224, torch 2.14.1 (profile and A/B in benchmarks/README.md):
+Why (benchmarks/inference_fast_path.py measures the whole path against the ordinary one):
 - Every plain `F.linear` under autocast casts the fp32 weight to bf16 and has oneDNN re-lay it out for AMX, then
-  adds the bias in a separate pass: 30-40 % of each matmul at batch 1, ~15 % at batch 32. `linear` below keeps
-  one packed bf16 copy per layer (`torch.ops.mkldnn._reorder_linear_weight`, the op inductor's freezing uses)
-  and calls `torch.ops.mkldnn._linear_pointwise` with the bias (and GELU for fc1) fused in.
-- GELU as a post-op of fc1 saves a pass over the (B, N, 4D) activations; each residual add rides on the matmul
-  before it (proj, fc2: a binary post-op, `Block.forward`), and the patch-embedding conv runs as a packed matmul of
-  the unfolded patches (`PatchEmbed.forward`): ViT-S/16 -3 % at batch 32 and 1, same process, interleaved.
-- Under autocast the residual stream stays fp32 (bf16 branch + fp32 stream -> fp32), so every LayerNorm reads fp32
-  and every linear re-casts its input. The model casts the stream to bf16 once after the position embedding
-  (`VisionTransformer._encode`); LayerNorm and softmax still accumulate in fp32 inside PyTorch's CPU kernels.
-- Attention and LayerNorm run in vitkit's own kernels where they are built (`cpu_kernels.py`: PyTorch's CPU flash
-  kernel is slow at ViT-*/16's 197 keys), else in SDPA and F.layer_norm.
-Logits stay within bf16 tolerance of the fp32 model (tests/test_fast_inference.py).
-
-The packed copy lives beside the layer (a weak-keyed table: not in its state_dict, never copied or pickled) with
-a key of the parameters' version counters and storage: in-place updates (load_state_dict, EMA, `with no_grad:
-w.copy_()`) and `.to()` invalidate it, and so does `model.train()` — needed because fused AdamW updates weights
-without bumping version counters. Writes through `.data`, or a fused optimizer stepping a model left in eval
-mode, bypass both: call `clear_cache(model)` after them. Cost: one bf16 copy of each linear weight (half the fp32
-weights' memory).
+  adds the bias in a separate pass: a large share of each matmul at small batches. `pack` keeps one packed bf16
+  copy per layer (`torch.ops.mkldnn._reorder_linear_weight`, the op inductor's freezing uses) and the plans call
+  `torch.ops.mkldnn._linear_pointwise` with the bias (and GELU for fc1, the residual add for proj and fc2) fused in.
+- The packed copy lives beside the layer (a weak-keyed table: not in its state_dict, never copied or pickled) with
+  a key of the parameters' version counters and storage: in-place updates (load_state_dict, EMA, `with no_grad:
+  w.copy_()`) and `.to()` invalidate it, and so does `model.train()` (VisionTransformer.train calls `clear_cache`),
+  needed because fused AdamW updates weights without bumping version counters. Writes through `.data` bypass
+  both: call `clear_cache(model)` after them. Cost: one bf16 copy of each linear weight.
 
 The mkldnn ops are private. `available()` probes them once (they exist since torch 2.0 and are in 2.11-2.14); where
 they are missing or fail, every layer takes the ordinary path. Turn the fast path off with VITKIT_FAST_INFERENCE=0
-or `with fast_inference.disabled(): ...` (A/B measurements).
+or `with packing.disabled(): ...` (A/B measurements).
 """
 
 from __future__ import annotations
@@ -124,9 +113,9 @@ def _key(layer: nn.Linear) -> tuple | None:
 
 # Row counts (tokens x batch) at which a block's output projections (proj, fc2: out = the width) run faster from a
 # weight packed for a one-row input, by width. oneDNN picks the packed layout from the row count it is told, and for
-# these widths the layout it picks by default leaves mid-size products on one of the two threads. Measured with
-# `flock /tmp/vitkit-heavy.lock .venv/bin/python benchmarks/packing_rows.py` (2026-11-27 11:49 UTC, the 2-core AMX
-# Xeon, torch 2.14.1; one model with proj and fc2 packed each way, the two called alternately, whole forward):
+# these widths the layout it picks by default leaves mid-size products on one of the two threads. Measured by
+# benchmarks/packing_rows.py (the 2-core AMX Xeon; one model with proj and fc2 packed each way, called alternately,
+# whole forward):
 #   width 384 (ViT-S/16):     batch 1 (197 rows) 1.07x, 2 (394) 1.11x, 4 (788) 1.10x; batch 8 (1576) 0.95x
 #   width 192 (ViT-Ti/4 @32): batch 1 (65) 0.95x, 4 (260) 0.99x, 8 (520) 0.91x    -> not used
 #   width 768 (ViT-B/16):     batch 1 (197) 1.02x, 2 (394) 1.01x (noise)          -> not used
@@ -202,8 +191,8 @@ def linear(
 def cached(module: nn.Module, key: tuple, build: Callable[[], object | None]) -> object | None:
     """A value kept beside `module` in the packed-weight table: `build()`'s result, rebuilt when `key` changes.
 
-    For callers that gather several packed layers at once (`layers.Block`). A None from `build` is not kept.
-    `clear_cache` and the modules' `train()` drop these entries too.
+    For callers that gather several packed layers at once (a block's plan, `inference.py`). A None from `build` is
+    not kept. `clear_cache` (which `VisionTransformer.train()` calls) drops these entries too.
     """
     entry = _packed.get(module)
     if entry is None or entry[0] != key:
@@ -223,29 +212,3 @@ def clear_cache(model: nn.Module) -> None:
     """Drop every packed copy in `model` (after writing weights through `.data`, or to free the memory)."""
     for m in model.modules():
         _packed.pop(m, None)
-
-
-class Linear(nn.Linear):
-    """nn.Linear (same parameters, same state_dict) that takes the fast path when it applies.
-
-    `activation="gelu"` returns GELU(x Wᵀ + b): fused into the matmul on the fast path, F.gelu after it otherwise.
-    `residual=r` returns r + (x Wᵀ + b): the add is a post-op of the matmul on the fast path, a separate add otherwise.
-    """
-
-    def forward(self, x: torch.Tensor, activation: str = "none", residual: torch.Tensor | None = None) -> torch.Tensor:
-        if activation not in ("none", "gelu"):
-            raise ValueError(f"activation must be 'none' or 'gelu', got {activation!r}")
-        y = linear(self, x, activation, residual)
-        if y is not None:
-            return y
-        y = F.linear(x, self.weight, self.bias)
-        y = F.gelu(y) if activation == "gelu" else y
-        return y if residual is None else residual + y
-
-    def train(self, mode: bool = True) -> Linear:
-        # Back to training drops the packed copy: fused AdamW (`torch._fused_adamw_`, the trainer's default) updates
-        # weights in place WITHOUT bumping their version counters, so the key alone would keep a stale copy across
-        # an eval -> train -> eval cycle (found by tests/test_train_resume.py).
-        if mode:
-            _packed.pop(self, None)
-        return super().train(mode)

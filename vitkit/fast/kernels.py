@@ -1,35 +1,30 @@
-"""vitkit's C++ kernels for CPU bf16 (csrc/cpu_kernels.cpp): the inference fast path's attention and LayerNorm,
-and bf16 training's attention (with its backward), residual add and pre-norm LayerNorm.
+"""vitkit's C++ kernels for CPU bf16 (csrc/cpu_kernels.cpp): attention and LayerNorm for inference, and bf16
+training's attention (with its backward), residual add and pre-norm LayerNorm.
 
-Attention, on oneDNN's brgemm (AMX): at ViT-*/16's 197 tokens PyTorch's CPU flash attention runs on the slow side of
-a cliff (key counts that are not a multiple of 16), and attention is a third of a ViT-S/16 forward at batch 32. The
-kernel pads the keys inside its packed copies (exact: padded keys get probability 0), reads q / k / v straight from
-the qkv projection's output and writes (B, Q, C) for the output projection. Measured on the 2-core AMX Xeon
-(benchmarks/README.md): attention alone at batch 32 3.99-4.55 vs 5.34-5.49 ms; the whole ViT-S/16 1.01-1.21x at
-batch 32 (noisy), 1.04-1.07x at batch 1.
-LayerNorm (bf16 in and out, fp32 statistics): ATen runs its AVX2 kernel for bf16 here; this one saves ~15 µs a call
-at batch 1, ViT-S/16 batch 1 1.025x (nothing at batch 32).
-Both stay within bf16 tolerance of PyTorch's ops (tests/test_cpu_kernels.py).
+Attention, on oneDNN's brgemm (AMX): at ViT-*/16's 197 tokens PyTorch's CPU flash attention runs on the slow side
+of a cliff (key counts that are not a multiple of 16), and attention is a third of a ViT-S/16 forward at batch 32.
+The kernel pads the keys inside its packed copies (exact: padded keys get probability 0), reads q / k / v straight
+from the qkv projection's output and writes (B, Q, C) for the output projection. LayerNorm (bf16 in and out, fp32
+statistics): ATen runs an AVX2 kernel for bf16 here, and this one saves a little at batch 1.
+`benchmarks/cpu_kernels.py` measures each op alone and whole models with and without them; the outputs stay within
+bf16 tolerance of PyTorch's ops (tests/test_cpu_kernels.py).
 
-bf16 training under autocast (the model called the ordinary way, `Block` and `Attention` pick these by themselves):
+For bf16 autocast training (`training.py` calls them):
 - attention with its own backward (`attention_with_grad`), where `auto` would pick explicit attention (up to
   MAX_TOKENS): the forward keeps the log-sum-exps, the backward recomputes the probabilities (flash-attention style),
   reads q, k, v in place and writes d(qkv) in the layout the qkv projection's backward takes. No (B, heads, N, N)
-  tensor is kept between forward and backward (explicit attention keeps its fp32 softmax: 30 MB a block at ViT-S/16
-  batch 32);
+  tensor is kept between forward and backward;
 - the residual add (`residual_add`): autocast leaves the stream fp32 and the branches bf16, and PyTorch's
   mixed-dtype add converts the branch into a temporary before adding;
-- the pre-norms (`layer_norm_to_bf16`, `layers.PreNorm`): fp32 in, bf16 out, where autocast would write fp32 and the
-  next linear would cast it.
-Whole training step, each kernel alone switched off (`benchmarks/cpu_kernels.py --train`, benchmarks/README.md):
-ViT-S/16 batch 32 and ViT-Ti/4 batch 128 about 1.1x with all three. Gradients match PyTorch's within bf16 rounding
-(tests).
+- the pre-norms (`layer_norm_to_bf16`): fp32 in, bf16 out, where autocast would write fp32 and the next linear
+  would cast it.
+`benchmarks/cpu_kernels.py --train` measures the whole training step with each kernel switched off in turn.
 
 Built once per machine, never during a forward: `vitkit kernels build` (which `make setup` runs) compiles the source
-with torch.utils.cpp_extension (a C++ compiler and ninja; ~25 s) into the cache folder (VITKIT_CACHE, default
+with torch.utils.cpp_extension (a C++ compiler and ninja) into the cache folder (VITKIT_CACHE, default
 ~/.cache/vitkit), keyed by the source, torch and Python versions. Until it is built, or where the CPU lacks
-AVX512-BF16, or with VITKIT_CPU_KERNELS=0, the fast path calls SDPA and F.layer_norm as before. `vitkit kernels
-status` says which.
+AVX512-BF16, or with VITKIT_CPU_KERNELS=0, every op falls back to PyTorch's (SDPA, F.layer_norm, x + y).
+`vitkit kernels status` says which.
 """
 
 from __future__ import annotations
@@ -56,8 +51,8 @@ CFLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512d
 CFLAGS += ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]  # ATen's Vectorized<float>: 16 lanes
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16")  # what the compiled code executes
 HEAD_DIMS = (32, 64)
-# Longer sequences keep SDPA: whole ViT-S models A/B (benchmarks/README.md): 65 tokens 1.06-1.12x, 197 1.04-1.07x,
-# 257 1.09x, but 577 0.97x and 1025 0.90x (PyTorch's flash kernel splits long rows into blocks; this one does not).
+# Longer sequences keep SDPA: PyTorch's flash kernel splits long rows into blocks and this one does not, so it wins
+# at 65-257 tokens and loses from ~577 on (whole-model A/B: benchmarks/cpu_kernels.py).
 MAX_TOKENS = 320
 
 _module: ModuleType | None = None
@@ -159,7 +154,7 @@ def usable(tokens: int, head_dim: int, queries: int) -> bool:
     """Whether the fast path should call `attention` for this shape (and the kernel is loaded).
 
     One query (the class-token-only last block) keeps SDPA: packing every key and value for a single row costs more
-    than it saves (ViT-S/16 batch 32, op alone: 0.61 vs 0.40 ms; from 4 queries on the kernel wins, 0.67 vs 0.96).
+    than it saves (op alone, `benchmarks/cpu_kernels.py`: from about 4 queries on the kernel wins).
     """
     return queries > 1 and head_dim in HEAD_DIMS and tokens <= MAX_TOKENS and kernel() is not None
 
