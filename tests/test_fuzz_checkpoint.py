@@ -17,7 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import vitkit
-from vitkit.model.serialization import CheckpointError, build_metadata, load_model, parse_metadata
+from vitkit.model.loading import load_model
+from vitkit.model.serialization import CheckpointError, build_metadata, parse_metadata
 
 from .conftest import tiny_kwargs
 

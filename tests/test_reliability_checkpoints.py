@@ -19,7 +19,8 @@ from PIL import Image
 from safetensors.torch import save as st_save
 
 import vitkit
-from vitkit.model.serialization import CheckpointError, build_metadata, load_model, parse_metadata
+from vitkit.model.loading import load_model
+from vitkit.model.serialization import CheckpointError, build_metadata, parse_metadata
 
 from .conftest import tiny_kwargs
 
@@ -330,7 +331,7 @@ def test_the_checks_do_not_refuse_valid_models(tmp_path, kw):
 def test_temp_files_of_killed_writers_are_removed_and_live_ones_kept(tmp_path):
     import socket
 
-    from vitkit.model.serialization import atomic_write_bytes
+    from vitkit.files import atomic_write_bytes
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

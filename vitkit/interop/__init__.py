@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..model import VisionTransformer
-from ..model.serialization import CheckpointError, load_model
+from ..model import VisionTransformer, load_model
+from ..model.serialization import CheckpointError
 from .report import LoadReport
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import ViTConfig, config_from_name
+from .loading import load_model
 from .pos_embed import resample_pos_embed, sincos_2d
-from .serialization import CheckpointError, load_model, save_model
+from .serialization import CheckpointError, save_model
 from .vit import Intermediate, Intermediates, VisionTransformer
 
 

@@ -1,26 +1,24 @@
 """vitkit's own checkpoint format: safetensors whose metadata carries config, preprocessing and labels.
 
 A `.safetensors` written here is enough on its own to rebuild the model and to predict correctly.
-The write is atomic (temp file, fsync, rename), so a crash never leaves a half-written checkpoint.
+The write is atomic (vitkit.files), so a crash never leaves a half-written checkpoint. This module knows the file
+format only, not the model class: `save_model` takes anything with state_dict/cfg/preprocess/labels, and rebuilding
+a VisionTransformer from a file (`load_model`) lives in vitkit.model.loading, so vit.py may use this module freely.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import math
-import os
-import socket
-import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-import torch
 from safetensors import safe_open
 from safetensors.torch import save as st_save
 
 from ..config import PreprocessConfig, ViTConfig
+from ..files import atomic_write_bytes
 
 FORMAT = "vitkit"
 FORMAT_VERSION = "1"
@@ -30,55 +28,18 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, malformed, or does not fit the model."""
 
 
-def _remove_orphaned_temps(path: Path) -> None:
-    """Delete temp files of `path` left by a writer on this host that was killed mid-write (its pid is gone).
+class SavableModel(Protocol):
+    """What the format needs of a model (a VisionTransformer has it): its weights and what rebuilding it takes."""
 
-    A run killed while saving leaves `.NAME.HOST-PID.XXXX.tmp` behind (as large as the checkpoint); without this,
-    every crash would leave one more.
-    """
-    host = socket.gethostname()
-    for tmp in path.parent.glob(f".{glob.escape(path.name)}.{glob.escape(host)}-*.tmp"):
-        pid = tmp.name[len(f".{path.name}.{host}-") :].split(".")[0]
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
-        except ProcessLookupError:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass  # alive, owned by another user
+    cfg: ViTConfig
+    preprocess: PreprocessConfig
+    labels: list[str] | None
+
+    def state_dict(self) -> dict[str, Any]: ...
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write `data` to `path` so that readers see either the old file or the complete new one.
-
-    Raises:
-        OSError: the write failed (disk full, read-only, ...); its filename is `path`, the old file is untouched
-            and no temp file is left behind.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_orphaned_temps(path)
-    owner = f"{socket.gethostname()}-{os.getpid()}"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{owner}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        if e.filename is None:  # "[Errno 28] No space left on device" alone does not say where
-            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
-        raise
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def build_metadata(model: Any, **extra: str) -> dict[str, str]:
+def build_metadata(model: SavableModel, **extra: str) -> dict[str, str]:
+    """The safetensors metadata for `model`: format marker, config, preprocessing, labels, then `extra`."""
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -91,8 +52,8 @@ def build_metadata(model: Any, **extra: str) -> dict[str, str]:
     return meta
 
 
-def save_model(model: Any, path: str | Path, **extra: str) -> Path:
-    """Save a VisionTransformer's weights (contiguous, CPU) with its metadata."""
+def save_model(model: SavableModel, path: str | Path, **extra: str) -> Path:
+    """Save a model's weights (contiguous, CPU) with its metadata, atomically; returns `path` as a Path."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     return atomic_write_bytes(path, st_save(tensors, metadata=build_metadata(model, **extra)))
 
@@ -235,53 +196,3 @@ def parse_metadata(
             raise CheckpointError(f"'{path}': {len(labels)} labels do not match num_classes={cfg.num_classes}")
         labels = [str(x) for x in labels]
     return cfg, pre, labels
-
-
-def _is_float_dtype(safetensors_dtype: str) -> bool:
-    return safetensors_dtype.startswith(("F", "BF"))  # F16, F32, F64, BF16, F8_*
-
-
-def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
-    """Rebuild a VisionTransformer from a vitkit safetensors file, checking every tensor's name and shape.
-
-    The config is checked against the file's tensor shapes on the meta device first, so a file cannot make us
-    allocate more memory than its own tensors take.
-    """
-    from .vit import VisionTransformer
-
-    path = Path(path)
-    cfg, pre, labels = parse_metadata(read_metadata(path), path)
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            file_specs = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
-    except Exception as e:
-        raise CheckpointError(f"'{path}' is not a readable safetensors file: {e}") from None
-    with torch.device("meta"):
-        skeleton = VisionTransformer(cfg, preprocess=pre, labels=labels)  # (no memory: shapes only)
-    buffer_elements = sum(b.numel() for b in skeleton.buffers())
-    if buffer_elements > MAX_BUFFER_ELEMENTS:
-        raise CheckpointError(f"'{path}': its config needs {buffer_elements:,} buffer elements; refused")
-    expected = {k: (tuple(v.shape), v.dtype) for k, v in skeleton.state_dict().items()}
-    missing = sorted(set(expected) - set(file_specs))
-    unexpected = sorted(set(file_specs) - set(expected))
-    wrong = [
-        f"{k}: file {file_specs[k][0]} {file_specs[k][1]}, model {shape} {dtype}"
-        for k, (shape, dtype) in expected.items()
-        if k in file_specs
-        and (file_specs[k][0] != shape or _is_float_dtype(file_specs[k][1]) != dtype.is_floating_point)
-    ]
-    if missing or unexpected or wrong:
-        raise CheckpointError(
-            f"'{path}' does not fit its own config: missing {missing[:5]}, unexpected {unexpected[:5]}, "
-            f"wrong shape/dtype {wrong[:5]}"
-        )
-    model = VisionTransformer(cfg, preprocess=pre, labels=labels)
-    state: dict[str, torch.Tensor] = {}
-    try:
-        with safe_open(str(path), framework="pt", device=str(map_location)) as f:
-            for k in f.keys():
-                state[k] = f.get_tensor(k).to(expected[k][1])
-    except Exception as e:  # e.g. a file truncated after its header
-        raise CheckpointError(f"'{path}': tensor data could not be read ({e}); the file is damaged") from None
-    model.load_state_dict(state)
-    return model.eval()
