@@ -3,8 +3,7 @@
 from .config import PreprocessConfig, ViTConfig, config_from_name, list_models
 from .interop import from_pretrained
 from .model import VisionTransformer, create_model
-
-__version__ = "0.1.0"
+from .version import __version__
 
 
 def __getattr__(name: str):

@@ -11,15 +11,15 @@ the preprocessing spec, the labels and the opset (keys in `METADATA_KEYS`).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..files import atomic_write
 from ..model import VisionTransformer
+from ..version import __version__
 
 DEFAULT_OPSET = 18  # the first opset whose Resize has `antialias` (needed for in-graph pos-embed resampling)
 MIN_OPSET = 18
@@ -68,8 +68,6 @@ def dynamic_shapes(model: VisionTransformer, max_side: int = 4096) -> dict:
 
 def onnx_metadata(model: VisionTransformer, opset: int, dynamic: bool) -> dict[str, str]:
     """The vitkit entries written into the ONNX file's metadata_props."""
-    from .. import __version__
-
     meta = {
         "vitkit.format": ONNX_FORMAT,
         "vitkit.version": __version__,
@@ -137,43 +135,36 @@ def export_onnx(
 
 
 def _save_onnx(program, path: Path, weight_bytes: int) -> None:
-    """Save atomically (temp file + rename); above 2 GiB of weights, as a graph plus an external data file."""
+    """Save atomically (vitkit.files); above 2 GiB of weights, as a graph plus an external data file.
+
+    The external-data case is written in place: the graph names its data file, so the two cannot be renamed
+    into place one by one.
+    """
     if weight_bytes >= _PROTOBUF_LIMIT:
         program.save(str(path), external_data=True)
         return
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        program.save(tmp, external_data=False)
-        _publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _publish(tmp: str, path: Path) -> None:
-    """Give the temp file the usual permissions (mkstemp makes it owner-only), then rename it into place."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        program.save(str(tmp), external_data=False)
 
 
 def _check_onnx(net: VisionTransformer, result: ExportResult) -> ExportResult:
-    """Compare onnxruntime with PyTorch (fp32) on a random input; larger than built when the graph is dynamic."""
+    """Compare onnxruntime with PyTorch (fp32) on a random input; larger than built when the graph is dynamic.
+
+    It runs onnxruntime directly rather than through onnx_backend.OnnxModel: that module exports models itself,
+    so it imports this one, and imports go one way.
+    """
     try:
-        import onnxruntime  # noqa: F401
+        import onnxruntime
     except ImportError:
         return result
-    from .onnx_backend import OnnxModel
-
     H, W = net.cfg.img_size
     ph, pw = net.cfg.patch_size
     shape = (3, net.cfg.in_chans, H + ph, W + 2 * pw) if result.dynamic else (1, net.cfg.in_chans, H, W)
     x = torch.randn(shape)
     with torch.inference_mode():
         ref = net(x)
-    out = OnnxModel(result.path)(x)
+    session = onnxruntime.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    out = torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0])
     return ExportResult(**{**result.__dict__, "checked_shape": shape, "max_abs_diff": (out - ref).abs().max().item()})
 
 
@@ -190,14 +181,8 @@ def export_pt2(model: VisionTransformer, path: str | Path, dynamic: bool = True,
         program = torch.export.export(net, (x,), dynamic_shapes=dynamic_shapes(net) if dynamic else None)
     meta = {k.removeprefix("vitkit."): v for k, v in onnx_metadata(net, 0, dynamic).items() if k != "vitkit.opset"}
     meta["format"] = "vitkit-pt2"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp.pt2", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.export.save(program, tmp, extra_files={"vitkit.json": json.dumps(meta)})
-        _publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:  # a file object: no warning for names without .pt2
+        torch.export.save(program, f, extra_files={"vitkit.json": json.dumps(meta)})
     result = ExportResult(path, "pt2", dynamic, None, None, None)
     if check:
         H, W = net.cfg.img_size

@@ -5,7 +5,8 @@ in its metadata_props, written by `vitkit.infer.export.export_onnx`).
     logits = model(batch)  # (B, C, H, W) float32 -> (B, classes) float32
 
 `onnxruntime_backend` plugs this into `Predictor(..., backend="onnxruntime")`: given an `.onnx` file it runs it;
-given any other checkpoint it exports the loaded model to a temporary ONNX file first.
+given any other checkpoint it exports the loaded model to a temporary ONNX file first. So this module imports
+vitkit.infer.export (which also defines the file's metadata keys), and export never imports this one.
 """
 
 from __future__ import annotations
