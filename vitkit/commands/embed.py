@@ -20,14 +20,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from ..files import atomic_write, atomic_write_bytes
     from ..infer.embed import embed_images, expand_image_paths
-    from ..model.serialization import atomic_write_bytes
 
     paths = expand_image_paths(args.images)
     feats = embed_images(args.checkpoint, paths, patch=args.patch, batch_size=args.batch_size, precision=args.precision)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "wb") as f:  # np.save(path) would append .npy to other names
+    with atomic_write(out) as tmp, open(tmp, "wb") as f:  # np.save(path) would append .npy to other names
         np.save(f, feats)
     atomic_write_bytes(out.with_suffix(".txt"), "".join(f"{p}\n" for p in paths).encode())
     print(

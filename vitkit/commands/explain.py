@@ -53,9 +53,9 @@ def output_paths(images: list[str], out: str | None, method: str) -> list[Path]:
 def run(args: argparse.Namespace) -> int:
     import sys
 
+    from ..files import atomic_write_bytes
     from ..infer.explain import Explainer, figure_png, parse_head
     from ..infer.predict import Failure, Predictor
-    from ..model.serialization import atomic_write_bytes
 
     paths = output_paths(args.images, args.out, args.method)
     size = tuple(args.input_size) if args.input_size else None

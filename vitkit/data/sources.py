@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..files import atomic_write, atomic_write_bytes
 from .decode import ImageDecodeError, decode_image
 
 log = logging.getLogger("vitkit.data")
@@ -545,32 +546,22 @@ def _read_cache(folder: Path) -> ImageArrayDataset:
 
 
 def _write_cache(folder: Path, ds: ImageArrayDataset) -> None:
-    """Write arrays + meta into a temp folder, then rename it into place (a crash never leaves half a cache).
+    """Write the arrays, then meta.json, each atomically; meta.json comes last, so a folder that has one holds
+    complete arrays (a crash mid-write leaves no meta.json, and the next load decodes again).
 
     When another process (another rank) finished the same cache first, its copy is kept and ours dropped.
     """
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        mm = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=ds.images.shape)
+    if (folder / "meta.json").exists():
+        return
+    with atomic_write(folder / "images.npy") as tmp:
+        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=ds.images.shape)
         mm[:] = ds.images
         mm.flush()
         del mm
-        np.save(tmp / "labels.npy", ds.labels)
-        meta = {"classes": ds.classes, "skipped": [list(s) for s in ds.skipped], "source": ds.source}
-        (tmp / "meta.json").write_text(json.dumps(meta))
-        if folder.exists() and not (folder / "meta.json").exists():
-            shutil.rmtree(folder, ignore_errors=True)  # a broken earlier cache
-        if not folder.exists():
-            try:
-                os.replace(tmp, folder)
-            except OSError:
-                if not (folder / "meta.json").exists():  # not a concurrent writer winning the race: a real error
-                    raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_write(folder / "labels.npy") as tmp:
+        np.save(tmp, ds.labels)
+    meta = {"classes": ds.classes, "skipped": [list(s) for s in ds.skipped], "source": ds.source}
+    atomic_write_bytes(folder / "meta.json", json.dumps(meta).encode())
 
 
 # ------------------------------------------------------------------------------------------------------ builtins

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from ..config import PreprocessConfig, ViTConfig
-from ..model.serialization import CheckpointError, atomic_write_bytes
+from ..files import atomic_write_bytes
+from ..model.serialization import CheckpointError
 from ..model.vit import VisionTransformer
 
 CKPT_FORMAT = "vitkit-train"

@@ -205,7 +205,8 @@ def save_full_model(model: nn.Module, path, env: DistEnv, **metadata: str):
     """
     from safetensors.torch import save as st_save
 
-    from ..model.serialization import atomic_write_bytes, build_metadata
+    from ..files import atomic_write_bytes
+    from ..model.serialization import build_metadata
 
     state = full_model_state_dict(model, env)
     written = None
