@@ -115,7 +115,8 @@ class TrainConfig:
     )
     grad_checkpointing: bool = option(
         False,
-        help="recompute block activations in backward: less memory, ~30% more compute",
+        help="recompute block activations in backward: less memory, more compute "
+        "(benchmarks/grad_checkpointing_memory.py)",
         resumable=True,  # the same activations, recomputed with the RNG replayed: the continuation stays exact
     )
     compile: bool = option(
