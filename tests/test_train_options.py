@@ -3,6 +3,8 @@ and `vitkit finetune` come from them, old spellings still parse with a warning, 
 them; and a data set smaller than one batch trains with the batch lowered."""
 
 import dataclasses
+import subprocess
+import sys
 import typing
 from pathlib import Path
 
@@ -211,3 +213,14 @@ def test_train_and_finetune_on_30_images_lower_the_batch(tmp_path, capsys):
     assert main([str(a) for a in ["finetune", "--from", path, *common, "--out", tmp_path / "ft"]]) == 0
     assert "the batch size is lowered to 27" in capsys.readouterr().err
     assert (tmp_path / "ft" / "model.safetensors").is_file()
+
+
+def test_other_verbs_do_not_build_the_training_flags():
+    """`vitkit VERB` adds that verb's flags alone: the training flags' imports stay out of predict, serve, ..."""
+    code = (
+        "import sys\nfrom vitkit.cli import build_parser\n"
+        "build_parser(only='predict').parse_args(['predict', 'm', 'x'])\n"
+        "print('vitkit.train.options' in sys.modules, 'vitkit.data.transforms' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False"]

@@ -24,7 +24,9 @@ def discover() -> dict[str, ModuleType]:
     return dict(sorted(found.items()))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The `vitkit` parser with every verb. `only`: add the flags of that verb alone, the one being run ("": of
+    none): building the others' would cost their imports (the training flags read TrainConfig: torchvision)."""
     from . import __version__
 
     parser = argparse.ArgumentParser(
@@ -34,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for verb, mod in discover().items():
         p = sub.add_parser(verb, help=mod.HELP, description=mod.HELP)
-        mod.add_arguments(p)
+        if only is None or verb == only:
+            mod.add_arguments(p)
         p.set_defaults(_run=mod.run)
     return parser
 
@@ -43,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):  # file names that are not UTF-8 print as their bytes (like ls), not crash
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="surrogateescape")
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(only=next((a for a in argv if not a.startswith("-")), ""))  # the verb, if any
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
         parser.print_help()
