@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import types
 import typing
 from collections.abc import Callable, Collection, Mapping
@@ -110,7 +111,7 @@ class _OldSpelling(argparse.Action):
         self.new = new
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
-        parser._print_message(f"{parser.prog}: warning: {option_string} is deprecated; use {self.new}\n")
+        print(f"{parser.prog}: warning: {option_string} is deprecated; use {self.new}", file=sys.stderr)
         setattr(namespace, self.dest, values)
 
 
