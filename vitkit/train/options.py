@@ -104,7 +104,7 @@ def training_flags() -> list[Flag]:
 
 
 class _OldSpelling(argparse.Action):
-    """An earlier spelling of a flag: sets the same value, and says once on stderr what the flag is called now."""
+    """An earlier spelling of a flag: sets the same value, and says on stderr what the flag is called now."""
 
     def __init__(self, option_strings: list[str], dest: str, new: str = "", **kwargs: Any):
         super().__init__(option_strings, dest, **kwargs)
