@@ -87,3 +87,25 @@ def test_a_memmap_writer_fills_the_temp_path(tmp_path):
         mm.flush()
         del mm
     assert np.array_equal(np.load(tmp_path / "images.npy", mmap_mode="r"), data)
+
+
+def test_every_writer_gives_its_files_the_permissions_of_a_plain_write(tmp_path, umask):
+    from PIL import Image
+
+    import vitkit
+    from vitkit.data.sources import load_source
+    from vitkit.infer.export import export_pt2
+    from vitkit.train.checkpoint import save_checkpoint
+
+    from .conftest import tiny_kwargs
+
+    model = vitkit.create_model("vit_tiny_patch16_224", **tiny_kwargs())
+    written = [model.save(tmp_path / "model.safetensors"), save_checkpoint(tmp_path / "last.ckpt", {"step": 1})]
+    written.append(export_pt2(model, tmp_path / "model.pt2", dynamic=False, check=False).path)
+    for i in range(2):
+        (tmp_path / "images" / f"c{i}").mkdir(parents=True)
+        Image.new("RGB", (8, 8), (i * 200, 0, 0)).save(tmp_path / "images" / f"c{i}" / "a.png")
+    cache = load_source(str(tmp_path / "images"), cache_dir=tmp_path / "cache", progress=False).cache_path
+    written += sorted(Path(cache).iterdir())
+    assert [p.name for p in written[3:]] == ["images.npy", "labels.npy", "meta.json"]
+    assert {p.name: oct(_mode(p)) for p in written} == {p.name: oct(0o666 & ~umask) for p in written}
