@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from ..model import VisionTransformer, load_model
-from ..model.serialization import CheckpointError
+from ..model.serialization import WEIGHTS_FILE, CheckpointError
+from . import folders  # noqa: F401  (registers save_pretrained's formats: vitkit, hf, timm)
 from .report import LoadReport
 
 
@@ -32,6 +33,7 @@ def load_with_report(source: str | Path, strict: bool = True, **overrides: Any) 
     if not path.exists():
         raise CheckpointError(f"checkpoint '{source}' does not exist")
     if _reading(detect_format, path) == "vitkit":
+        path = path / WEIGHTS_FILE if path.is_dir() else path  # a save_pretrained folder holds one vitkit file
         model = load_model(path)
         report = LoadReport(str(path), "vitkit")
         report.mapped = [(k, k) for k in model.state_dict()]

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..model.serialization import CheckpointError, is_vitkit_checkpoint
+from ..model.serialization import WEIGHTS_FILE, CheckpointError, is_vitkit_checkpoint
 from .common import Converted
 from .hf import is_hf_state, load_hf_folder, load_hf_state_file
 from .jax_npz import load_npz
@@ -20,6 +20,8 @@ def detect_format(path: str | Path) -> str:
     """One of 'vitkit', 'timm-hub', 'hf', 'npz', 'state-dict' (a file whose tensor names decide later)."""
     path = Path(path)
     if path.is_dir():
+        if is_vitkit_checkpoint(path / WEIGHTS_FILE):  # save_pretrained(format="vitkit"); its config.json is a copy
+            return "vitkit"
         cfg_path = path / "config.json"
         if not cfg_path.is_file():
             raise CheckpointError(f"'{path}' is a folder without config.json; expected a timm or transformers folder")

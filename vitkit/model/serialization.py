@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -26,6 +27,10 @@ FORMAT_VERSION = "1"
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, malformed, or does not fit the model."""
+
+
+class ExportError(ValueError):
+    """The target format cannot express this model (e.g. a conv stem for transformers' ViT)."""
 
 
 class SavableModel(Protocol):
@@ -196,3 +201,35 @@ def parse_metadata(
             raise CheckpointError(f"'{path}': {len(labels)} labels do not match num_classes={cfg.num_classes}")
         labels = [str(x) for x in labels]
     return cfg, pre, labels
+
+
+# ---------------------------------------------------------------------------------------------- folders
+# `VisionTransformer.save_pretrained(DIR, format=...)` looks its writer up here. The model package cannot import
+# vitkit.interop (imports flow interop -> model), so the foreign formats register themselves when vitkit.interop
+# is imported (`import vitkit` does it). A writer takes (model, directory, **options) and returns the directory.
+FolderWriter = Callable[..., Path]
+FOLDER_WRITERS: dict[str, FolderWriter] = {}
+WEIGHTS_FILE = "model.safetensors"  # the Hub's name for the weights, whatever the format
+
+
+def register_folder_writer(name: str, writer: FolderWriter) -> None:
+    """Make `save_pretrained(DIR, format=name)` call `writer`; a later registration replaces an earlier one."""
+    FOLDER_WRITERS[name] = writer
+
+
+def save_folder(model: SavableModel, directory: str | Path, format: str = FORMAT, **options: Any) -> Path:
+    """Write `model` as a folder in `format` through the registered writer; unknown formats name the known ones."""
+    writer = FOLDER_WRITERS.get(format)
+    if writer is None:
+        raise ValueError(f"unknown format {format!r}; known formats: {', '.join(sorted(FOLDER_WRITERS))}")
+    return writer(model, Path(directory), **options)
+
+
+def write_vitkit_folder(model: SavableModel, directory: Path, **extra: str) -> Path:
+    """DIR/model.safetensors: vitkit's own file, complete on its own (config, preprocessing, labels inside)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    save_model(model, directory / WEIGHTS_FILE, **extra)
+    return directory
+
+
+register_folder_writer(FORMAT, write_vitkit_folder)

@@ -308,3 +308,9 @@ class VisionTransformer(nn.Module):
         from .serialization import save_model
 
         return save_model(self, path, **metadata)
+
+    def save_pretrained(self, directory: str | Path, format: str = "vitkit", **options: object) -> Path:
+        """Write a folder with a model card: format "vitkit", "hf" (transformers ViT) or "timm" (Hub layout)."""
+        from .serialization import save_folder
+
+        return save_folder(self, directory, format, **options)
