@@ -6,6 +6,7 @@ import torch
 from vitkit.config import PreprocessConfig
 from vitkit.data.transforms import (
     AugmentConfig,
+    augment_for_size,
     build_eval_transform,
     build_train_transform,
     loss_label_smoothing,
@@ -115,6 +116,28 @@ def test_transforms_replay_from_torch_rng_state():
     torch.set_rng_state(state)
     b = tf(x, y)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize(
+    "size, pad, flip",
+    [((8, 8), 0, False), ((16, 16), 2, False), ((28, 28), 4, False), ((32, 32), 4, True), ((224, 160), 20, True)],
+)
+def test_crop_pad_and_flip_scale_with_the_input_size(size, pad, flip):
+    aug = augment_for_size(AugmentConfig(), size)
+    assert (aug.random_crop_pad, aug.hflip) == (pad, flip)
+    given = augment_for_size(AugmentConfig(random_crop_pad=3, hflip=True), size)
+    assert (given.random_crop_pad, given.hflip) == (3, True)  # a recipe's or a flag's values win at any size
+
+
+def test_default_train_transform_leaves_tiny_glyphs_in_place():
+    """On 8-px digits the default recipe neither shifts nor mirrors: the transform is plain normalisation."""
+    x, y = _batch(c=1, h=8, w=8)
+    pre = PreprocessConfig(input_size=(8, 8), mean=(0.5,), std=(0.5,), crop_pct=1.0)
+    out, _ = build_train_transform(AugmentConfig(), pre, 10, in_chans=1)(x, y)
+    torch.testing.assert_close(out, x.float() / 127.5 - 1.0)
+    x, y = _batch()
+    moved, _ = build_train_transform(AugmentConfig(), PRE, 10, in_chans=3)(x, y)
+    assert not torch.equal(moved, x.float() / 127.5 - 1.0)  # at 32 px the same defaults shift and flip
 
 
 def test_unknown_auto_augment_is_an_error():
