@@ -185,6 +185,20 @@ TIMM_WIDTH_NAMES = {
 }
 HEADS_BY_WIDTH = {v["embed_dim"]: v["num_heads"] for v in WIDTHS.values()}
 
+# timm's further width names. Kept out of HEADS_BY_WIDTH: the head count inferred for a bare checkpoint comes from
+# the ViT paper's widths only (1536 alone has 16 heads in giantopt and 24 in DINOv2-giant).
+TIMM_EXTRA_WIDTHS: dict[str, dict[str, Any]] = {
+    "xsmall": dict(embed_dim=256, depth=10, num_heads=4),
+    "wee": dict(embed_dim=256, depth=14, num_heads=4, mlp_ratio=5.0),
+    "little": dict(embed_dim=320, depth=14, num_heads=5, mlp_ratio=5.6),
+    "mediumd": dict(embed_dim=512, depth=20, num_heads=8),
+    "betwixt": dict(embed_dim=640, depth=12, num_heads=10),
+    "so150m": dict(embed_dim=896, depth=18, num_heads=14, mlp_ratio=2.572),
+    "so150m2": dict(embed_dim=832, depth=21, num_heads=13, mlp_ratio=34 / 13),
+    "so400m": dict(embed_dim=1152, depth=27, num_heads=16, mlp_ratio=3.7362),
+    "giantopt": dict(embed_dim=1536, depth=40, num_heads=16),
+}
+
 # Presets for 32x32 images (CIFAR-sized). Small-data ViT literature: patch 4 (64 tokens), narrow and shallow.
 SMALL_IMAGE_PRESETS: dict[str, dict[str, Any]] = {
     "vit_cifar_patch4_32": dict(
@@ -198,11 +212,119 @@ SMALL_IMAGE_PRESETS: dict[str, dict[str, Any]] = {
     ),
 }
 
+_WIDTH_BY_NAME: dict[str, dict[str, Any]] = {
+    **{name: WIDTHS[short] for name, short in TIMM_WIDTH_NAMES.items()},
+    **TIMM_EXTRA_WIDTHS,
+}
+_WIDTH_PATTERN = "|".join(sorted(_WIDTH_BY_NAME, key=len, reverse=True))  # longest first: mediumd before medium
 _TIMM_NAME = re.compile(
-    r"^vit_(?P<width>tiny|small|medium|base|large|huge|giant|gigantic)_patch(?P<patch>\d+)"
-    r"(?:_(?P<img>\d+))?(?P<suffix>(?:_[a-z0-9]+)*)$"
+    rf"^vit_(?P<width>{_WIDTH_PATTERN})_patch(?P<patch>\d+)"
+    r"(?:_(?P<img>\d+))?(?P<suffix>(?:_[a-z0-9]+)*?)(?:_(?P<last>\d+))?$"
 )
 _BV_NAME = re.compile(r"^(?P<width>Ti|S|M|B|L|H|g|G)/(?P<patch>\d+)$")
+_SIZE_SUFFIX = re.compile(r"^(?P<family>.+)_(?P<size>\d+)$")
+
+
+class UnsupportedModelError(ValueError):
+    """A model name vitkit recognises but does not build: its architecture needs a layer vitkit does not have."""
+
+    def __init__(self, name: str, reason: str):
+        self.name = name
+        self.reason = reason
+        super().__init__(f"{name!r}: vitkit has no {reason}")
+
+
+# timm `vit_*` names whose architecture is not vitkit's, checked before any other rule so that they fail with the
+# reason rather than as an unknown suffix. First match wins. docs/timm-names.md lists every timm name against these.
+UNSUPPORTED_TIMM_NAMES: tuple[tuple[str, str], ...] = (
+    (
+        r"_relpos_|^vit_srelpos_",
+        "relative-position ViT (timm's VisionTransformerRelPos: a relative position bias in every attention layer)",
+    ),
+    (
+        r"_r\d+_s\d+_|_r_s\d+_p\d+_|_resnet\d+d(_s\d+)?_|^vit_base_mci_",
+        "hybrid ViT (a CNN backbone makes the tokens; vitkit's tokenizer is a patch embedding or its small conv stem)",
+    ),
+    (
+        r"_rope_|_dinov3|^vit_pe_|_sapiens2$|_lingbot$",
+        "rotary position embedding (timm builds this name from its EVA blocks, timm.models.eva)",
+    ),
+    (r"_\d+x[2-9]\d*_", "parallel blocks (timm's ParallelThingsBlock: several attention and MLP branches per layer)"),
+    (r"^vit_dpwee_", "differential attention in parallel-scaling blocks (timm's DiffParallelScalingBlock)"),
+    (
+        r"_xp_|^vit_pwee_",
+        "parallel-scaling blocks (timm's ParallelScalingBlock: attention and MLP in parallel, one fused input layer)",
+    ),
+    (r"^vit_d(wee|little)_", "differential attention (timm's DiffAttention: the difference of two softmax maps)"),
+    (r"_rpn_", "res-post-norm block (timm's ResPostBlock: the LayerNorm after each residual branch, not before)"),
+    (r"_clip_quickgelu_", "QuickGELU activation, nor a bias-free patch embedding (OpenAI CLIP)"),
+    (
+        r"_clip_",
+        "bias-free patch embedding (CLIP); from_pretrained still loads such weights, with an equivalent zero bias",
+    ),
+    (r"_radio_v\d|^vit_intern300m_", "option to leave out the final LayerNorm (timm's final_norm=False)"),
+    (
+        r"^vit_base_patch32_siglip_|^vit_so400m_patch16_siglip_|^vit_giantopt_|^vit_large_patch16_siglip(_gap)?_512$",
+        "tanh-approximated GELU (timm's act_layer='gelu_tanh'; vitkit's MLP uses the exact GELU)",
+    ),
+    (r"^vit_giant_patch14_(reg\d+_)?(dinov2|tipsv2)$", "SwiGLU MLP (timm's GluMlp with SiLU)"),
+)
+
+_GAP_FINAL_NORM = dict(class_token=False, global_pool="avg", fc_norm=False)  # average pool after the final norm
+_MEDIUM_GAP = dict(_GAP_FINAL_NORM, qkv_bias=False, init_values=1e-6)
+
+
+def _reg_gap(registers: int) -> dict[str, Any]:
+    """timm's register recipe: LayerScale, no class token, registers without position embedding, average pool."""
+    return dict(init_values=1e-5, class_token=False, no_embed_class=True, reg_tokens=registers, global_pool="avg")
+
+
+_DINOV2 = dict(img_size=518, init_values=1e-5)
+_TIPSV2 = dict(img_size=448, init_values=1.0, reg_tokens=1, no_embed_class=True)
+_SIGLIP_MAP = dict(class_token=False, global_pool="map")
+
+# timm names whose options the name does not spell: timm's model functions fix them per name. Key: the name without
+# its trailing image size; value: (the sizes timm registers, the options beyond width and patch). A key without
+# sizes is a whole name (its size, if any, is in the options or right after the patch).
+TIMM_FAMILIES: dict[str, tuple[tuple[int, ...], dict[str, Any]]] = {
+    "vit_small_patch16_36x1": ((224,), dict(depth=36, init_values=1e-5)),
+    "vit_base_patch16_224_miil": ((), dict(qkv_bias=False)),
+    "vit_base_patch16_plus": ((240,), dict(embed_dim=896, num_heads=14, init_values=1e-5)),
+    "vit_base_patch32_plus": ((256,), dict(embed_dim=896, num_heads=14, init_values=1e-5)),
+    "vit_base_patch16_gap": ((224,), dict(_GAP_FINAL_NORM, num_heads=16)),
+    "vit_huge_patch14_gap": ((224,), _GAP_FINAL_NORM),
+    "vit_huge_patch16_gap": ((448,), _GAP_FINAL_NORM),
+    "vit_giant_patch16_gap": ((224,), _GAP_FINAL_NORM),
+    "vit_medium_patch16_gap": ((240, 256, 384), _MEDIUM_GAP),
+    "vit_betwixt_patch16_gap": ((256,), _MEDIUM_GAP),
+    "vit_base_patch16_reg4_gap": ((256,), dict(_reg_gap(4), init_values=None)),
+    "vit_medium_patch16_reg1_gap": ((256,), _reg_gap(1)),
+    "vit_medium_patch16_reg4_gap": ((256,), _reg_gap(4)),
+    "vit_mediumd_patch16_reg4_gap": ((256, 384), _reg_gap(4)),
+    "vit_betwixt_patch16_reg1_gap": ((256,), _reg_gap(1)),
+    "vit_betwixt_patch16_reg4_gap": ((256, 384), _reg_gap(4)),
+    "vit_little_patch16_reg1_gap": ((256,), _reg_gap(1)),
+    "vit_little_patch16_reg4_gap": ((256,), _reg_gap(4)),
+    "vit_wee_patch16_reg1_gap": ((256,), _reg_gap(1)),
+    "vit_so150m_patch16_reg4_gap": ((256, 384), dict(_GAP_FINAL_NORM, reg_tokens=4)),
+    "vit_so150m_patch16_reg4_map": ((256,), dict(_SIGLIP_MAP, reg_tokens=4)),
+    "vit_so150m2_patch16_reg1_gap": (
+        (256, 384, 448),
+        dict(init_values=1e-5, qkv_bias=False, class_token=False, reg_tokens=1, global_pool="avg"),
+    ),
+    **{f"vit_{w}_patch14_dinov2": ((), _DINOV2) for w in ("small", "base", "large")},
+    **{
+        f"vit_{w}_patch14_reg4_dinov2": ((), dict(_DINOV2, reg_tokens=4, no_embed_class=True))
+        for w in ("small", "base", "large")
+    },  # noqa: E501
+    **{f"vit_{w}_patch14_reg1_tipsv2": ((), _TIPSV2) for w in ("base", "large", "so400m")},
+    "vit_base_patch16_siglip": ((224, 256, 384, 512), _SIGLIP_MAP),
+    "vit_large_patch16_siglip": ((256, 384), _SIGLIP_MAP),
+    "vit_so400m_patch14_siglip": ((224, 378, 384), _SIGLIP_MAP),
+    "vit_base_patch16_siglip_gap": ((224, 256, 384, 512), _GAP_FINAL_NORM),
+    "vit_large_patch16_siglip_gap": ((256, 384), _GAP_FINAL_NORM),
+    "vit_so400m_patch14_siglip_gap": ((224, 378, 384, 448, 896), _GAP_FINAL_NORM),
+}
 
 
 def _suffix_options(suffix: str) -> dict[str, Any]:
@@ -228,27 +350,95 @@ def _suffix_options(suffix: str) -> dict[str, Any]:
     return opts
 
 
+def _check_supported(name: str) -> None:
+    """Raise UnsupportedModelError for a timm name whose architecture vitkit does not have."""
+    for pattern, reason in UNSUPPORTED_TIMM_NAMES:
+        if re.search(pattern, name):
+            raise UnsupportedModelError(name, reason)
+
+
+def _check_whole_patches(name: str, options: dict[str, Any]) -> None:
+    """A named size that is not a multiple of the patch (timm's so400m_patch14_siglip_384): timm's strided conv
+    silently ignores the pixels past the last whole patch; vitkit's patch grid refuses such inputs."""
+    size, patch = options.get("img_size"), options.get("patch_size", 16)
+    if isinstance(size, int) and isinstance(patch, int) and size % patch:
+        whole = size // patch * patch
+        raise UnsupportedModelError(
+            name,
+            f"patch embedding that drops pixels past the last whole patch ({size} is not a multiple of {patch}; "
+            f"timm's conv ignores the last {size - whole} rows and columns); create_model({name!r}, "
+            f"img_size={whole}) has the same weights",
+        )
+
+
+def _family_options(name: str) -> dict[str, Any] | None:
+    """Options of a name in TIMM_FAMILIES (the width and patch from the name, the rest from the table), else None."""
+    size = None
+    if name in TIMM_FAMILIES:
+        family = name
+    elif (m := _SIZE_SUFFIX.match(name)) and m.group("family") in TIMM_FAMILIES:
+        family, size = m.group("family"), int(m.group("size"))
+    else:
+        return None
+    sizes, options = TIMM_FAMILIES[family]
+    if sizes and size is None:
+        raise ValueError(f"model name {name!r} needs an image size, e.g. {family}_{sizes[0]}")
+    parsed = _TIMM_NAME.match(family)
+    assert parsed is not None, f"TIMM_FAMILIES key {family!r} does not parse as vit_<width>_patch<P>..."
+    base = dict(_WIDTH_BY_NAME[parsed.group("width")], patch_size=int(parsed.group("patch")))
+    if parsed.group("img"):
+        base["img_size"] = int(parsed.group("img"))
+    base.update(options)
+    if size is not None:
+        base["img_size"] = size
+    return base
+
+
+def _generic_options(m: re.Match[str]) -> dict[str, Any]:
+    """vit_<width>_patch<P>[_<IMG>][_<suffix>...][_<IMG>]: the width table plus what the suffixes spell."""
+    base = dict(_WIDTH_BY_NAME[m.group("width")], patch_size=int(m.group("patch")))
+    if m.group("img") and m.group("last"):
+        raise ValueError(f"model name {m.string!r} gives two image sizes")
+    if size := m.group("img") or m.group("last"):
+        base["img_size"] = int(size)
+    base.update(_suffix_options(m.group("suffix")))
+    return base
+
+
 def config_from_name(name: str, **overrides: Any) -> ViTConfig:
     """Decode a model name into a ViTConfig.
 
-    Accepts timm names (`vit_base_patch16_224`, `vit_small_patch14_reg4_dinov2`), big_vision short names
-    (`"S/16"`) and the small-image presets (`vit_cifar_patch4_32`). Overrides win.
+    Accepts timm names (`vit_base_patch16_224`, `vit_small_patch14_reg4_dinov2`, `vit_base_patch16_reg4_gap_256`),
+    big_vision short names (`"S/16"`) and the small-image presets (`vit_cifar_patch4_32`). Overrides win. A timm
+    name whose architecture vitkit does not have raises UnsupportedModelError naming what is missing.
     """
     name = name.split(".")[0]  # timm pretrained tags: vit_base_patch16_224.augreg_in21k
     if name in SMALL_IMAGE_PRESETS:
         base: dict[str, Any] = dict(SMALL_IMAGE_PRESETS[name])
     elif m := _BV_NAME.match(name):
         base = dict(WIDTHS[m.group("width")], patch_size=int(m.group("patch")))
-    elif m := _TIMM_NAME.match(name):
-        base = dict(WIDTHS[TIMM_WIDTH_NAMES[m.group("width")]], patch_size=int(m.group("patch")))
-        if m.group("img"):
-            base["img_size"] = int(m.group("img"))
-        base.update(_suffix_options(m.group("suffix")))
     else:
-        known = ", ".join(list(SMALL_IMAGE_PRESETS) + ["vit_<tiny|small|base|large|huge>_patch<P>_<IMG>", "B/16"])
-        raise ValueError(f"unknown model name {name!r}; known forms: {known}")
+        if name.startswith("vit_"):
+            _check_supported(name)
+        family = _family_options(name)
+        if family is not None:
+            base = family
+        elif m := _TIMM_NAME.match(name):
+            base = _generic_options(m)
+        else:
+            known = ", ".join(list(SMALL_IMAGE_PRESETS) + ["vit_<tiny|small|base|large|huge>_patch<P>_<IMG>", "B/16"])
+            raise ValueError(f"unknown model name {name!r}; known forms: {known}")
+    if "img_size" not in overrides:
+        _check_whole_patches(name, base)
     base.update(overrides)
     return ViTConfig(**base)
+
+
+def timm_family_names() -> list[str]:
+    """Every timm name TIMM_FAMILIES spells (family x registered size)."""
+    return sorted(
+        f"{family}_{s}" if sizes else family for family, (sizes, _) in TIMM_FAMILIES.items() for s in sizes or (0,)
+    )
 
 
 def list_models() -> list[str]:
@@ -266,7 +456,8 @@ def list_models() -> list[str]:
         for p in ps
         for s in (224, 384)
     ]
-    return sorted(SMALL_IMAGE_PRESETS) + timm_names + [f"{w}/{p}" for w in WIDTHS for p in (8, 14, 16, 32)]
+    bv_names = [f"{w}/{p}" for w in WIDTHS for p in (8, 14, 16, 32)]
+    return sorted(SMALL_IMAGE_PRESETS) + sorted(set(timm_names) | set(timm_family_names())) + bv_names
 
 
 def default_preprocess(cfg: ViTConfig) -> PreprocessConfig:
@@ -285,6 +476,10 @@ __all__ = [
     "PreprocessConfig",
     "config_from_name",
     "list_models",
+    "timm_family_names",
+    "UnsupportedModelError",
+    "UNSUPPORTED_TIMM_NAMES",
+    "TIMM_FAMILIES",
     "default_preprocess",
     "to_2tuple",
     "HEADS_BY_WIDTH",
