@@ -2,9 +2,9 @@
 
 It speaks the part of the Hub's HTTP API that `huggingface_hub` uses to download (`model_info`, the repo tree,
 `HEAD`/`GET .../resolve/...` with `X-Repo-Commit`, `ETag`, `Content-Length` and `Range`) and to upload
-(`create_repo`, `preupload` answering "regular" for every file so nothing goes through LFS, the NDJSON `commit`,
-`validate-yaml`, `whoami-v2`). Errors carry the Hub's `X-Error-Code` header, from which `huggingface_hub` makes
-its RepositoryNotFoundError / RevisionNotFoundError / EntryNotFoundError / GatedRepoError.
+(`create_repo`, `create_branch`, `preupload` answering "regular" for every file so nothing goes through LFS, the
+NDJSON `commit`, `validate-yaml`, `whoami-v2`). Errors carry the Hub's `X-Error-Code` header, from which
+`huggingface_hub` makes its RepositoryNotFoundError / RevisionNotFoundError / EntryNotFoundError / GatedRepoError.
 
 Tests build repos from folders written by timm's and transformers' own save functions, then reach the server
 through `HF_ENDPOINT`. Faults to simulate: `stop()` (the Hub is gone), a private or gated repo, several commits
@@ -33,7 +33,8 @@ import pytest
 TOKEN = "hf_vitkit_test_token"
 USER = "vitkit-tester"
 _REPO = r"(?P<repo>[\w.-]+/[\w.-]+)"
-_API = re.compile(rf"^/api/models/{_REPO}(?:/(?P<op>revision|tree|preupload|commit)/(?P<rev>[^/]+)(?P<rest>/.*)?)?$")
+_OPS = "revision|tree|preupload|commit|branch"
+_API = re.compile(rf"^/api/models/{_REPO}(?:/(?P<op>{_OPS})/(?P<rev>[^/]+)(?P<rest>/.*)?)?$")
 _RESOLVE = re.compile(rf"^/{_REPO}/resolve/(?P<rev>[^/]+)/(?P<file>.+)$")
 _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 
@@ -240,6 +241,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._preupload(m["repo"])
             if self.command == "POST" and op == "commit":
                 return self._commit(m["repo"], unquote(m["rev"]))
+            if self.command == "POST" and op == "branch":
+                return self._create_branch(m["repo"], unquote(m["rev"]))
         self._error(404, "NotFound", f"no route for {self.command} {path}")
 
     do_GET = do_HEAD = do_POST = _route
@@ -340,6 +343,21 @@ class _Handler(BaseHTTPRequestHandler):
         files = json.loads(self._body())["files"]
         modes = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]
         self._json(200, {"files": modes})
+
+    def _create_branch(self, repo_id: str, branch: str) -> None:
+        """A new branch at `startingPoint` (default: main's head); 409 when it exists, as the Hub answers."""
+        if not self._authorized():
+            return self._error(401, "RepoNotFound", "Invalid username or password.")
+        repo = self.hub.repos.get(repo_id)
+        if repo is None:
+            return self._error(404, "RepoNotFound", "Repository not found")
+        if branch in repo.branches:
+            return self._error(409, "Conflict", f"Reference refs/heads/{branch} already exists")
+        start = repo.resolve(json.loads(self._body() or b"{}").get("startingPoint") or "main")
+        if start is None:
+            return self._error(404, "RevisionNotFound", "Invalid starting point")
+        repo.branches[branch] = start.sha
+        self._json(200, {})
 
     def _commit(self, repo_id: str, branch: str) -> None:
         if not self._authorized():

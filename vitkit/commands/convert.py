@@ -1,10 +1,11 @@
-"""vitkit convert: any supported checkpoint (timm, transformers, torchvision, JAX .npz) -> a vitkit checkpoint."""
+"""vitkit convert: any supported checkpoint (timm, transformers, torchvision, JAX .npz) -> a vitkit checkpoint, or a
+transformers / timm folder (`--to hf|timm`) that those libraries load, with a model card."""
 
 from __future__ import annotations
 
 import argparse
 
-HELP = "convert a timm / transformers / torchvision / JAX .npz checkpoint to vitkit safetensors and print the report"
+HELP = "convert a checkpoint to vitkit safetensors, or to a transformers / timm folder (--to), and print the report"
 
 
 def add_override_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,15 +31,30 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="checkpoint file (.pth .bin .safetensors .npz) or folder (timm Hub / transformers)")
-    p.add_argument("dst", help="output .safetensors path")
+    p.add_argument("dst", help="output: a .safetensors file (--to vitkit), else a folder with README.md (model card)")
+    p.add_argument(
+        "--to",
+        choices=("vitkit", "hf", "timm"),
+        default="vitkit",
+        help="vitkit (default; a folder when DST does not end in .safetensors), hf (transformers' "
+        "ViTForImageClassification / ViTModel folder) or timm (its Hub folder: local-dir:DST, hf-hub: once pushed)",
+    )
     p.add_argument("--no-strict", action="store_true", help="load what matches; report the rest instead of failing")
     add_override_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..interop import convert
+    from ..interop import convert, load_with_report
 
-    report = convert(args.src, args.dst, strict=not args.no_strict, **overrides_from_args(args))
+    strict, overrides = not args.no_strict, overrides_from_args(args)
+    if args.to == "vitkit" and args.dst.endswith(".safetensors"):
+        report = convert(args.src, args.dst, strict=strict, **overrides)
+        what = "vitkit safetensors"
+    else:  # a folder: the format's files, and a model card from the source's metadata and run folder
+        model, report = load_with_report(args.src, strict=strict, **overrides)
+        provenance = {"converted_from": str(args.src), "source_format": report.format}
+        model.save_pretrained(args.dst, format=args.to, source=args.src, **provenance)
+        what = f"{args.to} folder with README.md"
     print(report.details())
-    print(f"wrote {args.dst}")
+    print(f"wrote {args.dst} ({what})")
     return 0
