@@ -1,6 +1,7 @@
 """Transfer: embeddings from a checkpoint (pooled and patch) and fine-tuning from a foreign checkpoint."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -56,6 +57,32 @@ def test_prepare_for_transfer_new_zero_head_resampled_positions_and_probe(tmp_pa
     assert torch.count_nonzero(same.head.weight) == 0 and all(p.requires_grad for p in same.parameters())
 
 
+def _probe_train_loss(model) -> float:
+    """Cross-entropy of `model`'s head on the probe's training rows (digits, the default 10 % held out, seed 0)."""
+    from vitkit.data.sources import load_source, stratified_split
+    from vitkit.infer.embed import embed_array
+
+    ds = load_source("digits", progress=False)
+    train_idx, _ = stratified_split(ds.labels, 0.1, 0)
+    feats = torch.from_numpy(embed_array(model, ds.images[train_idx]))
+    with torch.no_grad():
+        return float(torch.nn.functional.cross_entropy(model.head(feats), torch.from_numpy(ds.labels[train_idx])))
+
+
+def test_fit_linear_head_returns_the_fitted_loss():
+    """L-BFGS's `step` returns the loss before its first update; the probe must report the loss after fitting."""
+    from vitkit.interop.transfer import fit_linear_head
+
+    labels = torch.arange(60) % 3
+    feats = torch.nn.functional.one_hot(labels, 3).float() * 4 + 0.3 * torch.randn(60, 3)  # separable classes
+    head = torch.nn.Linear(3, 3)
+    torch.nn.init.zeros_(head.weight), torch.nn.init.zeros_(head.bias)  # starting loss: log(3) = 1.0986
+    loss = fit_linear_head(head, feats, labels)
+    with torch.no_grad():
+        fitted = float(torch.nn.functional.cross_entropy(head(feats), labels))
+    assert loss == pytest.approx(fitted, rel=1e-5) and loss < 0.1 * math.log(3)
+
+
 def test_finetune_full_and_linear_probe_on_digits(tmp_path, monkeypatch, capsys):
     from vitkit.train import finetune  # the Python API; `vitkit finetune` only parses flags and calls it
 
@@ -80,5 +107,6 @@ def test_finetune_full_and_linear_probe_on_digits(tmp_path, monkeypatch, capsys)
     assert probe["val_top1"] > 0.3  # chance is 0.1
     assert torch.equal(model.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)  # the encoder did not
     assert torch.count_nonzero(model.head.weight) > 0
+    assert probe["train_loss"] == pytest.approx(_probe_train_loss(model), rel=1e-3)  # the fitted head's, not the start
     with pytest.raises(ValueError, match="has 10 classes"):
         finetune(path, "digits", num_classes=5, out=tmp_path / "bad", progress=False, cache_dir=str(tmp_path / "cache"))
