@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+from tests.hub_server import hub  # noqa: F401  (the `hub` fixture: a Hub stand-in on 127.0.0.1)
+
 
 @pytest.fixture(autouse=True)
 def _seed_and_threads():

@@ -17,9 +17,11 @@ server, `huggingface_hub` pointed at it and at a cache under tmp_path, no token 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import re
+import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -88,6 +90,7 @@ class HubServer:
         self._lock = threading.Lock()
         self._commit_counter = 0
         self._httpd: ThreadingHTTPServer | None = None
+        self._connections: set[socket.socket] = set()  # open client connections, closed by stop()
 
     # ------------------------------------------------------------------------------------------- lifecycle
     def start(self) -> HubServer:
@@ -104,6 +107,9 @@ class HubServer:
             self._httpd.shutdown()
             self._httpd.server_close()
             self._httpd = None
+            for conn in list(self._connections):  # kept-alive connections would otherwise go on being served
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
 
     @property
     def url(self) -> str:
@@ -163,6 +169,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:  # the tests' output stays clean
         pass
+
+    def setup(self) -> None:
+        super().setup()
+        self.hub._connections.add(self.connection)
+
+    def finish(self) -> None:
+        self.hub._connections.discard(self.connection)
+        with contextlib.suppress(OSError):
+            super().finish()
 
     # --------------------------------------------------------------------------------------------- helpers
     def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:

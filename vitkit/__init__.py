@@ -1,8 +1,8 @@
 """vitkit: Vision Transformers that train, fine-tune, explain and serve, fast on the machine you have."""
 
 from .config import PreprocessConfig, ViTConfig, config_from_name, list_models
-from .interop import from_pretrained
-from .model import VisionTransformer, create_model
+from .interop import create_model, from_pretrained  # create_model with pretrained=True loads weights by name
+from .model import VisionTransformer
 from .version import __version__
 
 

@@ -17,6 +17,27 @@ log = logging.getLogger("vitkit.interop")
 Shape = tuple[int, ...]
 
 
+@dataclass(frozen=True)
+class HubOrigin:
+    """Where a checkpoint loaded by name came from: the repo, the commit its files belong to, the cache folder."""
+
+    repo_id: str
+    revision: str
+    commit: str
+    files: tuple[str, ...]
+    cache_path: str  # the snapshot folder of that commit in the Hub cache
+    endpoint: str
+    offline: bool  # read from the cache without asking the Hub
+
+    def describe(self) -> str:
+        """One line: `Hub repo 'timm/x' revision main, commit 0123..., from https://huggingface.co: files in DIR`."""
+        how = "from the cache without asking the Hub" if self.offline else f"from {self.endpoint}"
+        return (
+            f"Hub repo '{self.repo_id}' revision {self.revision}, commit {self.commit}, {how}: "
+            f"{', '.join(self.files)} in {self.cache_path}"
+        )
+
+
 @dataclass
 class LoadReport:
     """Where each tensor of a foreign checkpoint went.
@@ -36,6 +57,7 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)
     mismatched: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    origin: HubOrigin | None = None  # set when the checkpoint was named by a Hub repo rather than a path
 
     def map(self, src: str, dst: str) -> None:
         self.mapped.append((src, dst))
@@ -56,8 +78,9 @@ class LoadReport:
 
     def summary(self) -> str:
         """One line: `'<source>' (<format>): 150 mapped, 48 reshaped, 2 ignored, 0 unmatched, 0 missing`."""
+        source = f"{self.origin.repo_id}@{self.origin.commit[:12]}" if self.origin else self.source
         return (
-            f"'{self.source}' ({self.format}): {len(self.mapped)} mapped, {len(self.reshaped)} reshaped, "
+            f"'{source}' ({self.format}): {len(self.mapped)} mapped, {len(self.reshaped)} reshaped, "
             f"{len(self.ignored)} ignored, {len(self.unmatched)} unmatched, {len(self.missing)} missing, "
             f"{len(self.mismatched)} wrong shape"
         )
@@ -65,6 +88,8 @@ class LoadReport:
     def details(self, limit: int = 20) -> str:
         """Multi-line text: the summary, then every bucket that needs attention, examples of reshapes, notes."""
         lines = [self.summary()]
+        if self.origin is not None:
+            lines.append(f"  from: {self.origin.describe()}")
 
         def section(title: str, items: list[str], count: int | None = None) -> None:
             if items:
@@ -102,4 +127,4 @@ class LoadReport:
             )
 
 
-__all__ = ["LoadReport"]
+__all__ = ["LoadReport", "HubOrigin"]
