@@ -357,3 +357,37 @@ def test_cli_predict_by_name_and_a_missing_name_is_one_line(hub, timm_repo, tmp_
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("vitkit predict: error: 'someone/absent' is neither a local path nor a model repo")
     assert not any("Traceback" in line for line in err)
+
+
+def labelled_folder(root: Path, per_class: int = 4) -> Path:
+    """The repo's three classes, a few 32x32 images each."""
+    rng = np.random.default_rng(0)
+    for name in LABELS:
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+def test_every_loading_verb_takes_a_name(hub, timm_repo, tmp_path, monkeypatch, capsys):
+    from vitkit.cli import main
+    from vitkit.commands.export import default_output
+
+    peer, folder = timm_repo
+    hub.add_repo(TIMM_REPO, folder)
+    monkeypatch.chdir(tmp_path)
+    data = labelled_folder(tmp_path / "data")
+    assert main(["embed", TIMM_NAME, str(data / "ant"), "-o", "feats.npy"]) == 0
+    assert np.load("feats.npy").shape == (4, 32)
+    assert main(["evaluate", TIMM_REPO, "--data", str(data), "--json"]) == 0
+    assert '"top1"' in capsys.readouterr().out
+    assert main(["convert", f"hf-hub:{TIMM_REPO}", "converted.safetensors"]) == 0
+    assert logits_diff(vitkit.from_pretrained("converted.safetensors"), peer) <= TOL
+    common = ["--data", str(data), "--epochs", "1", "--no-progress", "--threads", "1", "--cache-dir", "cache"]
+    assert main(["finetune", "--from", TIMM_NAME, *common, "--out", "ft"]) == 0
+    assert main(["train", "--model", TIMM_REPO, *common, "--out", "tr"]) == 0
+    for run in ("ft", "tr"):  # both started from the repo's weights: its preprocessing came along
+        assert vitkit.from_pretrained(Path(run) / "model.safetensors").preprocess.mean == (0.1, 0.2, 0.3)
+    assert default_output(TIMM_NAME, "onnx") == Path("vit_tiny_patch16_224.vitkit_test.onnx")
+    assert default_output("google/vit-base-patch16-224", "pt2") == Path("vit-base-patch16-224.pt2")
+    assert default_output("runs/a/model.safetensors", "onnx") == Path("runs/a/model.onnx")

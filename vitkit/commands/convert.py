@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from . import CHECKPOINT_HELP
+
 HELP = "convert a checkpoint to vitkit safetensors, or to a transformers / timm folder (--to), and print the report"
 
 
@@ -30,7 +32,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", help="checkpoint file (.pth .bin .safetensors .npz) or folder (timm Hub / transformers)")
+    p.add_argument("src", help=CHECKPOINT_HELP)
     p.add_argument("dst", help="output: a .safetensors file (--to vitkit), else a folder with README.md (model card)")
     p.add_argument(
         "--to",

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from . import CHECKPOINT_HELP
+
 HELP = "embed images with a checkpoint: pooled features (N, D) or patch features (N, h*w, D) to a .npy file"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="any checkpoint from_pretrained reads (vitkit, timm, transformers, ...)")
+    p.add_argument("checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("images", nargs="+", help="image files or folders (folders: all images inside, sorted)")
     p.add_argument("-o", "--out", required=True, help="output .npy; the image names go to <out>.txt in row order")
     p.add_argument("--patch", action="store_true", help="patch-token features instead of the pooled vector")

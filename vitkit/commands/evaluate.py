@@ -10,7 +10,9 @@ HELP = "evaluate a checkpoint on labelled images: top-1/top-5/per-class accuracy
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="a .safetensors model, a run folder (its model.safetensors) or a last.ckpt")
+    p.add_argument(
+        "checkpoint", help="a .safetensors model, a run folder (its model.safetensors), a last.ckpt or a Hub name"
+    )
     p.add_argument("--data", required=True, help="labelled images: folder, .tar(.gz), .csv, digits, cifar10...")
     p.add_argument(
         "--val-split",
@@ -28,11 +30,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def load_any(path: str):
-    """A model from a .safetensors / foreign checkpoint, a run folder, or a training checkpoint (.ckpt)."""
+    """A model from a .safetensors / foreign checkpoint, a run folder, a training checkpoint (.ckpt) or a Hub name."""
     from ..interop import from_pretrained
     from ..train.checkpoint import model_from_checkpoint
 
     p = Path(path)
+    if not p.exists():  # a Hub name (from_pretrained says what is wrong if not); outputs go to the working folder
+        return from_pretrained(path), Path(path.rsplit("/", 1)[-1])
     if p.is_dir():
         p = p / "model.safetensors" if (p / "model.safetensors").is_file() else p / "last.ckpt"
     if p.suffix == ".ckpt":

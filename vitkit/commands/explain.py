@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from . import CHECKPOINT_HELP
+
 HELP = "draw attention maps (one layer, or rollout) over images as PNG, with the top prediction in the title"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="model checkpoint (vitkit .safetensors or any format from_pretrained reads)")
+    p.add_argument("checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument(
         "--method",

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from . import CHECKPOINT_HELP
+
 HELP = "fine-tune a pretrained ViT (vitkit/timm/HF/torchvision/.npz) on new data: new head, layer decay, or probe"
 # training options that fine-tuning sets otherwise: the model is --from, its size is --img-size, its stem is fixed
 NOT_FOR_FINETUNING = ("model", "image_size", "model_kwargs.stem")
@@ -18,7 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..train.options import add_training_arguments
     from .convert import add_override_arguments
 
-    p.add_argument("--from", dest="source", required=True, help="pretrained checkpoint: file or folder, any format")
+    p.add_argument("--from", dest="source", required=True, help=CHECKPOINT_HELP)
     p.add_argument("--freeze-backbone", action="store_true", help="linear probe: train only the new head")
     p.add_argument("--no-strict", action="store_true", help="load a checkpoint that does not fit exactly (reported)")
     add_training_arguments(p, exclude=NOT_FOR_FINETUNING, required=("data",), shown_defaults=FINETUNE_DEFAULTS)

@@ -6,11 +6,13 @@ import argparse
 import json
 import sys
 
+from . import CHECKPOINT_HELP
+
 HELP = "predict images with a checkpoint: top-k labels and softmax probabilities"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="model checkpoint (vitkit .safetensors or any format from_pretrained reads)")
+    p.add_argument("checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("images", nargs="+", help="image files (JPEG, PNG, WebP, GIF, ...)")
     p.add_argument("--topk", type=int, default=5, help="how many classes to show per image (default: 5)")
     p.add_argument("--json", action="store_true", help="one JSON object per image per line instead of text")

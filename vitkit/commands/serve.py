@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 
+from . import CHECKPOINT_HELP
+
 HELP = "serve a checkpoint over HTTP: POST /predict, POST /explain, GET /healthz, and a web page at /"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="model checkpoint (vitkit .safetensors or any format from_pretrained reads)")
+    p.add_argument("checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-upload-mb", type=float, default=20, help="largest request body in MiB (default: 20)")

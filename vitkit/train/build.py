@@ -9,7 +9,6 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -99,13 +98,15 @@ def channel_stats(images: np.ndarray, limit: int = 20_000) -> tuple[tuple[float,
 
 
 def build_model(cfg: TrainConfig, ds: ImageArrayDataset, train_idx: np.ndarray) -> VisionTransformer:
-    """A fresh model for `ds` (classes, channels, image size from the data) or a fine-tune of a .safetensors.
+    """A fresh model for `ds` (classes, channels, image size from the data) or a fine-tune of pretrained weights.
 
     A named `cfg.model` is built at `cfg.image_size` when one is given (as `vitkit finetune --img-size` does).
     """
     num_classes = len(ds.classes)
     size = {} if cfg.image_size is None else {"img_size": cfg.image_size}
-    if cfg.model and Path(cfg.model).exists():
+    from ..interop.hub import names_weights  # a path or a Hub name: weights; a bare model name: random
+
+    if cfg.model and names_weights(cfg.model):
         from ..interop import from_pretrained  # fine-tuning: keep its preprocessing, replace its head
 
         model = from_pretrained(cfg.model, num_classes=num_classes, **{**size, **cfg.model_kwargs})

@@ -67,7 +67,8 @@ class TrainConfig:
     out: str = option("runs/train", help="run folder: checkpoints, metrics.jsonl, model.safetensors", resumable=True)
     model: str | None = option(
         None,
-        help="preset / timm / big_vision name or a .safetensors to fine-tune "
+        help="preset / timm / big_vision name (random weights), or weights to fine-tune: a checkpoint or a Hub name "
+        "(google/vit-base-patch16-224, vit_small_patch16_224.augreg_in21k) "
         "(default: a small preset for the data's image size)",
     )
     model_kwargs: dict[str, Any] = option(
