@@ -214,11 +214,16 @@ def model_card(
     source: str | Path | None = None,
     hub: bool = False,
     license: str | None = None,
+    provenance: dict[str, str] | None = None,
 ) -> str:
-    """README.md text for `model` saved in `fmt` at `where` (a folder, or a repo id when `hub`)."""
+    """README.md text for `model` saved in `fmt` at `where` (a folder, or a repo id when `hub`).
+
+    provenance: what the caller knows beyond the source's own metadata (e.g. converted_from); it wins.
+    """
     title = Path(where).name if not hub else where.split("/")[-1]
     classes = f"{model.cfg.num_classes}-class image classifier" if model.cfg.num_classes else "image feature extractor"
     run = read_run_record(source)
+    run.provenance.update(provenance or {})
     intro = (
         f"# {title}\n\nA Vision Transformer ({variant_name(model)}) {classes}, saved by vitkit {__version__} "
         f"as {FORMAT_NAMES[fmt]}."

@@ -68,7 +68,7 @@ def save_pretrained(
         repo_id: the Hub repo the folder is for (the card's loading examples use it instead of the path).
         license: the card's license field, when known.
         card: write README.md (an existing one is replaced).
-        metadata: extra string metadata for the vitkit weights file (ignored by the peer formats).
+        metadata: provenance (converted_from, steps, ...): in the vitkit weights file, and in every card.
 
     Raises:
         ExportError: the format cannot express the model (named in the message); nothing is written.
@@ -82,7 +82,8 @@ def save_pretrained(
         _WRITERS[format](model, directory)
     if card:
         where = repo_id or str(directory)
-        text = model_card(model, format, where, source=source, hub=repo_id is not None, license=license)
+        hub = repo_id is not None
+        text = model_card(model, format, where, source=source, hub=hub, license=license, provenance=metadata)
         atomic_write_bytes(directory / README, text.encode("utf-8"))
     return directory
 
