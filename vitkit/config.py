@@ -285,7 +285,8 @@ _SIGLIP_MAP = dict(class_token=False, global_pool="map")
 
 # timm names whose options the name does not spell: timm's model functions fix them per name. Key: the name without
 # its trailing image size; value: (the sizes timm registers, the options beyond width and patch). A key without
-# sizes is a whole name (its size, if any, is in the options or right after the patch).
+# sizes is a whole name (its size, if any, is in the options or right after the patch). timm's so400m_patch14 at 384
+# is left out of the sizes: 384 is not a whole number of 14-pixel patches (_check_whole_patches).
 TIMM_FAMILIES: dict[str, tuple[tuple[int, ...], dict[str, Any]]] = {
     "vit_small_patch16_36x1": ((224,), dict(depth=36, init_values=1e-5)),
     "vit_base_patch16_224_miil": ((), dict(qkv_bias=False)),
@@ -320,10 +321,10 @@ TIMM_FAMILIES: dict[str, tuple[tuple[int, ...], dict[str, Any]]] = {
     **{f"vit_{w}_patch14_reg1_tipsv2": ((), _TIPSV2) for w in ("base", "large", "so400m")},
     "vit_base_patch16_siglip": ((224, 256, 384, 512), _SIGLIP_MAP),
     "vit_large_patch16_siglip": ((256, 384), _SIGLIP_MAP),
-    "vit_so400m_patch14_siglip": ((224, 378, 384), _SIGLIP_MAP),
+    "vit_so400m_patch14_siglip": ((224, 378), _SIGLIP_MAP),
     "vit_base_patch16_siglip_gap": ((224, 256, 384, 512), _GAP_FINAL_NORM),
     "vit_large_patch16_siglip_gap": ((256, 384), _GAP_FINAL_NORM),
-    "vit_so400m_patch14_siglip_gap": ((224, 378, 384, 448, 896), _GAP_FINAL_NORM),
+    "vit_so400m_patch14_siglip_gap": ((224, 378, 448, 896), _GAP_FINAL_NORM),
 }
 
 
