@@ -46,17 +46,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..interop import convert, load_with_report
+    from ..interop import convert
 
-    strict, overrides = not args.no_strict, overrides_from_args(args)
-    if args.to == "vitkit" and args.dst.endswith(".safetensors"):
-        report = convert(args.src, args.dst, strict=strict, **overrides)
-        what = "vitkit safetensors"
-    else:  # a folder: the format's files, and a model card from the source's metadata and run folder
-        model, report = load_with_report(args.src, strict=strict, **overrides)
-        provenance = {"converted_from": str(args.src), "source_format": report.format}
-        model.save_pretrained(args.dst, format=args.to, source=args.src, **provenance)
-        what = f"{args.to} folder with README.md"
+    report = convert(args.src, args.dst, strict=not args.no_strict, to=args.to, **overrides_from_args(args))
     print(report.details())
-    print(f"wrote {args.dst} ({what})")
+    single_file = args.to == "vitkit" and args.dst.endswith(".safetensors")
+    print(f"wrote {args.dst}" + ("" if single_file else f" ({args.to} folder with README.md)"))
     return 0

@@ -44,7 +44,8 @@ def from_pretrained(
         token: for a name: a Hub token for private or gated repos (default: HF_TOKEN or the stored login).
         local_files_only: for a name: read the cache only, never the network (HF_HUB_OFFLINE=1 does the same).
         **overrides: timm names, and they win: `num_classes` replaces the head, `img_size` resamples the
-            position embedding, others (`global_pool`, `num_heads`, `drop_path_rate`, ...) change the config.
+            position embedding, `in_chans` adapts the RGB patch embedding (1: summed, k: repeated and rescaled),
+            others (`global_pool`, `num_heads`, `drop_path_rate`, ...) change the config.
     """
     hub = dict(revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only)
     return load_with_report(source, strict=strict, **hub, **overrides)[0]
@@ -78,7 +79,8 @@ def load_with_report(
         conv = _reading(lambda p: load_foreign(p, img_size=overrides.get("img_size")), path)
         report = conv.report
         report.origin = origin  # before build_model logs the report
-        size_and_head = {k: overrides.pop(k) for k in ("img_size", "num_classes") if k in overrides}
+        # what needs the loaded weights (resampled positions, a new head, adapted channels) comes after the build
+        size_and_head = {k: overrides.pop(k) for k in ("img_size", "num_classes", "in_chans") if k in overrides}
         model = build_model(conv, overrides, strict, size_hint=size_and_head.get("img_size"))
         model = apply_overrides(model, **size_and_head)
     model.load_report = report
@@ -124,21 +126,38 @@ def _reading(read: Any, path: Path) -> Any:
         ) from e
 
 
-def convert(source: str | Path, dest: str | Path, strict: bool = True, **overrides: Any) -> LoadReport:
-    """Load any supported checkpoint and write it as a vitkit safetensors file (config, preprocessing, labels)."""
+def convert(
+    source: str | Path, dest: str | Path, strict: bool = True, to: str = "vitkit", **overrides: Any
+) -> LoadReport:
+    """Load any supported checkpoint and write it as a vitkit safetensors file (config, preprocessing, labels).
+
+    to: "vitkit" writes that one file, or a save_pretrained folder when `dest` does not end in .safetensors;
+    "hf" / "timm" write the folder transformers / timm load. Folders get a model card (README.md) with the
+    source's metadata and, when it sits in a run folder, the run's metrics.
+    """
     model, report = load_with_report(source, strict=strict, **overrides)
     origin = f"{report.origin.repo_id}@{report.origin.commit}" if report.origin else str(source)
-    model.save(dest, converted_from=origin, source_format=report.format)
+    provenance = {"converted_from": origin, "source_format": report.format}
+    if to == "vitkit" and Path(dest).suffix == ".safetensors":
+        model.save(dest, **provenance)
+    else:
+        model.save_pretrained(dest, format=to, source=None if report.origin else source, **provenance)
     return report
 
 
 def apply_overrides(model: VisionTransformer, **overrides: Any) -> VisionTransformer:
-    """Adapt a loaded model: a new class count replaces the head, a new image size resamples positions."""
+    """Adapt a loaded model: a new class count replaces the head, a new image size resamples positions, a new
+    channel count adapts the first conv (vitkit.interop.adapt: summed for one channel, repeated and rescaled for more).
+    """
     from ..model.pos_embed import resample_pos_embed
+    from .adapt import adapt_in_chans
 
     num_classes = overrides.pop("num_classes", None)
     global_pool = overrides.pop("global_pool", None)
     img_size = overrides.pop("img_size", None)
+    in_chans = overrides.pop("in_chans", None)
+    if in_chans is not None:
+        model = adapt_in_chans(model, in_chans)
     if img_size is not None:
         cfg = model.cfg.replace(img_size=img_size)
         if cfg.img_size != model.cfg.img_size:
