@@ -22,6 +22,7 @@ import hashlib
 import json
 import re
 import socket
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -417,13 +418,23 @@ def point_huggingface_hub_at(endpoint: str, cache: Path, home: Path, monkeypatch
         monkeypatch.setenv(name, value)
     for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE_DIR"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HOME", str(home))
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
-    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    patched = {
+        "ENDPOINT": endpoint,
+        "HUGGINGFACE_CO_URL_TEMPLATE": endpoint + "/{repo_id}/resolve/{revision}/{filename}",
+        "HF_HUB_CACHE": str(cache),
+        "HF_HOME": str(home),
+        "HF_TOKEN_PATH": str(home / "token"),
+        "HF_STORED_TOKENS_PATH": str(home / "stored_tokens"),  # newer versions only
+        "HF_HUB_OFFLINE": False,
+    }
+    for name, value in patched.items():
+        monkeypatch.setattr(constants, name, value, raising=False)
+    # huggingface_hub before 0.25 also copied some constants into its modules at import: patch those copies too
+    for module in ("hf_api", "file_download", "_snapshot_download", "_commit_api", "utils._http"):
+        copy = sys.modules.get(f"huggingface_hub.{module}")
+        for name, value in patched.items():
+            if copy is not None and hasattr(copy, name):
+                monkeypatch.setattr(copy, name, value)
 
 
 @pytest.fixture

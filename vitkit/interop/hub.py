@@ -413,31 +413,44 @@ def _download_command() -> str:
 
 
 def _network_reason(e: BaseException, endpoint: str) -> str | None:
-    """A short cause for a transport failure (requests' or httpx's exceptions, by name), None for anything else."""
-    chain: list[BaseException] = []
-    while e is not None and e not in chain:
-        chain.append(e)
+    """A short cause for a transport failure (requests', urllib3's or httpx's exceptions, recognised by class name,
+    so that no HTTP library is imported here), None for anything else.
+
+    The outermost recognised exception decides: wrappers know more than what they wrap (urllib3 makes a refused
+    connection a subclass of its timeout error; requests wraps it in a ConnectionError).
+    """
+    seen: list[BaseException] = []
+    while e is not None and e not in seen:
+        seen.append(e)
+        reason = _transport_reason(e, endpoint)
+        if reason is not None:
+            return reason
         e = e.__cause__ or e.__context__  # type: ignore[assignment]
-    names = {cls.__name__ for err in chain for cls in type(err).__mro__}
-    text = " ".join(_first_line(err) for err in chain).lower()
-    if "ProxyError" in names or "proxy" in text:
-        return f"proxy error ({_first_line(chain[0])}); check HTTPS_PROXY / HTTP_PROXY / NO_PROXY"
-    if "SSLError" in names or "certificate" in text or "ssl" in text:
-        return f"TLS error ({_first_line(chain[0])}); check the certificate bundle (SSL_CERT_FILE, REQUESTS_CA_BUNDLE)"
-    if names & {"TimeoutException", "Timeout", "TimeoutError", "ReadTimeout", "ConnectTimeout"}:
-        return f"no answer from {endpoint} in time; HF_HUB_ETAG_TIMEOUT / HF_HUB_DOWNLOAD_TIMEOUT set the limits"
-    if names & {"RemoteProtocolError", "ChunkedEncodingError", "IncompleteRead"} or "consistency check" in text:
-        return f"the download was interrupted ({_first_line(chain[0])}); nothing incomplete was kept"
-    if names & {"ConnectError", "ConnectionError", "NetworkError", "OfflineModeIsEnabled"}:
-        return f"cannot connect to {endpoint}: {_first_line(chain[0])}"
-    if names & {"TransportError", "RequestException"}:
-        return f"network error: {_first_line(chain[0])}"
     return None
 
 
-def _first_line(e: BaseException) -> str:
+def _transport_reason(e: BaseException, endpoint: str) -> str | None:
+    names = {cls.__name__ for cls in type(e).__mro__}
+    detail, text = _first_line(e), str(e).lower()
+    if "ProxyError" in names or (names & {"ConnectError", "ConnectionError"} and "proxy" in text):
+        return f"proxy error ({detail}); check HTTPS_PROXY / HTTP_PROXY / NO_PROXY"
+    if "SSLError" in names or "certificate verify" in text:
+        return f"TLS error ({detail}); check the certificate bundle (SSL_CERT_FILE, REQUESTS_CA_BUNDLE)"
+    if names & {"TimeoutException", "Timeout", "ReadTimeout", "ConnectTimeout", "ReadTimeoutError"}:
+        return f"no answer from {endpoint} in time; HF_HUB_ETAG_TIMEOUT / HF_HUB_DOWNLOAD_TIMEOUT set the limits"
+    if names & {"RemoteProtocolError", "ChunkedEncodingError", "IncompleteRead"} or "consistency check" in text:
+        return f"the download was interrupted ({detail}); the partial file is not used"
+    if names & {"ConnectError", "ConnectionError", "NetworkError", "NewConnectionError", "OfflineModeIsEnabled"}:
+        return f"cannot connect to {endpoint}: {detail}"
+    if names & {"TransportError", "RequestException"}:
+        return f"network error: {detail}"
+    return None
+
+
+def _first_line(e: BaseException, limit: int = 200) -> str:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return lines[0] if lines else type(e).__name__
+    line = lines[0] if lines else type(e).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 __all__ = [
