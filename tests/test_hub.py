@@ -199,6 +199,23 @@ def test_a_pickle_only_repo_loads_its_pickle(hub, timm_repo, tmp_path):
     assert logits_diff(vitkit.from_pretrained("someone/pickled-vit"), peer) <= TOL
 
 
+def test_a_repo_of_one_vitkit_file_loads_online_and_offline(hub, tmp_path):
+    mine = vitkit.create_model("S/16", img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=3)
+    mine.labels = LABELS
+    path = mine.save(tmp_path / "tiny-vit.safetensors")
+    hub.add_repo("someone/vitkit-file", {"README.md": b"# a vitkit model", "tiny-vit.safetensors": path.read_bytes()})
+    for options in ({}, {"local_files_only": True}):  # downloaded, then found in the cache by its odd name
+        model, report = load_with_report("someone/vitkit-file", **options)
+        assert report.format == "vitkit" and report.origin.files == ("tiny-vit.safetensors",)
+        state = model.state_dict()
+        assert model.labels == LABELS and all(torch.equal(v, state[k]) for k, v in mine.state_dict().items())
+
+
+def test_local_dir_names_a_timm_folder(timm_repo):
+    peer, folder = timm_repo
+    assert logits_diff(vitkit.from_pretrained(f"local-dir:{folder}"), peer) <= TOL
+
+
 def test_timm_push_to_hf_hub_then_create_model_pretrained(hub):
     from timm.models import push_to_hf_hub
 

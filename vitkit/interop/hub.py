@@ -372,29 +372,36 @@ class _Hub:
 
     # ----------------------------------------------------------------------------------------- offline
     def from_cache(self, why: str) -> Fetched:
-        """The cached snapshot of this revision; CheckpointError naming the missing file when there is none."""
-        from huggingface_hub import try_to_load_from_cache
-
-        def cached(filename: str) -> Path | None:
-            found = try_to_load_from_cache(self.repo_id, filename, cache_dir=self.cache_root, revision=self.revision)
-            return Path(found) if isinstance(found, str) else None
-
-        first = next((p for n in (*METADATA_FILES, *FOLDER_WEIGHTS) if (p := cached(n)) is not None), None)
-        if first is None:
+        """The cached snapshot of this revision; CheckpointError naming what is missing when there is none."""
+        folder = self._snapshot_folder()
+        if folder is None:
             raise CheckpointError(
                 f"'{self.repo_id}' (revision {self.revision}) is not in the Hub cache {self.cache_root} and {why}: "
                 f"{self._how_to_get()}"
             )
-        folder = first.parent
-        present = sorted(p.name for p in folder.iterdir() if p.is_file())
+        present = sorted(p.name for p in folder.iterdir() if p.is_file())  # complete files only: see the docstring
         try:
             files = choose_files(self.repo_id, present)
         except CheckpointError:
             raise CheckpointError(
                 f"'{self.repo_id}' (revision {self.revision}) has no weights file in the Hub cache {folder} "
-                f"(only {', '.join(present)}; its download may have been interrupted) and {why}: {self._how_to_get()}"
+                f"(only {', '.join(present) or 'nothing'}; was its download interrupted?) and {why}: "
+                f"{self._how_to_get()}"
             ) from None
         return self._fetched(folder, files, offline=True)
+
+    def _snapshot_folder(self) -> Path | None:
+        """The cache's folder of the commit this revision named when it was last downloaded (the documented layout
+        `models--OWNER--NAME/refs/REVISION` -> `snapshots/COMMIT/`), without any network call."""
+        from huggingface_hub.file_download import REGEX_COMMIT_HASH, repo_folder_name
+
+        repo = Path(self.cache_root) / repo_folder_name(repo_id=self.repo_id, repo_type="model")
+        commit = self.revision
+        if not REGEX_COMMIT_HASH.fullmatch(commit):
+            ref = repo / "refs" / self.revision
+            commit = ref.read_text().strip() if ref.is_file() else ""
+        folder = repo / "snapshots" / commit
+        return folder if commit and folder.is_dir() else None
 
     def _how_to_get(self) -> str:
         rev = "" if self.revision == "main" else f" --revision {self.revision}"
