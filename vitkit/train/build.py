@@ -109,7 +109,8 @@ def build_model(cfg: TrainConfig, ds: ImageArrayDataset, train_idx: np.ndarray) 
     if cfg.model and names_weights(cfg.model):
         from ..interop import from_pretrained  # fine-tuning: keep its preprocessing, replace its head
 
-        model = from_pretrained(cfg.model, num_classes=num_classes, **{**size, **cfg.model_kwargs})
+        channels = {"in_chans": int(ds.images.shape[3])}  # RGB weights adapt to gray or 4-channel data (interop.adapt)
+        model = from_pretrained(cfg.model, num_classes=num_classes, **{**size, **channels, **cfg.model_kwargs})
         model.labels = list(ds.classes)
         return model
     name, kw = (cfg.model, size) if cfg.model else default_model(tuple(ds.images.shape[1:3]))

@@ -52,7 +52,9 @@ def finetune(
         num_classes: must equal the data's class count when given (a check; the data decides).
         layer_decay: per-block lr factor (head at full lr, embeddings at layer_decay ** (depth + 1)); None or 1: off.
         img_size: train at this size (position embedding resampled).
-        model_overrides: more from_pretrained overrides (num_heads, drop_path_rate, global_pool ...).
+        model_overrides: more from_pretrained overrides (num_heads, drop_path_rate, global_pool ...). `in_chans`
+            defaults to the data's channel count: an RGB model fine-tuned on grayscale data becomes a 1-channel
+            model (its patch embedding summed over RGB), on 4-channel data a 4-channel one.
         **train_options: TrainConfig fields (epochs, minutes, lr, batch_size, val_split, val_data, seed, ...).
     """
     from ..interop.transfer import prepare_for_transfer  # the interop stack only when fine-tuning
@@ -69,7 +71,7 @@ def finetune(
         freeze_backbone=freeze_backbone,
         labels=list(ds.classes),
         strict=strict,
-        **(model_overrides or {}),
+        **{"in_chans": int(ds.images.shape[3]), **(model_overrides or {})},  # the data's channels, unless overridden
     )
     print(model.load_report.summary() if hasattr(model, "load_report") else f"loaded {source}")
     if freeze_backbone:
