@@ -8,6 +8,7 @@ tokens), so a mis-mapped tensor shows in the logits.
 """
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -119,12 +120,14 @@ def test_hf_export_without_class_names_uses_transformers_placeholders(tmp_path):
     assert vitkit.from_pretrained(out).labels is None  # LABEL_i are read as "no names"
 
 
-def test_hf_preprocessing_matches_vitkit_pixel_for_pixel(tmp_path):
+@pytest.mark.parametrize("size", [(64, 64), (48, 64)])
+def test_hf_preprocessing_matches_vitkit_pixel_for_pixel(tmp_path, size):
     """transformers' image processor from the exported file prepares an image as vitkit does: resize the shorter
-    side to size / crop_pct, center-crop, normalise (ViTImageProcessor would squash it instead)."""
+    side to size / crop_pct (both sides for a non-square size), center-crop, normalise (ViTImageProcessor would
+    squash it instead)."""
     from vitkit.data.preprocess import preprocess_image
 
-    model = tiny(img_size=64, patch_size=16)
+    model = tiny(img_size=size, patch_size=16)
     model.preprocess.crop_pct, model.preprocess.mean = 0.875, (0.485, 0.456, 0.406)
     model.preprocess.std, model.preprocess.interpolation = (0.229, 0.224, 0.225), "bilinear"
     out = model.save_pretrained(tmp_path / "hf", format="hf")
@@ -134,12 +137,13 @@ def test_hf_preprocessing_matches_vitkit_pixel_for_pixel(tmp_path):
     rgb = np.random.default_rng(0).integers(0, 256, (90, 120, 3), dtype=np.uint8)  # wider than tall
     theirs = processor(images=rgb, return_tensors="pt")["pixel_values"][0]
     ours = preprocess_image(rgb, model.preprocess)
-    assert theirs.shape == ours.shape == (3, 64, 64)
+    assert theirs.shape == ours.shape == (3, *size)
     # transformers 5 resizes with torchvision as vitkit does (the same pixels); 4.x with PIL (kernels differ)
     same_pixels = int(transformers.__version__.split(".")[0]) >= 5
     assert (theirs - ours).abs().max().item() < 1e-5 if same_pixels else (theirs - ours).abs().mean().item() < 0.02
-    back = vitkit.from_pretrained(out).preprocess
-    assert back.crop_pct == pytest.approx(0.875, abs=0.01) and back.interpolation == "bilinear"
+    back = vitkit.from_pretrained(out).preprocess  # one crop_pct for both sides: the resize to within a pixel
+    assert all(abs(math.floor(s / back.crop_pct) - math.floor(s / 0.875)) <= 1 for s in size)
+    assert back.interpolation == "bilinear"
 
 
 def test_hf_export_refuses_what_transformers_vit_cannot_express(tmp_path):

@@ -112,8 +112,11 @@ def _preprocess(folder: Path, image_size: tuple[int, int], report: LoadReport) -
     pre.interpolation = PIL_RESAMPLE.get(resample, "bilinear")
     size = pc.get("size", {})
     crop = pc.get("crop_size") if pc.get("do_center_crop") else None
-    if isinstance(size, dict) and "shortest_edge" in size and isinstance(crop, dict) and "height" in crop:
-        pre.crop_pct = crop["height"] / size["shortest_edge"]  # resize shorter edge, then crop
+    resized = size.get("shortest_edge", size.get("height")) if isinstance(size, dict) else None
+    if resized and isinstance(crop, dict) and "height" in crop:
+        pre.crop_pct = crop["height"] / resized  # resize (shorter edge, or to a fixed size), then center-crop
+        if "shortest_edge" in size or image_size[0] != image_size[1]:
+            return pre  # vitkit's own pipeline: it too resizes a non-square size to a fixed size
     elif (
         isinstance(size, dict)
         and "height" in size
@@ -121,7 +124,10 @@ def _preprocess(folder: Path, image_size: tuple[int, int], report: LoadReport) -
         and (size["height"], size["width"]) != image_size
     ):
         report.note(f"processor size {size} differs from the model's {image_size}; the model's size is used")
-    report.note("HF resizes straight to the square size; vitkit keeps the aspect ratio and center-crops (crop 1.0)")
+    report.note(
+        "HF resizes straight to the square size; vitkit keeps the aspect ratio and center-crops "
+        f"(crop {pre.crop_pct:g})"
+    )
     return pre
 
 
