@@ -24,6 +24,17 @@ except ImportError:  # the sweep needs timm (dev extra); the docs checks below d
     TIMM_NAMES = []
 
 DOCS_PAGE = Path(__file__).resolve().parents[1] / "docs" / "timm-names.md"
+WIDE_REPRESENTATIVES = {"vit_large_patch16_224", "vit_so400m_patch14_siglip_224", "vit_so400m_patch14_reg1_tipsv2"}
+
+
+def _sweep_case(name: str) -> str | pytest.ParameterSet:
+    """Building a wide model takes timm ~0.5 s even on the meta device: those beyond a few representatives run with
+    the slow tests (`make test-slow`); narrower names and every unsupported one (no timm build) run always."""
+    try:
+        wide = config_from_name(name).embed_dim >= 1024 and name not in WIDE_REPRESENTATIVES
+    except Exception:  # unsupported (or a decoder bug, which the test itself reports)
+        wide = False
+    return pytest.param(name, marks=pytest.mark.slow) if wide else name
 
 
 def _doc_rows(section: str) -> dict[str, str]:
@@ -34,7 +45,7 @@ def _doc_rows(section: str) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------------------ the sweep
-@pytest.mark.parametrize("name", TIMM_NAMES)
+@pytest.mark.parametrize("name", [_sweep_case(n) for n in TIMM_NAMES])
 def test_every_timm_vit_name_builds_as_timm_or_says_why_not(name):
     from vitkit.interop.timm_names import DIFFERS, check_timm_name
 
