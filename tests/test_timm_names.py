@@ -98,6 +98,7 @@ def test_a_size_that_is_not_whole_patches_names_the_size_that_is():
     with pytest.raises(UnsupportedModelError, match=r"img_size=378\) has the same weights"):
         config_from_name("vit_so400m_patch14_siglip_384")
     assert config_from_name("vit_so400m_patch14_siglip_384", img_size=378).grid_size == (27, 27)
+    assert config_from_name("vit_so400m_patch14_siglip_384", patch_size=16).grid_size == (24, 24)  # whole again
 
 
 def test_family_names_need_their_size_and_keep_overrides():

@@ -429,9 +429,9 @@ def config_from_name(name: str, **overrides: Any) -> ViTConfig:
         else:
             known = ", ".join(list(SMALL_IMAGE_PRESETS) + ["vit_<tiny|small|base|large|huge>_patch<P>_<IMG>", "B/16"])
             raise ValueError(f"unknown model name {name!r}; known forms: {known}")
-    if "img_size" not in overrides:
-        _check_whole_patches(name, base)
     base.update(overrides)
+    if "img_size" not in overrides:  # an explicit size is the caller's; ViTConfig checks it
+        _check_whole_patches(name, base)
     return ViTConfig(**base)
 
 
