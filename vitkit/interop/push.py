@@ -76,7 +76,7 @@ def push_to_hub(
 def explain_hub_error(e: BaseException, repo_id: str) -> str | None:
     """One line for a failed Hub call, or None for an error that is not the Hub's (a bug should still show)."""
     from huggingface_hub import constants
-    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
+    from huggingface_hub.utils import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled  # 0.x to 2.x
 
     if isinstance(e, LocalTokenNotFoundError):
         return f"pushing to '{repo_id}' needs a Hugging Face token: pass --token, set HF_TOKEN or run `hf auth login`"
