@@ -317,7 +317,7 @@ TIMM_FAMILIES: dict[str, tuple[tuple[int, ...], dict[str, Any]]] = {
     **{
         f"vit_{w}_patch14_reg4_dinov2": ((), dict(_DINOV2, reg_tokens=4, no_embed_class=True))
         for w in ("small", "base", "large")
-    },  # noqa: E501
+    },
     **{f"vit_{w}_patch14_reg1_tipsv2": ((), _TIPSV2) for w in ("base", "large", "so400m")},
     "vit_base_patch16_siglip": ((224, 256, 384, 512), _SIGLIP_MAP),
     "vit_large_patch16_siglip": ((256, 384), _SIGLIP_MAP),
