@@ -274,8 +274,10 @@ def test_revisions_pick_their_commit(hub, timm_repo, tmp_path):
     new = hub.add_repo(TIMM_REPO, save_timm(new_peer, tmp_path / "v2"))
     assert logits_diff(vitkit.from_pretrained(TIMM_REPO), new_peer) <= TOL
     assert logits_diff(vitkit.from_pretrained(TIMM_REPO, revision=old), old_peer) <= TOL
+    before = len(hub.requests)
     _, report = load_with_report(f"{TIMM_REPO}@{old}")
     assert report.origin.commit == old and report.origin.revision == old
+    assert len(hub.requests) == before  # a cached commit never changes: no request
     hub.stop()  # both commits are cached, each under its own revision
     assert load_with_report(TIMM_REPO)[1].origin.commit == new
     assert load_with_report(TIMM_REPO, revision=old)[1].origin.commit == old

@@ -7,8 +7,9 @@ transformers and honours HF_HOME, HF_HUB_CACHE, HF_ENDPOINT, HF_TOKEN and HF_HUB
 overrides them. Only the files a loader reads are fetched: `config.json`, `preprocessor_config.json` and one
 weights file, safetensors in preference to any pickle.
 
-Offline (HF_HUB_OFFLINE=1 or `local_files_only=True`) the cache is read without any network call. Online, a Hub
-that cannot be reached falls back to the cache too. Every failure (not found, private or gated, no such
+Offline (HF_HUB_OFFLINE=1 or `local_files_only=True`) the cache is read without any network call, as it is for a
+cached revision given as a commit hash (its files cannot change). Online, a Hub that cannot be reached falls back
+to the cache too. Every failure (not found, private or gated, no such
 revision or file, proxy, TLS, timeout, an interrupted download) is one CheckpointError line that names the repo
 and file and says how to get them. `huggingface_hub` downloads to a `.incomplete` file and renames it only once
 the size matches, so a broken transfer never leaves a file that looks complete.
@@ -16,6 +17,7 @@ the size matches, so a broken transfer never leaves a file that looks complete.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -42,6 +44,7 @@ LONE_WEIGHTS_SUFFIXES = ((".safetensors",), (".pth", ".pt", ".bin"), (".npz",))
 PATH_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".tar", ".npz", ".onnx", ".pt2", ".json")
 
 _REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95})(?:@(?P<revision>[^@\s]+))?$")
+_COMMIT = re.compile(r"[0-9a-f]{40}")  # a full commit hash (what huggingface_hub's cache names snapshots by)
 _TIMM_TAGGED = re.compile(r"^(?P<arch>[a-z][a-z0-9_]*)\.(?P<tag>[a-z0-9][a-z0-9_]*)$")
 
 
@@ -203,6 +206,9 @@ def fetch(
     if local_files_only or hub_offline():
         why = "local_files_only=True" if local_files_only else "HF_HUB_OFFLINE is set"
         return hub.from_cache(why)
+    if _COMMIT.fullmatch(hub.revision):  # a commit's files never change: a cached copy needs no network call
+        with contextlib.suppress(CheckpointError):
+            return hub.from_cache("")
     try:
         return hub.download()
     except _Unreachable as e:
@@ -393,11 +399,11 @@ class _Hub:
     def _snapshot_folder(self) -> Path | None:
         """The cache's folder of the commit this revision named when it was last downloaded (the documented layout
         `models--OWNER--NAME/refs/REVISION` -> `snapshots/COMMIT/`), without any network call."""
-        from huggingface_hub.file_download import REGEX_COMMIT_HASH, repo_folder_name
+        from huggingface_hub.file_download import repo_folder_name
 
         repo = Path(self.cache_root) / repo_folder_name(repo_id=self.repo_id, repo_type="model")
         commit = self.revision
-        if not REGEX_COMMIT_HASH.fullmatch(commit):
+        if not _COMMIT.fullmatch(commit):
             ref = repo / "refs" / self.revision
             commit = ref.read_text().strip() if ref.is_file() else ""
         folder = repo / "snapshots" / commit
