@@ -10,7 +10,6 @@ a wrong shard (other samples), a missing average (sum instead of mean) or a miss
 """
 
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -22,7 +21,7 @@ from vitkit.data.loader import BatchLoader
 from vitkit.data.sources import ImageArrayDataset
 from vitkit.train import distributed as D
 
-from .conftest import tiny_kwargs
+from .conftest import free_port, tiny_model
 
 STEPS, PER_RANK_BATCH, WORLD = 3, 4, 2
 ATOL = 2e-5
@@ -39,8 +38,8 @@ def _to_float(x: torch.Tensor) -> torch.Tensor:
 
 
 def _model() -> vitkit.VisionTransformer:
-    torch.manual_seed(0)  # identical initial weights on every rank (DDP would broadcast rank 0's anyway)
-    return vitkit.create_model("S/16", **tiny_kwargs(img_size=16, patch_size=4, depth=2))
+    # seeded: identical initial weights on every rank (DDP would broadcast rank 0's anyway)
+    return tiny_model("S/16", img_size=16, patch_size=4, depth=2)
 
 
 def _train(model, opt, loader, steps: int) -> list[np.ndarray]:
@@ -97,12 +96,6 @@ def _worker(rank: int, port: int, out: str, fsdp: bool) -> None:
         D.teardown(env)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _single_process_reference(steps: int = STEPS) -> tuple[dict[str, torch.Tensor], list[np.ndarray]]:
     model = _model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -113,7 +106,7 @@ def _single_process_reference(steps: int = STEPS) -> tuple[dict[str, torch.Tenso
 
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
 def test_two_ranks_equal_one_process_with_the_union_batch(tmp_path, fsdp):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path), fsdp), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path), fsdp), nprocs=WORLD, join=True)
     reference, ref_seen = _single_process_reference()
 
     # the single process saw exactly the union of the two shards, step by step

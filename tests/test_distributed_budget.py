@@ -13,33 +13,19 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from PIL import Image
 
 from vitkit.train import TrainConfig, fit
 from vitkit.train import distributed as D
 from vitkit.train.schedule import WarmupCosine
 
-from .test_distributed import _free_port
+from .conftest import free_port, make_image_folder
 
 WORLD = 2
 RANK1_CLOCK_RATE = 4.0  # rank 1's perf_counter advances 4 s per real second
 DEADLINE_S = 180  # generous: two processes importing torch and training a ~3 s budget need ~15 s
-
-
-def _image_folder(root: Path, classes: int = 4, per_class: int = 64) -> Path:
-    """root/<class>/<i>.png: 8x8 RGB images, a class-specific colour plus noise (256 images: 16 steps per epoch)."""
-    rng = np.random.default_rng(0)
-    for c in range(classes):
-        (root / f"c{c}").mkdir(parents=True)
-        base = rng.integers(0, 256, 3)
-        for i in range(per_class):
-            im = np.clip(base + rng.normal(0, 40, (8, 8, 3)), 0, 255).astype(np.uint8)  # (8, 8, 3)
-            Image.fromarray(im).save(root / f"c{c}" / f"{i}.png")
-    return root
 
 
 class _FastClock:
@@ -105,7 +91,7 @@ def _worker(rank: int, port: int, tmp: str) -> None:
 
 
 def _spawn_with_deadline(tmp: str) -> None:
-    ctx = mp.spawn(_worker, args=(_free_port(), tmp), nprocs=WORLD, join=False)
+    ctx = mp.spawn(_worker, args=(free_port(), tmp), nprocs=WORLD, join=False)
     deadline = time.monotonic() + DEADLINE_S
     while not ctx.join(timeout=1.0):  # raises if a worker failed
         if time.monotonic() > deadline:
@@ -115,7 +101,7 @@ def _spawn_with_deadline(tmp: str) -> None:
 
 
 def test_budget_stop_and_schedule_follow_rank0_clock(tmp_path):
-    _image_folder(tmp_path / "images")
+    make_image_folder(tmp_path / "images", ("c0", "c1", "c2", "c3"), per_class=64, size=8)  # 16 steps per epoch
     _spawn_with_deadline(str(tmp_path))
     r0, r1 = (torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(WORLD))
 

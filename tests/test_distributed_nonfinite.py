@@ -21,8 +21,7 @@ from vitkit.train.loop import StepState, TrainingDiverged, train_one_epoch
 from vitkit.train.optim import build_optimizer
 from vitkit.train.schedule import WarmupCosine
 
-from .conftest import tiny_kwargs
-from .test_distributed import _free_port
+from .conftest import free_port, tiny_kwargs
 
 WORLD, BATCH, GRAD_ACCUM, STEPS = 2, 4, 2, 5
 # Micro-batches whose images are NaN on rank 1 only: step 1's second micro-batch and step 3's first.
@@ -82,7 +81,7 @@ def _worker(rank: int, port: int, out: str) -> None:
 
 
 def _spawn_with_deadline(out: str) -> None:
-    ctx = mp.spawn(_worker, args=(_free_port(), out), nprocs=WORLD, join=False)
+    ctx = mp.spawn(_worker, args=(free_port(), out), nprocs=WORLD, join=False)
     deadline = time.monotonic() + DEADLINE_S
     while not ctx.join(timeout=1.0):  # raises if a worker failed
         if time.monotonic() > deadline:

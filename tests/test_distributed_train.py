@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,18 +13,15 @@ from vitkit.train import TrainConfig, fit
 from vitkit.train import distributed as D
 from vitkit.train.checkpoint import load_checkpoint
 
-from .test_distributed import _free_port
-
-REPO = Path(__file__).resolve().parent.parent
+from .conftest import REPO, free_port, run_python
 
 
 def test_torchrun_train_digits_then_load_in_one_process(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     cmd += ["-m", "vitkit", "train", "--data", "digits", "--epochs", "1", "--out", str(out), "--no-progress"]
     cmd += ["--cache-dir", str(tmp_path / "cache")]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    proc = run_python(cmd, cwd=REPO, env={"OMP_NUM_THREADS": "1"}, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("model: ") == 2  # rank 0 alone reports: the model line and the saved file's line
 
@@ -79,7 +74,7 @@ def _resume_worker(rank: int, port: int, out: str, kw: dict) -> None:
     ids=["ddp-ema", "fsdp2-grad-checkpointing"],
 )
 def test_resume_under_two_ranks_is_bit_identical(tmp_path, kw):
-    mp.spawn(_resume_worker, args=(_free_port(), str(tmp_path), kw), nprocs=2, join=True)
+    mp.spawn(_resume_worker, args=(free_port(), str(tmp_path), kw), nprocs=2, join=True)
     a = load_checkpoint(tmp_path / "straight" / "last.ckpt")
     b = load_checkpoint(tmp_path / "resumed" / "last.ckpt")
     assert a["step"] == b["step"] == 1618 // 64
