@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 import vitkit
+from tests.hub_server import hub  # noqa: F401  (the `hub` fixture: a Hugging Face Hub stand-in on 127.0.0.1)
 
 REPO = Path(__file__).resolve().parent.parent
 
