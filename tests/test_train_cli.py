@@ -2,24 +2,11 @@
 
 import json
 
-import numpy as np
-from PIL import Image
-
 from vitkit.cli import main
 from vitkit.interop import from_pretrained
 from vitkit.train.fit import default_model
 
-
-def make_folder(root, n_per_class=24, size=16):
-    """Three easy classes: red-ish, green-ish and blue-ish noisy squares, as PNG files in class folders."""
-    rng = np.random.default_rng(0)
-    for c, name in enumerate(["red", "green", "blue"]):
-        (root / name).mkdir(parents=True)
-        for i in range(n_per_class):
-            img = rng.integers(0, 90, (size, size, 3), dtype=np.uint8)
-            img[..., c] += 150
-            Image.fromarray(img).save(root / name / f"{i:03d}.png")
-    return root
+from .conftest import make_image_folder
 
 
 def test_default_model_by_image_size():
@@ -29,7 +16,7 @@ def test_default_model_by_image_size():
 
 
 def test_train_evaluate_plot_cli(tmp_path, capsys):
-    data = make_folder(tmp_path / "imgs")
+    data = make_image_folder(tmp_path / "imgs")  # red, green and blue 16x16 squares
     run = tmp_path / "run"
     args = [
         "train",
@@ -61,6 +48,7 @@ def test_train_evaluate_plot_cli(tmp_path, capsys):
     assert model.preprocess.input_size == (16, 16) and model.cfg.num_classes == 3
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert {"info", "train", "val", "final"} <= {r["kind"] for r in records}
+    assert records[-1]["kind"] == "final" and records[-1]["val_top1"] >= 0.9  # an untrained model: about 1/3
 
     assert (
         main(
@@ -103,7 +91,7 @@ def test_train_evaluate_plot_cli(tmp_path, capsys):
     report = json.loads(lines[-1])
     assert {"top1", "top5", "per_class"} <= set(report)
     assert set(report["per_class"]) == {"blue", "green", "red"} and report["top5"] == 1.0  # k = 3 classes
-    assert 0.0 <= report["top1"] <= 1.0
+    assert report["top1"] >= 0.9  # one colour per class: a trainer that learns at all separates them
     assert (run / "confusion_imgs.png").stat().st_size > 1000
 
     assert main(["plot", str(run)]) == 0
