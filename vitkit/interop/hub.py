@@ -200,6 +200,9 @@ def fetch(
     Raises:
         CheckpointError: one line naming the repo, the file and the way to get them.
     """
+    from ..optional import require
+
+    require("huggingface_hub", f"loading '{name.repo_id}' by name")  # a core dependency; an old install may lack it
     if revision is not None and name.revision is not None and revision != name.revision:
         raise CheckpointError(f"'{name.repo_id}@{name.revision}' asks for another revision than revision={revision!r}")
     hub = _Hub(name.repo_id, revision or name.revision or "main", cache_dir, token)
