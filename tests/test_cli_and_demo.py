@@ -1,9 +1,9 @@
-import subprocess
-import sys
-
 import pytest
 
 from vitkit.cli import discover, main
+from vitkit.demo import run_demo
+
+from .conftest import run_vitkit
 
 
 def test_help_for_every_verb(capsys):
@@ -20,14 +20,24 @@ def test_help_for_every_verb(capsys):
 
 
 def test_console_script_runs():
-    out = subprocess.run([sys.executable, "-m", "vitkit", "--help"], capture_output=True, text=True, check=True)
+    out = run_vitkit(["--help"])
+    assert out.returncode == 0, out.stderr
     assert "demo" in out.stdout
 
 
-def test_demo_smoke(tmp_path):
-    from vitkit.demo import run_demo
+def test_demo_smoke(tmp_path, single_thread):
+    """A fifth of the demo's epochs, at batch 32 for more steps (~10 s): its files, and an accuracy far from chance.
 
-    res = run_demo(tmp_path, epochs=2)
+    On its fixed seed this run reaches 80-86 % held-out (the figure moves a little with the CPU and its kernels);
+    a trainer that does not learn stays near chance, 10 %.
+    """
+    res = run_demo(tmp_path, epochs=20, batch_size=32)
     assert (tmp_path / "model.safetensors").is_file()
     assert (tmp_path / "attention.png").stat().st_size > 1000
-    assert 0.0 <= res["accuracy"] <= 1.0
+    assert res["accuracy"] >= 0.7
+
+
+@pytest.mark.slow
+def test_demo_reaches_its_accuracy(tmp_path, single_thread):
+    """The demo as `make demo` runs it (100 epochs, ~35 s on one thread): ~95 % held-out on its fixed seed."""
+    assert run_demo(tmp_path)["accuracy"] >= 0.92
