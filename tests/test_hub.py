@@ -111,6 +111,7 @@ def one_line(e: pytest.ExceptionInfo) -> str:
         ("hf-hub:google/vit-base-patch16-224@" + "a" * 40, HubName("google/vit-base-patch16-224", "a" * 40)),
         ("vit_base_patch16_224", ArchitectureName("vit_base_patch16_224")),
         ("S/16", ArchitectureName("S/16")),  # big_vision's spelling, not a repo
+        ("deit_small_patch16_224", ArchitectureName("deit_small_patch16_224")),  # timm knows it, vitkit does not
         ("local-dir:/some/folder", Path("/some/folder")),
         ("runs/model.safetensors", Path("runs/model.safetensors")),  # a file suffix: a (missing) path
         ("model.pth", Path("model.pth")),

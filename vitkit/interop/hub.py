@@ -45,6 +45,7 @@ PATH_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".tar", ".npz",
 
 _REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95})(?:@(?P<revision>[^@\s]+))?$")
 _COMMIT = re.compile(r"[0-9a-f]{40}")  # a full commit hash (what huggingface_hub's cache names snapshots by)
+_BARE_NAME = re.compile(r"^[a-z][a-z0-9]*(?:_[a-z0-9]+)+$")  # timm's model names: lower case, underscores
 _TIMM_TAGGED = re.compile(r"^(?P<arch>[a-z][a-z0-9_]*)\.(?P<tag>[a-z0-9][a-z0-9_]*)$")
 
 
@@ -69,9 +70,10 @@ def parse_name(source: str | Path) -> Path | HubName | ArchitectureName:
 
     An existing path always wins. Then: `local-dir:PATH` is a path; `hf-hub:OWNER/NAME[@REV]` and `OWNER/NAME[@REV]`
     are repos; a timm name with a pretrained tag (`vit_small_patch16_224.augreg_in21k_ft_in1k`) is the repo timm
-    resolves it to (`timm/` + the name); a name create_model knows (`vit_base_patch16_224`, `S/16`) is an
-    architecture. Anything else, and anything that looks like a file (a checkpoint suffix, `./`, `~`, several
-    folders), is a path, so that a mistyped file name is reported as a missing file rather than a missing repo.
+    resolves it to (`timm/` + the name); a name create_model or timm knows (`vit_base_patch16_224`, `S/16`,
+    `deit_small_patch16_224`) is an architecture. Anything else, and anything that looks like a file (a checkpoint
+    suffix, `./`, `~`, several folders), is a path, so that a mistyped file name is reported as a missing file
+    rather than a missing repo.
     """
     if isinstance(source, Path):
         return source
@@ -83,7 +85,7 @@ def parse_name(source: str | Path) -> Path | HubName | ArchitectureName:
     path = Path(text).expanduser()
     if path.exists() or _looks_like_path(text):
         return path
-    if _is_architecture(text):
+    if _is_architecture(text) or _timm_knows(text):
         return ArchitectureName(text)
     if m := _TIMM_TAGGED.match(text):
         return HubName(f"timm/{m['arch']}.{m['tag']}")
@@ -117,6 +119,17 @@ def _is_architecture(text: str) -> bool:
     except (ValueError, KeyError, TypeError):
         return False
     return True
+
+
+def _timm_knows(text: str) -> bool:
+    """A timm model name vitkit does not decode itself (`deit_small_patch16_224`); timm is asked only then."""
+    if not _BARE_NAME.match(text):
+        return False
+    try:
+        import timm
+    except ImportError:
+        return False
+    return bool(timm.is_model(text))
 
 
 def names_weights(source: str | Path) -> bool:
