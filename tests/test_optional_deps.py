@@ -6,16 +6,13 @@ package say which one to install, in one line, only when they are used; the eval
 """
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
-REPO = Path(__file__).resolve().parent.parent
+from .conftest import make_image_folder, run_python
+
 OPTIONAL = [
     "matplotlib",
     "sklearn",
@@ -33,21 +30,16 @@ BLOCK = f"import sys\nfor name in {OPTIONAL!r}:\n    sys.modules[name] = None  #
 
 
 def _python(code: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), VITKIT_CACHE=str(cwd / "cache"))
-    return subprocess.run(
-        [sys.executable, "-c", BLOCK + code, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=240
-    )
+    """`code` in a fresh interpreter where the optional packages cannot be imported."""
+    env = {"OMP_NUM_THREADS": "1", "VITKIT_CACHE": str(cwd / "cache")}
+    return run_python(["-c", BLOCK + code, *args], cwd=cwd, env=env)
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
-    """A tiny ImageFolder: 2 classes x 24 random 32x32 RGB PNGs (the size the CIFAR-10 recipe's model expects)."""
+    """A tiny ImageFolder: 2 classes x 24 noisy 32x32 RGB PNGs (the size the CIFAR-10 recipe's model expects)."""
     root = tmp_path_factory.mktemp("optional")
-    rng = np.random.default_rng(0)
-    for c in ("cat", "dog"):
-        (root / "imgs" / c).mkdir(parents=True)
-        for i in range(24):
-            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / "imgs" / c / f"{i}.png")
+    make_image_folder(root / "imgs", ("cat", "dog"), per_class=24, size=32)
     return root
 
 
@@ -77,14 +69,14 @@ model = vitkit.create_model("S/16", img_size=32, patch_size=8, embed_dim=32, dep
 model.labels = ["cat", "dog"]
 assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 2)
 path = model.save("m.safetensors")
-assert vitkit.Predictor(path).predict_one("imgs/cat/0.png").labels[0] in ("cat", "dog")
+assert vitkit.Predictor(path).predict_one("imgs/cat/000.png").labels[0] in ("cat", "dog")
 
 out = {}
 for verb, args in {
     "evaluate": ["evaluate", str(path), "--data", "imgs"],
     "plot": ["plot", "."],
     "digits": ["train", "--data", "digits", "--epochs", "1", "--out", "r", "--no-progress"],
-    "explain": ["explain", str(path), "imgs/cat/0.png", "--out", "x"],
+    "explain": ["explain", str(path), "imgs/cat/000.png", "--out", "x"],
 }.items():
     o, e = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(o), contextlib.redirect_stderr(e):
