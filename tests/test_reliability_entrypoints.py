@@ -12,20 +12,17 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-import vitkit
 from vitkit.data.decode import display_name
 from vitkit.data.loader import BatchLoader
 from vitkit.data.sources import load_source
 
 from .badinput import NON_UTF8_NAME, make_cases, write_corpus
-from .conftest import tiny_kwargs
+from .conftest import run_vitkit, tiny_model
 
 CASES = make_cases()
 GOOD = [c for c in CASES if c.ok]
@@ -42,10 +39,7 @@ def corpus(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = vitkit.create_model("vit_tiny_patch16_224", **tiny_kwargs(num_classes=3))
-    model.labels = LABELS
-    return model.save(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
+    return tiny_model(num_classes=3, labels=LABELS).save(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
 
 
 def good_paths(corpus: Path) -> list[Path]:
@@ -62,9 +56,9 @@ def bad_paths(corpus: Path) -> list[tuple[Path, str]]:
 
 
 def vitkit_cli(args: list, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONIOENCODING": "utf-8:strict"}  # printing a surrogate would raise
-    argv = [sys.executable, "-m", "vitkit", *[os.fsencode(a) for a in args]]  # bytes: any file name survives
-    return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, timeout=timeout)
+    """The CLI with a strict UTF-8 stdout (printing a surrogate would raise); bytes arguments: any name survives."""
+    env = {"PYTHONIOENCODING": "utf-8:strict"}
+    return run_vitkit([os.fsencode(a) for a in args], cwd=cwd, env=env, timeout=timeout, text=False)
 
 
 def text(b: bytes) -> str:
