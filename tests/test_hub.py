@@ -20,7 +20,7 @@ import vitkit
 from tests.hub_server import TOKEN, read_folder
 from vitkit.interop import load_with_report
 from vitkit.interop.hub import ArchitectureName, HubName, choose_files, default_weights, names_weights, parse_name
-from vitkit.model.serialization import CheckpointError
+from vitkit.model.serialization import CheckpointError, read_metadata
 
 timm = pytest.importorskip("timm")
 TOL = 1e-4
@@ -401,7 +401,7 @@ def test_every_loading_verb_takes_a_name(hub, timm_repo, tmp_path, monkeypatch, 
     from vitkit.commands.export import default_output
 
     peer, folder = timm_repo
-    hub.add_repo(TIMM_REPO, folder)
+    sha = hub.add_repo(TIMM_REPO, folder)
     monkeypatch.chdir(tmp_path)
     data = labelled_folder(tmp_path / "data")
     assert main(["embed", TIMM_NAME, str(data / "ant"), "-o", "feats.npy"]) == 0
@@ -410,6 +410,7 @@ def test_every_loading_verb_takes_a_name(hub, timm_repo, tmp_path, monkeypatch, 
     assert '"top1"' in capsys.readouterr().out
     assert main(["convert", f"hf-hub:{TIMM_REPO}", "converted.safetensors"]) == 0
     assert logits_diff(vitkit.from_pretrained("converted.safetensors"), peer) <= TOL
+    assert read_metadata("converted.safetensors")["converted_from"] == f"{TIMM_REPO}@{sha}"  # the exact commit
     common = ["--data", str(data), "--epochs", "1", "--no-progress", "--threads", "1", "--cache-dir", "cache"]
     assert main(["finetune", "--from", TIMM_NAME, *common, "--out", "ft"]) == 0
     assert main(["train", "--model", TIMM_REPO, *common, "--out", "tr"]) == 0
