@@ -22,7 +22,7 @@ import vitkit
 from vitkit.model.loading import load_model
 from vitkit.model.serialization import CheckpointError, build_metadata, parse_metadata
 
-from .conftest import tiny_kwargs
+from .conftest import run_vitkit, tiny_kwargs, tiny_model
 
 
 class CreatesFile:
@@ -37,8 +37,7 @@ class CreatesFile:
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    return vitkit.create_model("vit_tiny_patch16_224", **tiny_kwargs())
+    return tiny_model()
 
 
 def _timm_state(model) -> dict[str, torch.Tensor]:
@@ -295,14 +294,7 @@ def test_cli_refuses_a_pickle_payload_with_one_clear_line(tmp_path):
         ],
     }
     for verb, args in commands.items():
-        r = subprocess.run(
-            [sys.executable, "-m", "vitkit", *args],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            env={**os.environ},
-            timeout=120,
-        )
+        r = run_vitkit(args, cwd=tmp_path, timeout=120)
         assert r.returncode == 1, (verb, r.stdout, r.stderr)
         assert "Traceback" not in r.stderr, r.stderr
         assert f"vitkit {verb}: error:" in r.stderr and ("evil.pth" in r.stderr or "last.ckpt" in r.stderr), r.stderr
