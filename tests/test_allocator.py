@@ -1,12 +1,12 @@
 """vitkit.allocator: the `vitkit` command fixes glibc's malloc thresholds for itself; the library never does."""
 
 import platform
-import subprocess
-import sys
 
 import pytest
 
 from vitkit import allocator, cli
+
+from .conftest import run_python
 
 glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 
@@ -46,6 +46,6 @@ def test_importing_vitkit_leaves_the_allocator_alone():
         "vitkit.allocator.configure()\n"
         "print(before, len(calls))\n"
     )
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    out = run_python(["-c", probe], timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["0", "2"]  # none on import or use; two (mmap, trim) when asked
