@@ -85,6 +85,11 @@ def png_bytes(rgb: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def noise_png(h: int = 40, w: int = 56, seed: int = 0) -> bytes:
+    """`noise_rgb(h, w, seed)` encoded as PNG."""
+    return png_bytes(noise_rgb(h, w, seed))
+
+
 def write_png(path: str | Path, rgb: np.ndarray) -> str:
     """Save a uint8 (h, w, 3) array as a PNG file; returns the path as a string."""
     Image.fromarray(rgb).save(path)

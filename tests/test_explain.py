@@ -20,16 +20,12 @@ from vitkit.infer.attention_maps import (
 from vitkit.infer.explain import Explainer, figure_png, overlay_png
 from vitkit.infer.predict import Predictor
 
-from .conftest import tiny_kwargs
+from .conftest import noise_rgb, tiny_kwargs
 
 
 def random_attention(B=2, H=3, N=7, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(B, H, N, N, generator=g).mul(3).softmax(-1)  # (B, H, N, N), rows sum to 1
-
-
-def noise(h=40, w=56, seed=0):
-    return np.random.RandomState(seed).randint(0, 256, (h, w, 3), dtype=np.uint8)
 
 
 def test_rollout_rows_stay_stochastic_with_and_without_discard():
@@ -108,7 +104,7 @@ def test_explainer_on_model_kinds(kw, phrase, method):
     p = Predictor(model)
     e = Explainer(p, method=method, discard=0.5 if method == "rollout" else 0.0)
     assert phrase in e.description
-    (ex,) = e.explain([noise()])
+    (ex,) = e.explain([noise_rgb()])
     assert ex.heat.shape == (4, 4)
     assert ex.heat.sum() == pytest.approx(1.0, abs=1e-4)
     assert ex.crop.shape == (32, 32, 3) and ex.crop.dtype == np.uint8
@@ -123,10 +119,10 @@ def test_only_the_asked_layer_takes_the_explicit_path():
             lambda m, args, kwargs, out, i=i: seen.append((i, out[1] is not None)), with_kwargs=True
         )
     p = Predictor(model)
-    Explainer(p, layer=2).maps(p.prepare(noise())[None])
+    Explainer(p, layer=2).maps(p.prepare(noise_rgb())[None])
     assert seen == [(0, False), (1, False), (2, True), (3, False)]
     seen.clear()
-    Explainer(p, method="rollout", layer=-2).maps(p.prepare(noise())[None])
+    Explainer(p, method="rollout", layer=-2).maps(p.prepare(noise_rgb())[None])
     assert seen == [(0, True), (1, True), (2, True), (3, False)]
 
 
@@ -134,7 +130,7 @@ def test_non_square_dynamic_input_and_head_grid():
     model = vitkit.create_model("vit_small_patch16_224", **tiny_kwargs(dynamic_img_size=True, reg_tokens=1))
     p = Predictor(model, input_size=(48, 24))
     e = Explainer(p, head="all")
-    (ex,) = e.explain([noise(60, 30)])
+    (ex,) = e.explain([noise_rgb(60, 30)])
     assert ex.crop.shape == (48, 24, 3)
     assert ex.heat.shape == (4, 6, 3)  # (heads, 48/8, 24/8)
     assert np.allclose(ex.heat.sum(axis=(1, 2)), 1.0, atol=1e-4)
@@ -161,7 +157,7 @@ def test_cli_explain_writes_pngs_and_names_bad_files(tmp_path, capsys):
     model.labels = ["cat", "dog", "car", "ship", "frog"]
     ckpt = model.save(tmp_path / "m.safetensors")
     good = tmp_path / "photo.png"
-    Image.fromarray(noise()).save(good)
+    Image.fromarray(noise_rgb()).save(good)
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff")
     out = tmp_path / "one.png"
@@ -177,7 +173,7 @@ def test_cli_explain_writes_pngs_and_names_bad_files(tmp_path, capsys):
 
 def test_grayscale_model_shows_the_luminance_it_sees():
     model = vitkit.create_model("vit_small_patch16_224", **tiny_kwargs(in_chans=1))
-    (ex,) = Explainer(Predictor(model)).explain([noise()])
+    (ex,) = Explainer(Predictor(model)).explain([noise_rgb()])
     assert ex.crop.shape == (32, 32, 3)
     assert (ex.crop[..., 0] == ex.crop[..., 1]).all() and (ex.crop[..., 1] == ex.crop[..., 2]).all()
     assert ex.heat.shape == (4, 4)

@@ -5,7 +5,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import vitkit
 from vitkit.cli import main
@@ -13,33 +12,22 @@ from vitkit.data.decode import ImageDecodeError
 from vitkit.data.preprocess import preprocess_image
 from vitkit.infer.predict import Failure, Prediction, Predictor, register_backend, trim_extreme_aspect
 
-from .conftest import tiny_kwargs
+from .conftest import noise_rgb, tiny_kwargs, tiny_model, write_png
 
 LABELS = ["cat", "dog", "car", "ship", "frog"]
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    model = vitkit.create_model("vit_small_patch16_224", **tiny_kwargs())
-    model.labels = LABELS
+    model = tiny_model("vit_small_patch16_224", labels=LABELS)
     # an unusual preprocessing spec: predictions must use it, not a default
     model.preprocess = vitkit.PreprocessConfig((32, 32), (0.2, 0.3, 0.4), (0.5, 0.6, 0.7), "bilinear", 0.875)
     return model.save(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
 
 
-def noise(h=40, w=56, seed=0):
-    return np.random.RandomState(seed).randint(0, 256, (h, w, 3), dtype=np.uint8)
-
-
-def write_png(path, rgb):
-    Image.fromarray(rgb).save(path)
-    return str(path)
-
-
 def test_prediction_uses_checkpoint_preprocessing_and_labels(ckpt):
     p = Predictor(ckpt, precision="fp32")
-    rgb = noise()
+    rgb = noise_rgb()
     pred = p.predict_one(rgb, topk=3)
     x = preprocess_image(rgb, p.model.preprocess, 3)[None]  # the stored spec, applied by hand
     with torch.no_grad():
@@ -52,7 +40,7 @@ def test_prediction_uses_checkpoint_preprocessing_and_labels(ckpt):
 
 
 def test_bf16_fast_path_agrees_with_fp32(ckpt):
-    images = [noise(seed=s) for s in range(6)]
+    images = [noise_rgb(seed=s) for s in range(6)]
     fast, exact = Predictor(ckpt), Predictor(ckpt, precision="fp32")
     batch = torch.stack([fast.prepare(im) for im in images])
     lf, le = fast.logits(batch), exact.logits(batch)
@@ -65,18 +53,18 @@ def test_bf16_predictor_runs_the_cpu_fast_path_by_default(ckpt):
     from vitkit.fast import packing as fast_inference
 
     p = Predictor(ckpt)
-    p.predict_one(noise())
+    p.predict_one(noise_rgb())
     packed = fast_inference.packed_layers(p.model)
     assert p.describe()["cpu_fast_path"] == fast_inference.available()
     assert bool(packed) == fast_inference.available()  # every linear layer, when the kernels exist
     exact = Predictor(ckpt, precision="fp32")
-    exact.predict_one(noise())
+    exact.predict_one(noise_rgb())
     assert not fast_inference.packed_layers(exact.model)
 
 
 def test_batched_equals_one_by_one(ckpt):
     p = Predictor(ckpt, precision="fp32")
-    images = [noise(seed=s) for s in range(5)]
+    images = [noise_rgb(seed=s) for s in range(5)]
     batched = p.predict(images, topk=5, batch_size=3)
     single = [p.predict_one(im, topk=5) for im in images]
     for b, s in zip(batched, single):
@@ -87,7 +75,7 @@ def test_batched_equals_one_by_one(ckpt):
 
 def test_bad_images_are_collected_or_raised(ckpt, tmp_path):
     p = Predictor(ckpt)
-    good = write_png(tmp_path / "good.png", noise())
+    good = write_png(tmp_path / "good.png", noise_rgb())
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     out = p.predict([good, str(tmp_path / "broken.jpg"), str(tmp_path / "missing.png")], errors="collect")
     assert isinstance(out[0], Prediction)
@@ -99,10 +87,10 @@ def test_bad_images_are_collected_or_raised(ckpt, tmp_path):
 
 def test_extreme_aspect_images_are_trimmed_not_blown_up(ckpt):
     p = Predictor(ckpt)
-    line = noise(2, 200_000)  # resized naively this would become 32 x 3,657,142 before the crop
+    line = noise_rgb(2, 200_000)  # resized naively this would become 32 x 3,657,142 before the crop
     assert trim_extreme_aspect(line, p.preprocess).shape[1] < 100
     assert p.prepare(line).shape == (3, 32, 32)
-    ordinary = noise(30, 90)
+    ordinary = noise_rgb(30, 90)
     assert trim_extreme_aspect(ordinary, p.preprocess) is ordinary
 
 
@@ -111,8 +99,8 @@ def test_input_size_only_for_dynamic_models(ckpt, tmp_path):
         Predictor(ckpt, input_size=(48, 32))
     model = vitkit.create_model("vit_small_patch16_224", **tiny_kwargs(dynamic_img_size=True))
     p = Predictor(model, input_size=(48, 32))
-    assert p.prepare(noise()).shape == (3, 48, 32)
-    assert len(p.predict_one(noise(), topk=2).labels) == 2
+    assert p.prepare(noise_rgb()).shape == (3, 48, 32)
+    assert len(p.predict_one(noise_rgb(), topk=2).labels) == 2
 
 
 def test_pluggable_backend(ckpt):
@@ -129,7 +117,7 @@ def test_pluggable_backend(ckpt):
 
     register_backend("constant-test", constant_backend)
     p = Predictor(ckpt, backend="constant-test", favourite=3)
-    pred = p.predict([noise(), noise(seed=1)], topk=1)
+    pred = p.predict([noise_rgb(), noise_rgb(seed=1)], topk=1)
     assert [r.labels for r in pred] == [["ship"], ["ship"]]
     assert calls == [(2, 3, 32, 32)]
     with pytest.raises(ValueError, match="unknown backend 'nope'.*torch"):
@@ -137,7 +125,7 @@ def test_pluggable_backend(ckpt):
 
 
 def test_cli_json_and_bad_file_named(ckpt, tmp_path, capsys):
-    good = write_png(tmp_path / "good.png", noise())
+    good = write_png(tmp_path / "good.png", noise_rgb())
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"hello")
     rc = main(["predict", str(ckpt), good, str(bad), "--json", "--topk", "2"])
@@ -158,7 +146,7 @@ def test_cli_json_and_bad_file_named(ckpt, tmp_path, capsys):
 def test_compiled_backend_agrees_with_the_eager_one_across_batch_sizes(ckpt, tmp_path, capsys):
     """`--backend torch-compile`: torch.compile with frozen weights; same top-1 and close probabilities as the
     eager backend for a batch of 3 and then 1 (a specialised shape: a second compile)."""
-    images = [write_png(tmp_path / f"{i}.png", noise(seed=i)) for i in range(3)]
+    images = [write_png(tmp_path / f"{i}.png", noise_rgb(seed=i)) for i in range(3)]
     eager = Predictor(ckpt).predict(images, topk=5)
     compiled = Predictor(ckpt, backend="torch-compile")
     for batch in (3, 1):
