@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import config_from_name
+from ..config import UnsupportedModelError, config_from_name
 from ..model.serialization import CheckpointError, is_vitkit_checkpoint
 from ..version import __version__
 from .report import HubOrigin
@@ -116,6 +116,8 @@ def _is_architecture(text: str) -> bool:
         return False
     try:
         config_from_name(text)
+    except UnsupportedModelError as e:  # a timm architecture vitkit cannot build: its weights would not load either
+        raise CheckpointError(str(e)) from e
     except (ValueError, KeyError, TypeError):
         return False
     return True
