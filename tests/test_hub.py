@@ -145,6 +145,11 @@ def test_a_bare_timm_name_takes_timms_default_tag_or_asks_for_one(monkeypatch):
     one_line(e)
 
 
+def test_a_timm_name_vitkit_cannot_build_says_why_before_any_download():
+    with pytest.raises(CheckpointError, match="relative-position"):
+        parse_name("vit_relpos_base_patch16_224")
+
+
 def test_safetensors_is_chosen_before_any_pickle():
     both = ["config.json", "pytorch_model.bin", "model.safetensors", "README.md", "preprocessor_config.json"]
     assert choose_files("r", both) == ["config.json", "preprocessor_config.json", "model.safetensors"]
