@@ -4,8 +4,6 @@
 import asyncio
 import io
 import re
-import struct
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import unquote
 
@@ -17,21 +15,15 @@ from PIL import Image
 pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install 'vitkit[serve]'")
 from fastapi.testclient import TestClient  # noqa: E402
 
-import vitkit  # noqa: E402
 from vitkit.infer.predict import Predictor  # noqa: E402
 from vitkit.serve import create_app  # noqa: E402
 from vitkit.serve.batcher import Batcher  # noqa: E402
 
-from .conftest import tiny_kwargs  # noqa: E402
+from .badinput import png_bomb  # noqa: E402
+from .conftest import noise_png, png_bytes, tiny_model  # noqa: E402
 
 LABELS = ["cat", "dog", "car", "ship", "frog"]
 LIMIT = 200_000  # bytes per request body in these tests
-
-
-def png_bytes(h=40, w=56, seed=0) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.random.RandomState(seed).randint(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
 
 
 def blocks_png(seed: int) -> bytes:
@@ -41,20 +33,7 @@ def blocks_png(seed: int) -> bytes:
     a[:] = r.randint(0, 256, 3)
     y, x = r.randint(0, 30, 2)
     a[y : y + 12, x : x + 20] = r.randint(0, 256, 3)
-    buf = io.BytesIO()
-    Image.fromarray(a).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def png_chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
-
-
-def header_bomb() -> bytes:
-    """A ~100-byte PNG declaring 100,000 x 100,000 RGB pixels (30 GB if decoded)."""
-    ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
-    idat = zlib.compress(b"\0" * 1024)
-    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
+    return png_bytes(a)
 
 
 def real_bomb() -> bytes:
@@ -66,9 +45,7 @@ def real_bomb() -> bytes:
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory):
-    torch.manual_seed(0)
-    model = vitkit.create_model("vit_small_patch16_224", **tiny_kwargs(reg_tokens=1))
-    model.labels = LABELS
+    model = tiny_model("vit_small_patch16_224", reg_tokens=1, labels=LABELS)
     with torch.no_grad():
         model.head.weight.mul_(30)  # confident, distinct predictions (a fresh head gives ~uniform ones)
     return model.save(tmp_path_factory.mktemp("serve") / "tiny.safetensors")
@@ -86,19 +63,19 @@ def post(client, path, data, name="x.png", ctype="image/png", **params):
 
 
 def assert_still_works(client):
-    r = post(client, "/predict", png_bytes(seed=7))
+    r = post(client, "/predict", noise_png(seed=7))
     assert r.status_code == 200, r.text
 
 
 def test_predict_returns_topk_labels_and_probabilities(client):
-    r = post(client, "/predict", png_bytes(), name="photo.png", topk=3)
+    r = post(client, "/predict", noise_png(), name="photo.png", topk=3)
     assert r.status_code == 200
     body = r.json()
     assert body["image"] == "photo.png"
     assert [t["label"] for t in body["top"]] == [LABELS[t["index"]] for t in body["top"]]
     probs = [t["prob"] for t in body["top"]]
     assert len(probs) == 3 and probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
-    full = post(client, "/predict", png_bytes(), topk=5).json()
+    full = post(client, "/predict", noise_png(), topk=5).json()
     assert sum(t["prob"] for t in full["top"]) == pytest.approx(1.0, abs=1e-4)
 
 
@@ -107,7 +84,7 @@ def by_index(top):
 
 
 def test_predict_matches_the_python_api(client, model_path):
-    data = png_bytes(seed=3)
+    data = noise_png(seed=3)
     served = post(client, "/predict", data).json()["top"]
     local = Predictor(model_path).predict_one(data, topk=5)
     assert np.allclose(by_index(served), by_index(local.to_dict()["top"]), atol=1e-3)
@@ -118,7 +95,7 @@ def test_predict_matches_the_python_api(client, model_path):
     [{}, {"method": "rollout", "discard": 0.9}, {"head": "all"}, {"head": "2", "layer": "0"}, {"figure": "true"}],
 )
 def test_explain_returns_a_png(client, params):
-    r = post(client, "/explain", png_bytes(), **params)
+    r = post(client, "/explain", noise_png(), **params)
     assert r.status_code == 200, r.text
     assert r.headers["content-type"] == "image/png"
     img = Image.open(io.BytesIO(r.content))
@@ -167,8 +144,8 @@ def test_body_over_the_limit_is_413_while_streaming(client):
         ("notes.txt", b"hello, I am text\n" * 20, 415, "not an image"),
         ("page.jpg", b"<!doctype html><html><body>hi</body></html>", 415, "not an image"),
         ("empty.png", b"", 400, "empty"),
-        ("truncated.png", png_bytes()[:300], 400, "truncated"),
-        ("bomb.png", header_bomb(), 413, "decompression bomb"),
+        ("truncated.png", noise_png()[:300], 400, "truncated"),
+        ("bomb.png", png_bomb(), 413, "decompression bomb"),  # ~100 bytes declaring 100,000 x 100,000 pixels
         ("zeros.png", real_bomb(), 413, "decompression bomb"),
     ],
 )
@@ -184,12 +161,12 @@ def test_bad_images_are_refused_with_a_message(client, name, data, status, phras
 def test_missing_field_and_bad_options_are_422(client):
     assert client.post("/predict").status_code == 422
     assert client.post("/predict", data={"other": "x"}).status_code == 422
-    assert client.post("/predict", files={"image": ("x.png", png_bytes(), "image/png")}).status_code == 422
-    assert post(client, "/predict", png_bytes(), topk=0).status_code == 422
-    r = post(client, "/explain", png_bytes(), layer=9)
+    assert client.post("/predict", files={"image": ("x.png", noise_png(), "image/png")}).status_code == 422
+    assert post(client, "/predict", noise_png(), topk=0).status_code == 422
+    r = post(client, "/explain", noise_png(), layer=9)
     assert r.status_code == 422 and "layer 9 does not exist" in r.json()["detail"]
-    assert post(client, "/explain", png_bytes(), method="gradcam").status_code == 422
-    assert post(client, "/explain", png_bytes(), head="all", method="rollout").status_code == 422
+    assert post(client, "/explain", noise_png(), method="gradcam").status_code == 422
+    assert post(client, "/explain", noise_png(), head="all", method="rollout").status_code == 422
     assert_still_works(client)
 
 
@@ -268,5 +245,5 @@ def test_serve_with_the_compiled_backend_compiles_before_listening(model_path, m
     assert main(["serve", str(model_path), "--backend", "torch-compile", "--port", "8123"]) == 0
     assert "compiling the model" in capsys.readouterr().out and served["port"] == 8123
     with TestClient(served["app"]) as client:
-        r = client.post("/predict", files={"file": ("a.png", png_bytes(), "image/png")})
+        r = client.post("/predict", files={"file": ("a.png", noise_png(), "image/png")})
     assert r.status_code == 200 and r.json()["top"][0]["label"] in LABELS
