@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .conftest import noise_rgb
+
 # A name that is not valid UTF-8: on Linux the file system takes any bytes, Python shows them as surrogates.
 NON_UTF8_NAME = os.fsdecode(b"caf\xe9_latin1_\xff.png")
 
@@ -54,7 +56,7 @@ def encode(img: Image.Image, fmt: str, **kw) -> bytes:
 
 
 def noise_image(h: int = 48, w: int = 64, seed: int = 0) -> Image.Image:
-    return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (h, w, 3), dtype=np.uint8))
+    return Image.fromarray(noise_rgb(h, w, seed))
 
 
 def valid_jpeg(h: int = 48, w: int = 64, seed: int = 0) -> bytes:

@@ -17,10 +17,9 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-import vitkit
 from vitkit.infer.predict import Predictor
 
-from .conftest import tiny_kwargs
+from .conftest import tiny_model
 
 CHROMIUM = os.environ.get("VITKIT_CHROMIUM", "/usr/bin/chromium")
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,9 +94,8 @@ def server_url(tmp_path_factory):
     pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install 'vitkit[serve]'")
     from vitkit.serve import create_app
 
-    torch.manual_seed(0)
-    model = vitkit.create_model("vit_small_patch16_224", **tiny_kwargs(img_size=64, reg_tokens=1))
-    model.labels = ["house", "tree", "sun", "lake", "mountain"]
+    labels = ["house", "tree", "sun", "lake", "mountain"]
+    model = tiny_model("vit_small_patch16_224", img_size=64, reg_tokens=1, labels=labels)
     with torch.no_grad():
         model.head.weight.mul_(30)  # random weights, but confident enough that the bars differ
     path = model.save(tmp_path_factory.mktemp("browser") / "tiny.safetensors")

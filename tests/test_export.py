@@ -13,7 +13,7 @@ from vitkit.infer.export import DEFAULT_OPSET, export_onnx, export_pt2
 from vitkit.infer.onnx_backend import OnnxModel
 from vitkit.infer.predict import Predictor
 
-from .conftest import tiny_kwargs
+from .conftest import tiny_model
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -21,20 +21,18 @@ pytest.importorskip("onnxscript")
 TOL = 1e-4  # fp32: the graph runs the same arithmetic in another order (fused LayerNorm/Gelu, Gemm)
 
 
-def tiny_model() -> vitkit.VisionTransformer:
+def rough_model() -> vitkit.VisionTransformer:
     """Tiny ViT with a cls and a register token and a *rough* position embedding, so that resampling it to another
     grid changes the logits a lot (a graph that skipped or botched the resampling would fail the parity test)."""
-    torch.manual_seed(0)
-    model = vitkit.create_model("S/16", **tiny_kwargs(reg_tokens=1))
+    model = tiny_model("S/16", reg_tokens=1, labels=["cat", "dog", "emu", "fox", "gnu"])
     torch.nn.init.normal_(model.pos_embed, std=1.0)
     torch.nn.init.normal_(model.head.weight, std=1.0)
-    model.labels = ["cat", "dog", "emu", "fox", "gnu"]
     return model.eval()
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    model = tiny_model()
+    model = rough_model()
     path = tmp_path_factory.mktemp("onnx") / "model.onnx"
     result = export_onnx(model, path, dynamic=True)
     reference = vitkit.from_pretrained(model.save(path.with_suffix(".safetensors")), dynamic_img_size=True).eval()
@@ -85,7 +83,7 @@ def test_onnx_metadata_makes_the_file_self_contained(exported):
 
 
 def test_static_export_refuses_other_sizes_and_old_opsets(tmp_path):
-    model = tiny_model()
+    model = rough_model()
     result = export_onnx(model, tmp_path / "static.onnx", dynamic=False)
     runner = OnnxModel(result.path)
     x = torch.randn(2, 3, 32, 32)  # batch 2 runs as two batch-1 calls
@@ -98,7 +96,7 @@ def test_static_export_refuses_other_sizes_and_old_opsets(tmp_path):
 
 
 def test_torch_export_pt2_runs_at_two_sizes(tmp_path):
-    model = tiny_model()
+    model = rough_model()
     result = export_pt2(model, tmp_path / "model.pt2", dynamic=True)
     program = torch.export.load(str(result.path)).module()
     dynamic = vitkit.from_pretrained(model.save(tmp_path / "m.safetensors"), dynamic_img_size=True).eval()
@@ -111,7 +109,7 @@ def test_torch_export_pt2_runs_at_two_sizes(tmp_path):
 def test_cli_export_then_predict_with_onnxruntime(tmp_path, capsys):
     from PIL import Image
 
-    model = tiny_model()
+    model = rough_model()
     ckpt = model.save(tmp_path / "model.safetensors")
     images = []
     rng = np.random.default_rng(0)
