@@ -6,9 +6,10 @@ from typing import Any
 
 from ..config import ViTConfig, config_from_name
 from .loading import load_model
+from .outputs import Intermediate, Intermediates
 from .pos_embed import resample_pos_embed, sincos_2d
 from .serialization import CheckpointError, save_model
-from .vit import Intermediate, Intermediates, VisionTransformer
+from .vit import VisionTransformer
 
 
 def create_model(

@@ -14,7 +14,6 @@ same arithmetic on this machine (CPU bf16 inference and training); otherwise the
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -25,26 +24,11 @@ from torch.utils.checkpoint import checkpoint
 from .. import fast
 from ..config import PreprocessConfig, ViTConfig, default_preprocess
 from .layers import AttentionPoolLatent, Block, ConvStem, PatchEmbed
+from .outputs import Intermediate, Intermediates
 from .pos_embed import resample_pos_embed, sincos_2d
+from .serialization import save_folder, save_model
 
 AttentionRequest = Iterable[int] | str | None  # layer indices (negative ok), "all", or None
-
-
-@dataclass
-class Intermediate:
-    """One encoder layer's output, split by token kind."""
-
-    layer: int
-    patches: torch.Tensor  # (B, D, H/p, W/p): the patch tokens as a feature map
-    cls: torch.Tensor | None  # (B, D) or None without a class token
-    registers: torch.Tensor | None  # (B, R, D) or None without register tokens
-    attention: torch.Tensor | None  # (B, heads, N, N) when asked for
-
-
-@dataclass
-class Intermediates:
-    layers: list[Intermediate]
-    tokens: torch.Tensor  # (B, N, D): output of the last block run, after the final norm
 
 
 class VisionTransformer(nn.Module):
@@ -79,21 +63,10 @@ class VisionTransformer(nn.Module):
         # 3. the encoder: L blocks, stochastic depth growing linearly with depth
         dpr = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(
-            Block(
-                D,
-                cfg.num_heads,
-                cfg.mlp_ratio,
-                cfg.qkv_bias,
-                cfg.qk_norm,
-                cfg.init_values,
-                cfg.proj_drop_rate,
-                cfg.attn_drop_rate,
-                dpr[i],
-                cfg.norm_eps,
-                cfg.attn_backend,
-            )  # fmt: skip
-            for i in range(cfg.depth)
-        )
+            Block(D, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.qk_norm, cfg.init_values, cfg.proj_drop_rate,
+                  cfg.attn_drop_rate, drop_path, cfg.norm_eps, cfg.attn_backend)
+            for drop_path in dpr
+        )  # fmt: skip
 
         # 4. final norm, pool, head (with avg pooling the norm moves after the pool: fc_norm, as in timm)
         self.norm = nn.LayerNorm(D, eps=cfg.norm_eps) if not cfg.use_fc_norm else nn.Identity()
@@ -305,12 +278,8 @@ class VisionTransformer(nn.Module):
 
     def save(self, path: str | Path, **metadata: str) -> Path:
         """Write weights as safetensors with config, preprocessing and labels in the metadata."""
-        from .serialization import save_model
-
         return save_model(self, path, **metadata)
 
     def save_pretrained(self, directory: str | Path, format: str = "vitkit", **options: object) -> Path:
         """Write a folder with a model card: format "vitkit", "hf" (transformers ViT) or "timm" (Hub layout)."""
-        from .serialization import save_folder
-
         return save_folder(self, directory, format, **options)
