@@ -6,7 +6,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import vitkit
 from vitkit.cli import main
@@ -14,16 +13,15 @@ from vitkit.data.decode import decode_image
 from vitkit.data.preprocess import preprocess_image
 from vitkit.infer.embed import embed_images
 
-from .conftest import tiny_kwargs
+from .conftest import noise_rgb, tiny_kwargs, write_png
 
 
 @pytest.fixture
 def images(tmp_path):
-    rng = np.random.default_rng(0)
     folder = tmp_path / "imgs"
     folder.mkdir()
     for i in range(3):
-        Image.fromarray(rng.integers(0, 255, (40 + 8 * i, 36, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        write_png(folder / f"{i}.png", noise_rgb(40 + 8 * i, 36, seed=i))  # three sizes
     return folder
 
 
