@@ -70,6 +70,26 @@ def tiny_model(
     return model
 
 
+def tiny_digits_config(out: str | Path, **overrides):
+    """A TrainConfig for a seconds-long run on scikit-learn's digits with a 2-block ViT; `overrides` replace fields.
+
+    Without overrides it trains with the default recipe (augmentation, schedule); tests set what they exercise.
+    """
+    from vitkit.train import TrainConfig
+
+    base = dict(
+        data="digits",
+        val_split=0.1,
+        out=str(out),
+        model="vit_digits_patch2_8",
+        model_kwargs=dict(embed_dim=32, depth=2, num_heads=2, drop_path_rate=0.1),
+        lr=2e-3,
+        progress=False,
+        threads=1,
+    )
+    return TrainConfig(**{**base, **overrides})
+
+
 # ------------------------------------------------------------------------------------------------------ images
 
 

@@ -13,7 +13,7 @@ from vitkit.train import TrainConfig, fit
 from vitkit.train import distributed as D
 from vitkit.train.checkpoint import load_checkpoint
 
-from .conftest import REPO, free_port, run_python
+from .conftest import REPO, free_port, run_python, tiny_digits_config
 
 
 def test_torchrun_train_digits_then_load_in_one_process(tmp_path):
@@ -38,22 +38,9 @@ def test_torchrun_train_digits_then_load_in_one_process(tmp_path):
 
 
 def _run(out, **kw) -> TrainConfig:
-    base = dict(
-        data="digits",
-        val_split=0.1,
-        out=str(out),
-        model="vit_digits_patch2_8",
-        model_kwargs=dict(embed_dim=32, depth=2, num_heads=2, drop_path_rate=0.1),
-        epochs=1,
-        batch_size=32,  # per rank
-        lr=2e-3,
-        warmup_epochs=0.3,
-        progress=False,
-        threads=1,
-        augment=dict(random_crop_pad=1, mixup_alpha=0.2, label_smoothing=0.1),
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+    augment = dict(random_crop_pad=1, mixup_alpha=0.2, label_smoothing=0.1)
+    base = dict(epochs=1, batch_size=32, warmup_epochs=0.3, augment=augment)  # batch_size: per rank
+    return tiny_digits_config(out, **{**base, **kw})
 
 
 def _resume_worker(rank: int, port: int, out: str, kw: dict) -> None:

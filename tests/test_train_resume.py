@@ -2,31 +2,19 @@
 
 import torch
 
-from vitkit.train import TrainConfig, fit
+from vitkit.train import fit
 from vitkit.train.checkpoint import load_checkpoint
+
+from .conftest import tiny_digits_config
 
 
 def tiny_run(out, **kw):
-    base = dict(
-        data="digits",
-        val_split=0.1,
-        out=str(out),
-        model="vit_digits_patch2_8",
-        model_kwargs=dict(embed_dim=32, depth=2, num_heads=2, drop_path_rate=0.1),
-        epochs=2,
-        batch_size=64,
-        lr=2e-3,
-        warmup_epochs=0.5,
-        ema_decay=0.9,
-        grad_accum=2,
-        progress=False,
-        threads=1,
-        augment=dict(
-            random_crop_pad=1, hflip=True, mixup_alpha=0.2, cutmix_alpha=1.0, label_smoothing=0.1, random_erasing=0.25
-        ),
+    """Two epochs with every random part on (drop path, EMA, accumulation, each augmentation): all must resume."""
+    augment = dict(
+        random_crop_pad=1, hflip=True, mixup_alpha=0.2, cutmix_alpha=1.0, label_smoothing=0.1, random_erasing=0.25
     )
-    base.update(kw)
-    return TrainConfig(**base)
+    base = dict(epochs=2, batch_size=64, warmup_epochs=0.5, ema_decay=0.9, grad_accum=2, augment=augment)
+    return tiny_digits_config(out, **{**base, **kw})
 
 
 def test_resume_is_bit_identical(tmp_path):
