@@ -14,7 +14,7 @@ from PIL import Image
 
 import vitkit
 from vitkit.cli import build_parser, main
-from vitkit.train.build import build_model, micro_batch
+from vitkit.train.build import build_model, default_batch_size, micro_batch
 from vitkit.train.distributed import DistEnv
 from vitkit.train.options import config_from_args, training_flags
 from vitkit.train.recipe import RESUMABLE, TrainConfig, merge_resumed, options_of
@@ -182,6 +182,15 @@ def test_micro_batch_lowered_to_fit_the_data(capsys, n, batch, accum, ranks, mic
     assert len(err.splitlines()) == (1 if n < batch * ranks else 0)  # one line
 
 
+@pytest.mark.parametrize(
+    ("n", "accum", "batch"),
+    [(45_000, 1, 128), (6_400, 1, 128), (6_399, 1, 64), (1_618, 1, 32), (100, 1, 16), (1_618, 3, 30)],
+)
+def test_default_batch_size_follows_the_data_size(n, accum, batch):
+    assert default_batch_size(n, accum) == batch
+    assert micro_batch(TrainConfig(grad_accum=accum), _Data(n), DistEnv()) == batch // accum
+
+
 def test_data_too_small_for_one_step_is_refused():
     with pytest.raises(ValueError, match="cannot fill one step"):
         micro_batch(TrainConfig(batch_size=128, grad_accum=4), _Data(3), DistEnv())
@@ -199,8 +208,9 @@ def tiny_folder(root: Path, n_per_class: int = 10) -> Path:
 
 
 def test_train_and_finetune_on_30_images_lower_the_batch(tmp_path, capsys):
-    data = tiny_folder(tmp_path / "imgs")  # 30 images; 27 after the validation split, batch 128 by default
+    data = tiny_folder(tmp_path / "imgs")  # 30 images; 27 after the validation split, batch 128 asked for
     common = ["--data", data, "--epochs", "1", "--cache-dir", tmp_path / "cache", "--no-progress", "--threads", "1"]
+    common += ["--batch-size", "128"]
     small = ["--model", "vit_digits_patch2_8", "--img-size", "8", "--no-flip"]
     assert main([str(a) for a in ["train", *common, *small, "--out", tmp_path / "train"]]) == 0
     err = capsys.readouterr().err
@@ -224,3 +234,12 @@ def test_other_verbs_do_not_build_the_training_flags():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]
+
+
+@pytest.mark.slow
+def test_default_recipe_on_digits_comes_within_three_points_of_the_demo(tmp_path):
+    """`vitkit train --data digits --epochs 20` with every other option at its default (the demo reaches ~95.8 %)."""
+    from vitkit.train import fit
+
+    res = fit(TrainConfig(data="digits", epochs=20, out=str(tmp_path), progress=False), resume=False)
+    assert res.val_top1 >= 0.928

@@ -183,12 +183,23 @@ def wrap_model(
 
 
 # ------------------------------------------------------------------------------------------------- loaders
+def default_batch_size(train_images: int, grad_accum: int = 1) -> int:
+    """128 images a step, halved (down to 16) while an epoch would have fewer than ~50 steps: a small data set then
+    gets enough optimizer steps in a few epochs (digits, 1,618 training images: batch 32). A multiple of grad_accum."""
+    batch = 128
+    while batch > 16 and train_images < 50 * batch:
+        batch //= 2
+    return max(batch // grad_accum, 1) * grad_accum
+
+
 def micro_batch(cfg: TrainConfig, data: RunData, env: DistEnv) -> int:
-    """Images per micro-batch on each rank: batch_size / grad_accum, lowered (with a one-line warning) when the
-    training images are fewer than one batch on every rank, so that a small data set still trains."""
+    """Images per micro-batch on each rank: batch_size / grad_accum (batch_size by default from the data's size),
+    lowered (with a one-line warning) when the training images are fewer than one batch on every rank, so that a
+    small data set still trains."""
     n, ranks = len(data.train_idx), env.world_size
-    if n >= cfg.batch_size * ranks:
-        return cfg.batch_size // cfg.grad_accum
+    batch = cfg.batch_size or default_batch_size(n // ranks, cfg.grad_accum)
+    if n >= batch * ranks:
+        return batch // cfg.grad_accum
     micro = n // (ranks * cfg.grad_accum)
     on_ranks = f" x {ranks} ranks" if ranks > 1 else ""
     if micro < 1:
@@ -197,7 +208,7 @@ def micro_batch(cfg: TrainConfig, data: RunData, env: DistEnv) -> int:
         )
     if env.is_main:
         print(
-            f"warning: {data.ds.source}: {n} training images are fewer than one batch ({cfg.batch_size}{on_ranks}); "
+            f"warning: {data.ds.source}: {n} training images are fewer than one batch ({batch}{on_ranks}); "
             f"the batch size is lowered to {micro * cfg.grad_accum}",
             file=sys.stderr,
         )

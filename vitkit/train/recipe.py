@@ -78,7 +78,11 @@ class TrainConfig:
     minutes: float | None = option(
         None, help="wall-clock budget: the schedule is fitted to it", resumable=True, exclusive="length"
     )
-    batch_size: int = option(128, help="images per optimizer step (split into --grad-accum micro-batches)")
+    batch_size: int | None = option(
+        None,
+        help="images per optimizer step, split into --grad-accum micro-batches (default: 128, or for a small data "
+        "set the power of two that gives about 50 steps an epoch, at least 16)",
+    )
     grad_accum: int = option(1, help="micro-batches per optimizer step")
     lr: float = option(1e-3, help="peak learning rate (after warmup)")
     min_lr: float = option(1e-5, help="learning rate at the end of the cosine")
@@ -134,7 +138,7 @@ class TrainConfig:
             self.image_size = int(self.image_size[0]) if len(self.image_size) == 1 else tuple(self.image_size[:2])
         if self.precision not in ("bf16", "fp32"):
             raise ValueError(f"precision must be bf16 or fp32, got {self.precision!r}")
-        if self.grad_accum < 1 or self.batch_size % self.grad_accum:
+        if self.grad_accum < 1 or (self.batch_size is not None and self.batch_size % self.grad_accum):
             raise ValueError(f"batch_size {self.batch_size} must be a multiple of grad_accum {self.grad_accum}")
         if self.epochs is not None and self.minutes is not None:
             raise ValueError("give --epochs or --minutes, not both")
