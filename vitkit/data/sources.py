@@ -54,7 +54,7 @@ class ImageArrayDataset:
     """A whole dataset as one uint8 array, decoded once."""
 
     images: np.ndarray  # (N, H, W, C) uint8, in memory or an np.memmap of the cache file
-    labels: np.ndarray  # (N,) int64 class indices into `classes`
+    labels: np.ndarray  # (N,) int64 class indices into `classes`; a task's targets ((N, K) multi-hot: multilabel)
     classes: list[str]  # index -> class name
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file name, reason) for each bad file
     source: str = ""  # human-readable description
@@ -361,13 +361,14 @@ def _as_size(image_size: int | tuple[int, int] | Sequence[int] | None) -> tuple[
     return (int(h), int(w))
 
 
-def _fingerprint(path: Path, kind: str, size: tuple[int, int] | None) -> str:
+def _fingerprint(path: Path, kind: str, size: tuple[int, int] | None, files: Iterable[Path] | None = None) -> str:
     """A hash of what the decoded arrays depend on: the files' paths, sizes and modification times."""
     h = hashlib.sha256()
     st = path.stat()
     h.update(repr((CACHE_FORMAT_VERSION, kind, str(path.resolve()), st.st_size, st.st_mtime_ns, size)).encode())
-    if kind in ("folder", "csv"):  # a folder's own mtime misses edits inside it: include every file's stat
+    if files is None and kind in ("folder", "csv"):
         files = _walk_files(path) if kind == "folder" else (p for _, p in _csv_rows(path)[0])
+    if files is not None:  # a folder's own mtime misses edits inside it: include every file's stat
         for p in files:
             try:
                 s = p.stat()
@@ -497,9 +498,11 @@ def _load_cached(
     size: tuple[int, int] | None,
     progress: bool,
     lister: Callable[[Path], _Listing],
+    files: Iterable[Path] | None = None,
 ) -> ImageArrayDataset:
-    """Read the decoded arrays from the cache, or decode everything once and write the cache."""
-    key = _fingerprint(path, kind, size)
+    """Read the decoded arrays from the cache, or decode everything once and write the cache (`files`: the image
+    files the arrays depend on, when `kind` alone does not say how to list them)."""
+    key = _fingerprint(path, kind, size, files)
     folder = cache_root / "decoded" / f"{path.name}-{key}"
     if (folder / "meta.json").exists():
         try:
@@ -562,6 +565,33 @@ def _write_cache(folder: Path, ds: ImageArrayDataset) -> None:
         np.save(tmp, ds.labels)
     meta = {"classes": ds.classes, "skipped": [list(s) for s in ds.skipped], "source": ds.source}
     atomic_write_bytes(folder / "meta.json", json.dumps(meta).encode())
+
+
+def load_file_list(
+    source: str | Path,
+    files: Sequence[tuple[str, Path]],
+    *,
+    cache_dir: str | Path | None = None,
+    image_size: int | tuple[int, int] | None = None,
+    progress: bool = True,
+    description: str | None = None,
+) -> ImageArrayDataset:
+    """Decode a list of (name, image file) rows named by `source` (e.g. a task's own CSV), through the decode cache.
+
+    For readers whose targets are not one class per image: `labels[i]` of the result is the row (index into
+    `files`) that image i came from, so the reader maps its own targets onto the decoded images; unreadable files
+    are skipped and named in `skipped`, as for every source.
+    """
+    source = Path(source)
+    rows = list(files)
+
+    def listing(_: Path) -> _Listing:
+        return _Listing(description or f"file list {source}", rows, lambda: (list(range(len(rows))), []), len(rows))
+
+    cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    return _load_cached(
+        source, "file-list", cache_root, _as_size(image_size), progress, listing, files=[p for _, p in rows]
+    )
 
 
 # ------------------------------------------------------------------------------------------------------ builtins

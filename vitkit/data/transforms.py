@@ -247,7 +247,9 @@ def mixup_cutmix(
 
     One lambda per batch, as in timm's default 'batch' mode; CutMix's lambda is corrected to the box's true area.
     """
-    targets = to_device(smooth_one_hot(y, num_classes, aug.label_smoothing), x.device)
+    # multi-hot targets (B, K) (multi-label data) mix as they are: a mixed image holds a share of both label sets
+    hot = y.float() if y.ndim == 2 else smooth_one_hot(y, num_classes, aug.label_smoothing)
+    targets = to_device(hot, x.device)
     if not aug.mixes or torch.rand(()).item() >= aug.mix_prob:
         return x, targets
     use_cutmix = aug.cutmix_alpha > 0 and (aug.mixup_alpha <= 0 or torch.rand(()).item() < aug.mix_switch_prob)

@@ -11,7 +11,15 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .serialization import MAX_BUFFER_ELEMENTS, CheckpointError, parse_metadata, read_metadata
+from .serialization import (
+    MAX_BUFFER_ELEMENTS,
+    CheckpointError,
+    apply_task,
+    parse_metadata,
+    parse_task,
+    read_metadata,
+    unbuilt_head_hint,
+)
 from .vit import VisionTransformer
 
 
@@ -26,7 +34,9 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Vi
     allocate more memory than its own tensors take.
     """
     path = Path(path)
-    cfg, pre, labels = parse_metadata(read_metadata(path), path)
+    meta = read_metadata(path)
+    cfg, pre, labels = parse_metadata(meta, path)
+    task = parse_task(meta, path)  # a task with its own head (segmentation) rebuilds it before the weights load
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             file_specs = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
@@ -34,6 +44,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Vi
         raise CheckpointError(f"'{path}' is not a readable safetensors file: {e}") from None
     with torch.device("meta"):
         skeleton = VisionTransformer(cfg, preprocess=pre, labels=labels)  # (no memory: shapes only)
+        apply_task(skeleton, task)
     buffer_elements = sum(b.numel() for b in skeleton.buffers())
     if buffer_elements > MAX_BUFFER_ELEMENTS:
         raise CheckpointError(f"'{path}': its config needs {buffer_elements:,} buffer elements; refused")
@@ -49,9 +60,10 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Vi
     if missing or unexpected or wrong:
         raise CheckpointError(
             f"'{path}' does not fit its own config: missing {missing[:5]}, unexpected {unexpected[:5]}, "
-            f"wrong shape/dtype {wrong[:5]}"
+            f"wrong shape/dtype {wrong[:5]}{unbuilt_head_hint(task)}"
         )
     model = VisionTransformer(cfg, preprocess=pre, labels=labels)
+    apply_task(model, task)
     state: dict[str, torch.Tensor] = {}
     try:
         with safe_open(str(path), framework="pt", device=str(map_location)) as f:

@@ -53,6 +53,9 @@ def build_metadata(model: SavableModel, **extra: str) -> dict[str, str]:
     }
     if model.labels is not None:
         meta["labels"] = json.dumps(list(model.labels))
+    task = getattr(model, "task", None)  # set by vitkit.tasks; a model without one is a plain classifier
+    if task:
+        meta["task"] = json.dumps(task)
     meta.update({k: str(v) for k, v in extra.items()})
     return meta
 
@@ -233,3 +236,43 @@ def write_vitkit_folder(model: SavableModel, directory: Path, **extra: str) -> P
 
 
 register_folder_writer(FORMAT, write_vitkit_folder)
+
+
+# ------------------------------------------------------------------------------------------------ tasks
+# What a model was trained for travels in the metadata as `task`, a JSON object such as {"name": "multilabel",
+# "threshold": 0.5}; a file without one is a single-label classifier. The model keeps it as `model.task`. A task
+# whose head is not the model's own linear `head` (a segmentation decoder) registers a builder that rebuilds that
+# head from the recorded object before the weights load. The model package cannot import vitkit.tasks (imports flow
+# tasks -> model), so vitkit.tasks registers its builders when it is imported, as vitkit.interop registers its
+# folder writers.
+TaskHeadBuilder = Callable[[Any, dict[str, Any]], None]  # (model, task object) -> None: replaces model.head
+TASK_HEADS: dict[str, TaskHeadBuilder] = {}
+
+
+def register_task_head(name: str, builder: TaskHeadBuilder) -> None:
+    """Make loading a file whose task is `name` call `builder(model, task)` before its weights load."""
+    TASK_HEADS[name] = builder
+
+
+def parse_task(meta: dict[str, str], path: str | Path = "<memory>") -> dict[str, Any] | None:
+    """The `task` object of vitkit metadata (None: a classifier), checked for shape; a defect names the file."""
+    if "task" not in meta:
+        return None
+    task = _json_object(meta, "task", path)
+    if not isinstance(task, dict) or not isinstance(task.get("name"), str) or not task["name"]:
+        raise CheckpointError(f"'{path}': metadata 'task' must be a JSON object with a 'name', got {task!r}")
+    return task
+
+
+def apply_task(model: Any, task: dict[str, Any] | None) -> None:
+    """Record `task` as `model.task` and, when the task registered a head builder, rebuild the head for it."""
+    model.task = task
+    if task is not None and task["name"] in TASK_HEADS:
+        TASK_HEADS[task["name"]](model, task)
+
+
+def unbuilt_head_hint(task: dict[str, Any] | None) -> str:
+    """What to say when a file's tensors miss the model: its task's head may not have been registered."""
+    if task is None or task["name"] in TASK_HEADS:
+        return ""
+    return f" (the file is a '{task['name']}' model: if its head is built by vitkit.tasks, import vitkit.tasks first)"
