@@ -171,3 +171,26 @@ def test_attention_module_rejects_nothing_silently():
     attn = Attention(32, 4, backend="math")
     y, w = attn(torch.randn(2, 5, 32), need_weights=True)
     assert y.shape == (2, 5, 32) and w.shape == (2, 4, 5, 5)
+
+
+def test_forward_features_keeps_only_the_asked_patch_tokens():
+    """`keep` drops patch tokens after the position embedding: all of them in order is the plain forward, and a
+    subset equals a model whose grid holds just those tokens at their positions (attention is permutation-equal)."""
+    torch.manual_seed(0)
+    model = vitkit.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=64, depth=2).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        full = model.forward_features(x)
+        every = model.forward_features(x, keep=torch.arange(16).expand(2, 16))
+        keep = torch.tensor([[0, 5, 9], [15, 2, 7]])
+        part = model.forward_features(x, keep=keep)
+    torch.testing.assert_close(every, full)
+    assert part.shape == (2, 1 + 3, 64)
+    with torch.no_grad():  # the same tokens by hand: embed, add positions, pick, encode
+        tokens = model.patch_embed(x).flatten(2).transpose(1, 2) + model.pos_embed[:, 1:]
+        picked = tokens.gather(1, keep.unsqueeze(-1).expand(-1, -1, 64))
+        cls = (model.cls_token + model.pos_embed[:, :1]).expand(2, -1, -1)
+        h = torch.cat([cls, picked], dim=1)
+        for blk in model.blocks:
+            h, _ = blk(h)
+    torch.testing.assert_close(part, model.norm(h), rtol=1e-5, atol=1e-5)

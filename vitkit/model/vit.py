@@ -133,6 +133,7 @@ class VisionTransformer(nn.Module):
         collect: set[int] | None = None,
         stop_after: int | None = None,
         pooled_only: bool = False,
+        keep: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor], dict[int, torch.Tensor], tuple[int, int]]:
         """Image -> tokens (B, N, D) after the blocks, attention maps, collected block outputs, the patch grid.
 
@@ -143,7 +144,12 @@ class VisionTransformer(nn.Module):
         run = fast.select(self, x, want_attn, pooled_only)  # a faster runner for this call, or None: the modules
         x = self.patch_embed(x) if run is None else run.patch_embed(self.patch_embed, x)  # (B, D, h, w)
         x = x.flatten(2).transpose(1, 2)  # (B, h*w, D)
-        x = self.norm_pre(self.pos_drop(self._pos_embed(x, grid)))  # (B, N, D), N = prefix + h*w
+        x = self._pos_embed(x, grid)  # (B, N, D), N = prefix + h*w
+        if keep is not None:  # only these patch tokens go on: (B, prefix + K, D)
+            P = self.num_prefix_tokens
+            patches = x[:, P:].gather(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+            x = torch.cat([x[:, :P], patches], dim=1)
+        x = self.norm_pre(self.pos_drop(x))
         maps: dict[int, torch.Tensor] = {}
         outs: dict[int, torch.Tensor] = {}
         for i, blk in enumerate(self.blocks):
@@ -173,9 +179,13 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"attention layer index out of range for a {depth}-block model: {list(request)}")
         return layers
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Image (B, C, H, W) -> normalised tokens (B, N, D)."""
-        return self.norm(self._encode(x, set())[0])
+    def forward_features(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Image (B, C, H, W) -> normalised tokens (B, N, D).
+
+        keep: (B, K) indices of the patch tokens to encode (row-major in the patch grid), the rest dropped after
+        the position embedding (masked-autoencoder pretraining, patch dropout): tokens (B, prefix + K, D).
+        """
+        return self.norm(self._encode(x, set(), keep=keep)[0])
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         """Tokens (B, N, D) -> one vector per image (B, D) (or tokens unchanged with global_pool='none')."""
