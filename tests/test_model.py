@@ -177,7 +177,9 @@ def test_forward_features_keeps_only_the_asked_patch_tokens():
     """`keep` drops patch tokens after the position embedding: all of them in order is the plain forward, and a
     subset equals a model whose grid holds just those tokens at their positions (attention is permutation-equal)."""
     torch.manual_seed(0)
-    model = vitkit.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=64, depth=2).eval()
+    model = vitkit.create_model(
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4
+    ).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         full = model.forward_features(x)
