@@ -2,6 +2,7 @@
 
     TASKS["classify"]     one class per image: softmax cross-entropy, top-k accuracy (vitkit's default)
     TASKS["multilabel"]   any number of labels per image: sigmoid + BCE / ASL, mAP and F1 at a threshold
+    TASKS["segment"]      a class per pixel: a decoder over the patch grids, per-pixel cross-entropy, mIoU
 
 `vitkit train --task NAME` picks one (default classify). The trainer, `evaluate`, `predict` and `serve` talk to a
 task only through the `Task` protocol (base.py), so adding a task is a module here plus one line in `TASKS`
@@ -21,10 +22,12 @@ from typing import Any
 from .base import Metrics, Task
 from .classify import ClassifyTask
 from .multilabel import MultilabelTask
+from .segment import SegmentTask  # importing it registers the segmentation head for loading
 
 TASKS: dict[str, type[Task]] = {
     "classify": ClassifyTask,
     "multilabel": MultilabelTask,
+    "segment": SegmentTask,
 }
 DEFAULT_TASK = "classify"
 
@@ -42,4 +45,14 @@ def task_of(model: Any) -> Task:
     return task_class(spec["name"] if spec else DEFAULT_TASK).from_spec(spec)
 
 
-__all__ = ["TASKS", "DEFAULT_TASK", "Task", "Metrics", "ClassifyTask", "MultilabelTask", "task_class", "task_of"]
+__all__ = [
+    "TASKS",
+    "DEFAULT_TASK",
+    "Task",
+    "Metrics",
+    "ClassifyTask",
+    "MultilabelTask",
+    "SegmentTask",
+    "task_class",
+    "task_of",
+]
