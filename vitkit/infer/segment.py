@@ -71,7 +71,7 @@ def overlay_image(rgb: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.n
     return (out + 0.5).clip(0, 255).astype(np.uint8)
 
 
-def overlay_png(rgb: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> bytes:
+def segment_overlay_png(rgb: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> bytes:
     """overlay_image as PNG bytes."""
     buf = io.BytesIO()
     Image.fromarray(overlay_image(rgb, mask, alpha)).save(buf, format="PNG")
@@ -150,7 +150,7 @@ def write_outputs(pred: SegmentationPrediction, rgb: np.ndarray, out_dir: str | 
     out.mkdir(parents=True, exist_ok=True)
     stem = Path(pred.image).stem or "image"
     mask_path = atomic_write_bytes(out / f"{stem}.mask.png", mask_png(pred.mask))
-    overlay_path = atomic_write_bytes(out / f"{stem}.overlay.png", overlay_png(rgb, pred.mask))
+    overlay_path = atomic_write_bytes(out / f"{stem}.overlay.png", segment_overlay_png(rgb, pred.mask))
     return mask_path, overlay_path
 
 
@@ -158,7 +158,7 @@ __all__ = [
     "Segmenter",
     "write_outputs",
     "mask_png",
-    "overlay_png",
+    "segment_overlay_png",
     "overlay_image",
     "voc_palette",
     "region_edges",
