@@ -2,7 +2,8 @@
 
 The core (create_model, from_pretrained, train, predict, evaluate) needs only torch, torchvision, numpy, pillow,
 safetensors, pyyaml and tqdm. Plots and attention heatmaps need matplotlib, the built-in `digits` set needs
-scikit-learn; `serve` and ONNX export have their own extras (vitkit.serve, vitkit.infer.export).
+scikit-learn, approximate search over large indexes needs faiss; `serve` and ONNX export have their own extras
+(vitkit.serve, vitkit.infer.export).
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-PIP_NAMES = {"matplotlib": "matplotlib", "sklearn": "scikit-learn"}  # import name -> what to `pip install`
-EXTRAS = {"matplotlib": "plot", "sklearn": "digits"}  # import name -> the vitkit extra that brings it
+# import name -> what to `pip install`
+PIP_NAMES = {"matplotlib": "matplotlib", "sklearn": "scikit-learn", "faiss": "faiss-cpu"}
+EXTRAS = {"matplotlib": "plot", "sklearn": "digits", "faiss": "retrieval"}  # import name -> the extra that brings it
 
 
 def require(module: str, feature: str) -> ModuleType:

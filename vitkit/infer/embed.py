@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..data.decode import decode_image
+from ..data.decode import ImageDecodeError, decode_image
 from ..data.preprocess import preprocess_image
 from ..model import VisionTransformer
-from .predict import trim_extreme_aspect
+from .predict import Failure, _name_of, trim_extreme_aspect
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
@@ -46,6 +47,44 @@ def embed_batch(model: VisionTransformer, x: torch.Tensor, patch: bool = False) 
     return model.forward_head(tokens, pre_logits=True)  # (B, D)
 
 
+@dataclass
+class Embeddings:
+    """The rows of the images that embedded, in input order, and the images that did not, each naming why."""
+
+    features: np.ndarray  # float32 (M, D) pooled, or (M, h*w, D) patch features; one row per entry of `names`
+    names: list[str]  # the images the rows belong to
+    failures: list[Failure] = field(default_factory=list)  # the images that could not be decoded
+
+
+def load_model(model: VisionTransformer | str | Path) -> VisionTransformer:
+    """A loaded model as given, or a checkpoint (any format `from_pretrained` reads) loaded; in eval mode."""
+    if not isinstance(model, VisionTransformer):
+        from ..interop import from_pretrained
+
+        model = from_pretrained(model)
+    return model.eval()
+
+
+def embed_all(
+    model: VisionTransformer | str | Path,
+    images: Sequence[str | Path | np.ndarray],
+    names: Sequence[str] | None = None,
+    patch: bool = False,
+    batch_size: int = 64,
+    precision: str = "bf16",
+) -> Embeddings:
+    """Embed images, skipping those that cannot be decoded (each becomes a Failure naming it, as `predict` does).
+
+    Args:
+        model: a VisionTransformer, or a checkpoint (any format `from_pretrained` reads).
+        images: paths or (H, W, 3) uint8 arrays.
+        names: how to call each image in the result (default: its path, or `<image i>` for an array).
+        patch: patch-token features (M, h*w, D) instead of pooled ones (M, D).
+        precision: "bf16" (fast on CPUs with AMX, ~3 significant digits) or "fp32".
+    """
+    return _embed(model, images, names, patch, batch_size, precision, errors="collect")
+
+
 def embed_images(
     model: VisionTransformer | str | Path,
     images: Sequence[str | Path | np.ndarray],
@@ -53,36 +92,68 @@ def embed_images(
     batch_size: int = 64,
     precision: str = "bf16",
 ) -> np.ndarray:
-    """Embed images with a model or checkpoint (any format `from_pretrained` reads).
+    """Embed images with a model or checkpoint (any format `from_pretrained` reads); every image must decode.
 
     Args:
-        images: paths or (H, W, 3) uint8 arrays; a file that cannot be decoded raises ImageDecodeError naming it.
+        images: paths or (H, W, 3) uint8 arrays; a file that cannot be decoded raises ImageDecodeError naming it
+            (`embed_all` skips it instead).
         patch: return patch-token features (N, h*w, D) instead of pooled ones (N, D).
         precision: "bf16" (fast on CPUs with AMX, ~3 significant digits) or "fp32".
 
     Returns:
         float32 array, one row per image in input order.
     """
+    return _embed(model, images, None, patch, batch_size, precision, errors="raise").features
+
+
+def _embed(
+    model: VisionTransformer | str | Path,
+    images: Sequence[str | Path | np.ndarray],
+    names: Sequence[str] | None,
+    patch: bool,
+    batch_size: int,
+    precision: str,
+    errors: str,
+) -> Embeddings:
+    """Decode, preprocess and embed in batches; a bad image raises (errors="raise") or becomes a Failure."""
     if precision not in ("bf16", "fp32"):
         raise ValueError(f"precision must be 'bf16' or 'fp32', got {precision!r}")
-    if not isinstance(model, VisionTransformer):
-        from ..interop import from_pretrained
-
-        model = from_pretrained(model)
-    model = model.eval()
+    model = load_model(model)
     device = next(model.parameters()).device
     pre, chans = model.preprocess, model.cfg.in_chans
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
-    chunks = []
-    for start in range(0, len(images), batch_size):
-        batch = []
-        for im in images[start : start + batch_size]:
-            rgb = im if isinstance(im, np.ndarray) else decode_image(im, name=str(im))
-            batch.append(preprocess_image(trim_extreme_aspect(rgb, pre), pre, chans))  # (C, h, w)
-        with autocast:
-            feats = embed_batch(model, torch.stack(batch).to(device), patch)
-        chunks.append(feats.float().cpu().numpy())
-    return np.concatenate(chunks)
+    names = list(names) if names is not None else [_name_of(im, i) for i, im in enumerate(images)]
+    out = Embeddings(np.zeros(0, np.float32), [], [])
+    pending: list[torch.Tensor] = []
+    chunks: list[np.ndarray] = []
+
+    def flush() -> None:
+        if pending:
+            with autocast:
+                chunks.append(embed_batch(model, torch.stack(pending).to(device), patch).float().cpu().numpy())
+            pending.clear()
+
+    for name, im in zip(names, images):
+        try:
+            rgb = im if isinstance(im, np.ndarray) else decode_image(im, name=name)
+        except ImageDecodeError as e:
+            if errors == "raise":
+                raise
+            out.failures.append(Failure(name, str(e)))
+            continue
+        pending.append(preprocess_image(trim_extreme_aspect(rgb, pre), pre, chans))  # (C, h, w)
+        out.names.append(name)
+        if len(pending) >= batch_size:
+            flush()
+    flush()
+    out.features = np.concatenate(chunks) if chunks else np.zeros((0, *_feature_shape(model, patch)), np.float32)
+    return out
+
+
+def _feature_shape(model: VisionTransformer, patch: bool) -> tuple[int, ...]:
+    """The shape of one image's features, for an empty result that still has the right number of dimensions."""
+    gh, gw = model.cfg.grid_size
+    return (gh * gw, model.cfg.embed_dim) if patch else (model.cfg.embed_dim,)
 
 
 def embed_array(
@@ -100,11 +171,12 @@ def embed_array(
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
     chunks = []
     for start in range(0, len(images), batch_size):
-        x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).permute(0, 3, 1, 2)
+        # a copy: the decode cache is a read-only memmap, and torch warns on tensors over non-writable memory
+        x = torch.from_numpy(np.array(images[start : start + batch_size])).permute(0, 3, 1, 2)
         with autocast:
             feats = embed_batch(model, tf(x).to(device), patch)  # uint8 (B, C, H, W) -> float (B, C, h, w)
         chunks.append(feats.float().cpu().numpy())
     return np.concatenate(chunks)
 
 
-__all__ = ["embed_images", "embed_array", "embed_batch", "expand_image_paths"]
+__all__ = ["Embeddings", "embed_all", "embed_images", "embed_array", "embed_batch", "expand_image_paths", "load_model"]
