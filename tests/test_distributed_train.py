@@ -20,7 +20,7 @@ def test_torchrun_train_digits_then_load_in_one_process(tmp_path):
     out = tmp_path / "run"
     cmd = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     cmd += ["-m", "vitkit", "train", "--data", "digits", "--epochs", "1", "--out", str(out), "--no-progress"]
-    cmd += ["--cache-dir", str(tmp_path / "cache")]
+    cmd += ["--cache-dir", str(tmp_path / "cache"), "--batch-size", "128"]
     proc = run_python(cmd, cwd=REPO, env={"OMP_NUM_THREADS": "1"}, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("model: ") == 2  # rank 0 alone reports: the model line and the saved file's line
