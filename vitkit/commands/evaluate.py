@@ -27,6 +27,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--confusion", help="where to write the confusion-matrix PNG (default: next to the checkpoint)")
     p.add_argument("--json", action="store_true", help="print one JSON object (top1, top5, per_class) last")
     p.add_argument("--tta", action="store_true", help="average each image's logits with its mirror image's")
+    frozen = p.add_argument_group(
+        "frozen features (any encoder, labels or not): a stratified split of --data, the --val-split part "
+        "(default 0.1) the queries, the rest the k-NN memory bank / the probe's training set"
+    )
+    frozen.add_argument(
+        "--knn", action="store_true", help="cosine k-NN accuracy of the pooled features (votes weighted exp(sim/0.07))"
+    )
+    frozen.add_argument("--k", type=int, default=20, help="neighbours that vote (default 20)")
+    frozen.add_argument("--probe", action="store_true", help="linear-probe accuracy (logistic regression, L-BFGS)")
 
 
 def load_any(path: str):
@@ -49,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
     from ..infer.evaluate import evaluate_model
     from ..optional import available, require
 
+    if args.knn or args.probe:
+        return run_frozen(args)
     plot = available("matplotlib")
     if args.confusion and not plot:  # asked for by name: fail now, not after the evaluation
         require("matplotlib", "--confusion (the confusion-matrix plot)")
@@ -76,6 +87,34 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {name:<{width}}  {'-' if acc is None else f'{acc:.2%}'}")
     if report.confusion_png is not None:
         print(f"confusion matrix: {report.confusion_png}")
+    if args.json:
+        print(json.dumps(report.to_dict()))
+    return 0
+
+
+def run_frozen(args: argparse.Namespace) -> int:
+    """--knn / --probe: judge the checkpoint's frozen pooled features; its head and class names play no part."""
+    from ..data.sources import load_source
+    from ..infer.frozen import QUERY_FRACTION, frozen_eval
+
+    model, ckpt = load_any(args.checkpoint)
+    ds = load_source(args.data, cache_dir=args.cache_dir, progress=not args.json)
+    report = frozen_eval(
+        model,
+        ds,
+        knn=args.knn,
+        probe=args.probe,
+        k=args.k,
+        query_fraction=args.val_split or QUERY_FRACTION,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        precision=args.precision,
+    )
+    print(f"{ckpt} on {ds.source}: {report.bank} bank / {report.queries} query images, {len(ds.classes)} classes")
+    if report.knn_top1 is not None:
+        print(f"k-NN (k={report.k}) top-1 {report.knn_top1:.2%}")
+    if report.probe_top1 is not None:
+        print(f"linear probe top-1 {report.probe_top1:.2%}")
     if args.json:
         print(json.dumps(report.to_dict()))
     return 0

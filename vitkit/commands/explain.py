@@ -20,8 +20,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="attention: one layer's map; rollout: attention flow through the layers (default: attention)",
     )
     p.add_argument("--layer", type=int, default=-1, help="block index, negative from the end (default: -1, the last)")
-    p.add_argument("--head", default="mean", help="head index, mean, max, min, or all (a per-head grid)")
+    p.add_argument(
+        "--head",
+        default=None,
+        help="head index, mean, max, min, or all (a per-head grid) (default: mean; all with --keep-mass)",
+    )
     p.add_argument("--discard", type=float, default=0.0, help="rollout: fraction of lowest attentions dropped (0.9)")
+    p.add_argument(
+        "--keep-mass",
+        type=float,
+        default=None,
+        metavar="F",
+        help="draw each map as the smallest patch set holding this fraction of its attention, e.g. 0.6 (DINO)",
+    )
     p.add_argument(
         "-o",
         "--out",
@@ -62,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     paths = output_paths(args.images, args.out, args.method)
     size = tuple(args.input_size) if args.input_size else None
     predictor = Predictor(args.checkpoint, input_size=size)
-    explainer = Explainer(predictor, args.method, args.layer, parse_head(args.head), args.discard)
+    head = args.head or ("all" if args.keep_mass is not None and args.method == "attention" else "mean")
+    explainer = Explainer(predictor, args.method, args.layer, parse_head(head), args.discard, args.keep_mass)
     print(f"showing: {explainer.description}")
     failed = 0
     for image, path in zip(args.images, paths):

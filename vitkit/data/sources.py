@@ -190,6 +190,18 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
     return train.astype(np.int64), val.astype(np.int64)
 
 
+def stratified_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded subset that keeps `fraction` of every class (few-label training).
+
+    Each class with n samples keeps round(n * fraction) of them, at least one; fraction 1 keeps everything.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"the fraction to keep must be in (0, 1], got {fraction}")
+    if fraction == 1.0:
+        return np.arange(len(labels), dtype=np.int64)
+    return stratified_split(labels, fraction, seed)[1]
+
+
 # ----------------------------------------------------------------------------------------------- listing sources
 # A listing streams (name, bytes-or-path) in a fixed order and, once the stream is spent, labels what it streamed.
 

@@ -6,6 +6,9 @@ Methods:
 - "rollout": attention rollout through the layers up to `layer` (residual term, optional discard of the lowest
   attentions), read at the class token's row (or the mean patch row without a class token).
 
+`keep_mass` (DINO's visualisation) turns each map into the smallest set of patches that holds that fraction of
+its attention, drawn as a mask over the image.
+
 Only the layers a method needs run the explicit attention path (`model(x, return_attention=[...])`); the others
 keep the fast one. Register tokens take part in the computation but are left out of the picture. The map is
 drawn over the preprocessed crop, the exact pixels the model was given, at any input size the model accepts.
@@ -26,6 +29,7 @@ from .attention_maps import (
     HeadChoice,
     attention_rollout,
     cls_attention,
+    keep_mass_mask,
     patch_attention,
     rollout_map,
     to_unit_range,
@@ -44,6 +48,8 @@ class Explanation:
     heat: np.ndarray  # (gh, gw) or (heads, gh, gw) float32 on the patch grid, each map summing to 1
     description: str  # what the map shows, in words (goes into titles, logs and HTTP headers)
     prediction: Prediction
+    mask: np.ndarray | None = None  # bool, heat's shape: the smallest patch set holding `keep_mass` of each map
+    keep_mass: float | None = None
 
     @property
     def title(self) -> str:
@@ -70,6 +76,7 @@ class Explainer:
         layer: block index, negative counts from the end (default: the last block).
         head: "mean" | "max" | "min" | an index | "all" (a per-head grid; attention method only).
         discard: rollout only: fraction of lowest attentions zeroed in each layer (the cls column is kept).
+        keep_mass: also mark, in each map, the smallest patch set holding this fraction of its mass (e.g. 0.6).
     """
 
     def __init__(
@@ -79,6 +86,7 @@ class Explainer:
         layer: int = -1,
         head: HeadChoice = "mean",
         discard: float = 0.0,
+        keep_mass: float | None = None,
     ):
         model = predictor.model
         depth = len(model.blocks)
@@ -92,11 +100,14 @@ class Explainer:
             raise ValueError("--discard applies to --method rollout only")
         if head not in ("mean", "max", "min", "all") and not -model.cfg.num_heads <= int(head) < model.cfg.num_heads:
             raise ValueError(f"head {head} does not exist: the model has {model.cfg.num_heads} heads")
+        if keep_mass is not None and not 0.0 < keep_mass <= 1.0:
+            raise ValueError(f"--keep-mass must be in (0, 1], got {keep_mass}")
         self.predictor = predictor
         self.method = method
         self.layer = layer % depth
         self.head = head
         self.discard = discard
+        self.keep_mass = keep_mass
         self.description = self._describe()
 
     def _describe(self) -> str:
@@ -117,6 +128,8 @@ class Explainer:
             what = "class-token row" if cfg.class_token else f"{no_cls}: mean over patch rows"
             discard = f", lowest {self.discard:.0%} discarded" if self.discard else ""
             text = f"attention rollout, layers 0-{self.layer}, {heads_text}{discard}, {what}"
+        if self.keep_mass is not None:
+            text += f"; the smallest patch set holding {self.keep_mass:.0%} of the attention"
         if cfg.reg_tokens:
             text += f"; {cfg.reg_tokens} register token{'s' if cfg.reg_tokens > 1 else ''} left out"
         return text
@@ -171,9 +184,10 @@ class Explainer:
         """Already preprocessed images (B, C, h, w) with their display crops -> Explanations."""
         logits, heat = self.maps(batch)
         preds = self.predictor.top_k(logits, names, topk)
+        masks = keep_mass_mask(heat, self.keep_mass).numpy() if self.keep_mass is not None else [None] * len(heat)
         return [
-            Explanation(name, crop, h.numpy().astype(np.float32), self.description, pred)
-            for name, crop, h, pred in zip(names, crops, heat, preds)
+            Explanation(name, crop, h.numpy().astype(np.float32), self.description, pred, m, self.keep_mass)
+            for name, crop, h, pred, m in zip(names, crops, heat, preds, masks)
         ]
 
 
@@ -205,6 +219,38 @@ def overlay(crop: np.ndarray, heat: np.ndarray, size: int = 320, alpha: float = 
     return ((1 - alpha) * base + alpha * color + 0.5).clip(0, 255).astype(np.uint8)
 
 
+def mask_overlay(crop: np.ndarray, mask: np.ndarray, size: int = 320, color: tuple[int, int, int] = (255, 200, 0)):
+    """The crop scaled so its longer side is `size`, the patches outside `mask` (gh, gw) dimmed and those inside
+    tinted with `color`: (H', W', 3) uint8. The mask covers the crop exactly, so it is upsampled by repetition."""
+    from PIL import Image
+
+    h, w = crop.shape[:2]
+    scale = size / max(h, w)
+    out_w, out_h = max(1, round(w * scale)), max(1, round(h * scale))
+    resample = Image.Resampling.NEAREST if scale >= 4 else Image.Resampling.BICUBIC
+    base = np.asarray(Image.fromarray(crop).resize((out_w, out_h), resample), dtype=np.float32)
+    t = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]  # (1, 1, gh, gw)
+    inside = F.interpolate(t, size=(out_h, out_w), mode="nearest")[0, 0].numpy()[..., None] > 0.5
+    tinted = 0.6 * base + 0.4 * np.asarray(color, dtype=np.float32)
+    return np.where(inside, tinted, 0.25 * base).round().clip(0, 255).astype(np.uint8)
+
+
+def _mask_panels(expl: Explanation, size: int) -> list[tuple[str, np.ndarray]]:
+    """One panel per head (or fused map): its kept patch set over the crop, titled with the set's size."""
+    from ..optional import require
+
+    colormaps = require("matplotlib", "attention masks (vitkit explain --keep-mass)").colormaps
+    masks = expl.mask if expl.mask.ndim == 3 else expl.mask[None]
+    panels = []
+    for i, m in enumerate(masks):
+        color = tuple(int(255 * c) for c in colormaps["tab10"](i % 10)[:3])
+        name = f"head {i}" if len(masks) > 1 else "kept patches"
+        panels.append(
+            (f"{name}: {int(m.sum())}/{m.size} hold {expl.keep_mass:.0%}", mask_overlay(expl.crop, m, size, color))
+        )
+    return panels
+
+
 def overlay_png(expl: Explanation, size: int = 320, max_width: int = 4096) -> bytes:
     """A plain PNG of the overlay (the mean map, or every head's maps side by side, at most max_width wide)."""
     from PIL import Image
@@ -224,7 +270,9 @@ def figure_png(expl: Explanation, size: int = 320) -> bytes:
     Figure = require("matplotlib.figure", "attention figures (vitkit explain)").Figure
     maps = expl.heat if expl.heat.ndim == 3 else expl.heat[None]
     panels = [("input (preprocessed crop)", np.asarray(overlay(expl.crop, np.zeros((1, 1)), size, alpha=0.0)))]
-    if len(maps) == 1:
+    if expl.mask is not None:
+        panels += _mask_panels(expl, size)
+    elif len(maps) == 1:
         panels.append(("where it looked", overlay(expl.crop, maps[0], size)))
     else:
         panels += [(f"head {i}", overlay(expl.crop, m, size)) for i, m in enumerate(maps)]
@@ -251,4 +299,14 @@ def _wrap(text: str, width: int) -> str:
     return "\n".join(textwrap.wrap(text, max(width, 20)))
 
 
-__all__ = ["Explainer", "Explanation", "METHODS", "parse_head", "colorize", "overlay", "overlay_png", "figure_png"]
+__all__ = [
+    "Explainer",
+    "Explanation",
+    "METHODS",
+    "parse_head",
+    "colorize",
+    "overlay",
+    "mask_overlay",
+    "overlay_png",
+    "figure_png",
+]

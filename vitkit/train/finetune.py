@@ -17,13 +17,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data.sources import load_source, stratified_split
+from ..data.sources import load_source, stratified_split, stratified_subset
 from .fit import fit
 from .recipe import build_config
 
-# Where fine-tuning's defaults differ from TrainConfig's: a smaller peak lr (when no recipe is given) and
-# layer-wise lr decay, as in BEiT / MAE fine-tuning.
-FINETUNE_DEFAULTS: dict[str, Any] = {"out": "runs/finetune", "lr": 5e-4, "layer_decay": 0.75}
+# Where fine-tuning's defaults differ from TrainConfig's, as in MAE's fine-tuning recipe (He et al. 2021, and
+# BEiT's before it): a smaller peak lr, layer-wise lr decay (the pretrained lower blocks move least), a warmup over
+# 5 % of the steps and drop path 0.1. A recipe or a flag that sets one of them wins. The new head starts at zero
+# (`prepare_for_transfer`).
+FINETUNE_DEFAULTS: dict[str, Any] = {
+    "out": "runs/finetune",
+    "lr": 5e-4,
+    "layer_decay": 0.75,
+    "warmup_fraction": 0.05,
+    "model_kwargs.drop_path_rate": 0.1,
+}
 
 
 @dataclass
@@ -61,6 +69,8 @@ def finetune(
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    recipe = train_options.pop("recipe", None)
+    model_overrides, train_options = _with_finetune_defaults(recipe, model_overrides or {}, train_options)
     ds = load_source(data, cache_dir=train_options.get("cache_dir"), progress=train_options.get("progress", True))
     if num_classes is not None and num_classes != len(ds.classes):
         raise ValueError(f"--num-classes {num_classes} but '{data}' has {len(ds.classes)} classes ({ds.classes[:10]})")
@@ -71,20 +81,33 @@ def finetune(
         freeze_backbone=freeze_backbone,
         labels=list(ds.classes),
         strict=strict,
-        **{"in_chans": int(ds.images.shape[3]), **(model_overrides or {})},  # the data's channels, unless overridden
+        **{"in_chans": int(ds.images.shape[3]), **model_overrides},  # the data's channels, unless overridden
     )
     print(model.load_report.summary() if hasattr(model, "load_report") else f"loaded {source}")
     if freeze_backbone:
         return _linear_probe(model, ds, out, train_options)
 
     init = model.save(out / "init.safetensors", finetuned_from=str(source))  # zero head; fit loads it as is
-    recipe = train_options.pop("recipe", None)
-    defaults = {} if recipe else {"lr": FINETUNE_DEFAULTS["lr"]}
-    cfg = build_config(
-        recipe, data=data, model=str(init), out=str(out), layer_decay=layer_decay, **{**defaults, **train_options}
-    )
+    cfg = build_config(recipe, data=data, model=str(init), out=str(out), layer_decay=layer_decay, **train_options)
     res = fit(cfg)
     return FinetuneResult(res.model_path or res.checkpoint_path, res.val_top1, "finetune", {"fit": str(res.out_dir)})
+
+
+def _with_finetune_defaults(
+    recipe: str | Path | None, model_overrides: dict[str, Any], train_options: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(model overrides, training options) with FINETUNE_DEFAULTS filled in where neither the recipe nor a flag
+    sets the option (a warmup set in epochs counts as set)."""
+    from .recipe import load_recipe
+
+    given = {**(load_recipe(recipe) if recipe else {}), **train_options}
+    given.update({f"model_kwargs.{k}": v for k, v in {**given.pop("model_kwargs", {}), **model_overrides}.items()})
+    if "warmup_epochs" in given:  # a warmup given in epochs is a warmup chosen
+        given.setdefault("warmup_fraction", None)
+    missing = {k: v for k, v in FINETUNE_DEFAULTS.items() if k not in given and k not in ("out", "layer_decay")}
+    model_defaults = {k.split(".", 1)[1]: v for k, v in missing.items() if k.startswith("model_kwargs.")}
+    train_defaults = {k: v for k, v in missing.items() if not k.startswith("model_kwargs.")}
+    return {**model_defaults, **model_overrides}, {**train_defaults, **train_options}
 
 
 def _linear_probe(model: Any, ds: Any, out: Path, opts: dict[str, Any]) -> FinetuneResult:
@@ -98,6 +121,8 @@ def _linear_probe(model: Any, ds: Any, out: Path, opts: dict[str, Any]) -> Finet
         train_idx, val_idx = np.arange(len(ds)), np.arange(len(val_ds))
     else:
         train_idx, val_idx = stratified_split(ds.labels, float(opts.get("val_split", 0.1)), int(opts.get("seed", 0)))
+    fraction = float(opts.get("labels_fraction", 1.0))
+    train_idx = train_idx[stratified_subset(ds.labels[train_idx], fraction, int(opts.get("seed", 0)))]
     precision = opts.get("precision", "bf16")
     feats = torch.from_numpy(embed_array(model, ds.images[train_idx], precision=precision))  # (N, D)
     labels = torch.from_numpy(np.asarray(ds.labels[train_idx]))

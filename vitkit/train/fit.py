@@ -199,7 +199,8 @@ class TrainingRun:
         # the run's length in epochs; None under --minutes, where the schedule is re-laid once the pace is measured
         self.epochs = cfg.epochs if cfg.epochs is not None else (None if cfg.minutes else 10.0)
         total = math.ceil(self.epochs * self.steps_per_epoch) if self.epochs is not None else 10**9
-        self.schedule = WarmupCosine(cfg.lr, total, round(cfg.warmup_epochs * self.steps_per_epoch), cfg.min_lr)
+        warmup = round(cfg.warmup_epochs * self.steps_per_epoch)
+        self.schedule = WarmupCosine(cfg.lr, total, warmup, cfg.min_lr, warmup_fraction=cfg.warmup_fraction)
         self.step_state = StepState()
         self.val_history: dict[str, Any] = {}
         if state:

@@ -21,14 +21,22 @@ class WarmupCosine:
         total_steps: optimizer steps in the whole run (the cosine ends here; later steps stay at min_lr).
         warmup_steps: steps of linear warmup (0: start at base_lr).
         min_lr: floor of the cosine.
+        warmup_fraction: warm up over this fraction of total_steps instead (kept through re-layouts, so a
+            --minutes budget warms up over its share of the steps that fit; before the first lay-out the lr is
+            near 0, as at the start of any warmup).
     """
 
     base_lr: float
     total_steps: int
     warmup_steps: int = 0
     min_lr: float = 0.0
+    warmup_fraction: float | None = None
     anchor_step: int | None = None  # set by a re-layout mid-cosine: the cosine continues from here ...
     anchor_progress: float = 0.0  # ... at this fraction of its way, so the lr never jumps
+
+    def __post_init__(self) -> None:
+        if self.warmup_fraction is not None:
+            self.warmup_steps = round(self.warmup_fraction * self.total_steps)
 
     def progress_at(self, step: int) -> float:
         """How far along the cosine `step` is, in [0, 1] (0 during warmup)."""
@@ -51,6 +59,8 @@ class WarmupCosine:
         """
         if at_step is None or at_step <= self.warmup_steps:
             self.total_steps = max(int(total_steps), 1)
+            if self.warmup_fraction is not None:
+                self.warmup_steps = round(self.warmup_fraction * self.total_steps)
             self.warmup_steps = min(self.warmup_steps, self.total_steps // 4)
             self.anchor_step, self.anchor_progress = None, 0.0
             return
