@@ -38,9 +38,11 @@ def changed_value(name: str):
     default = next(f.default for f in dataclasses.fields(TrainConfig) if f.name == name)
     hint = typing.get_type_hints(TrainConfig)[name]
     special = {"image_size": ["12"], "betas": ["0.8", "0.95"], "data": ["digits"], "optimizer_impl": ["foreach"]}
-    special.update(labels_fraction=["0.5"], warmup_fraction=["0.05"])  # fractions: twice the default is no value
     if name in special:
         return special[name]
+    choices = options_of(TrainConfig)[name].choices
+    if choices:  # a choice other than the default (task, loss, sampler ...)
+        return [next(c for c in choices if c != default)]
     if name == "precision":
         return ["fp32"]
     base = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
@@ -141,6 +143,7 @@ RESUMABLE_CHANGES = {
     "threads": {"threads": 2},
     "max_bad_steps": {"max_bad_steps": 9},
     "grad_checkpointing": {"grad_checkpointing": True},
+    "threshold": {"threshold": 0.7},
 }
 
 

@@ -1,8 +1,10 @@
-"""vitkit evaluate: top-1, top-5 and per-class accuracy of a checkpoint on labelled images; confusion-matrix PNG."""
+"""vitkit evaluate: a checkpoint's metrics on labelled images, as its task defines them (a classifier: top-1, top-5,
+per-class accuracy (recall) and a confusion-matrix PNG; a multi-label model: mAP, per-class AP and F1)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -27,15 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--confusion", help="where to write the confusion-matrix PNG (default: next to the checkpoint)")
     p.add_argument("--json", action="store_true", help="print one JSON object (top1, top5, per_class) last")
     p.add_argument("--tta", action="store_true", help="average each image's logits with its mirror image's")
-    frozen = p.add_argument_group(
-        "frozen features (any encoder, labels or not): a stratified split of --data, the --val-split part "
-        "(default 0.1) the queries, the rest the k-NN memory bank / the probe's training set"
-    )
-    frozen.add_argument(
-        "--knn", action="store_true", help="cosine k-NN accuracy of the pooled features (votes weighted exp(sim/0.07))"
-    )
-    frozen.add_argument("--k", type=int, default=20, help="neighbours that vote (default 20)")
-    frozen.add_argument("--probe", action="store_true", help="linear-probe accuracy (logistic regression, L-BFGS)")
+    p.add_argument("--threshold", type=float, help="multi-label models: the F1 threshold (default: the checkpoint's)")
 
 
 def load_any(path: str):
@@ -54,37 +48,47 @@ def load_any(path: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data.sources import load_source, stratified_split
-    from ..infer.evaluate import evaluate_model
+    from ..infer.evaluate import TaskReport, evaluate_model
     from ..optional import available, require
+    from ..tasks import task_of
 
-    if args.knn or args.probe:
-        return run_frozen(args)
     plot = available("matplotlib")
     if args.confusion and not plot:  # asked for by name: fail now, not after the evaluation
         require("matplotlib", "--confusion (the confusion-matrix plot)")
     model, ckpt = load_any(args.checkpoint)
     if not model.labels:
         raise ValueError(f"'{ckpt}' has no class names; evaluate needs a model trained with labels")
-    ds = load_source(args.data, cache_dir=args.cache_dir, progress=not args.json, classes=model.labels)
+    task = task_of(model)  # the data is read, and the model judged, as its task says (a classifier by default)
+    if args.threshold is not None:
+        if not hasattr(task, "threshold"):
+            raise ValueError(f"--threshold applies to multi-label models; '{ckpt}' is a '{task.name}' model")
+        task = dataclasses.replace(task, threshold=args.threshold)
+    ds = task.read(args.data, cache_dir=args.cache_dir, progress=not args.json, classes=model.labels)
     indices = None
     if args.val_split:
-        _, indices = stratified_split(ds.labels, args.val_split, args.seed)
+        _, indices = task.split(ds.labels, args.val_split, args.seed)
     data_name = Path(args.data.rstrip("/")).name.split(".")[0] or "data"
     png = Path(args.confusion) if args.confusion else ckpt.parent / f"confusion_{data_name}.png"
     if not plot:  # the default plot is a nicety: the numbers below are the result
         print("confusion-matrix plot skipped: matplotlib is not installed (pip install matplotlib)")
         png = None
     report = evaluate_model(
-        model, ds, indices, batch_size=args.batch_size, precision=args.precision, confusion_png=png, tta=args.tta
+        model,
+        ds,
+        indices,
+        batch_size=args.batch_size,
+        precision=args.precision,
+        confusion_png=png,
+        tta=args.tta,
+        task=task,
     )
     if ds.skipped:
         print(f"skipped {len(ds.skipped)} unreadable file(s), e.g. {ds.skipped[0][0]}: {ds.skipped[0][1]}")
     print(f"{ckpt} on {ds.source}: {report.n} images")
-    print(f"top-1 {report.top1:.2%}   top-{min(5, len(report.classes))} {report.top5:.2%}   loss {report.loss:.4f}")
-    width = max(len(c) for c in report.classes)
-    for name, acc in report.per_class.items():
-        print(f"  {name:<{width}}  {'-' if acc is None else f'{acc:.2%}'}")
+    if isinstance(report, TaskReport):
+        print_task_report(report)
+    else:
+        print_classification(report)
     if report.confusion_png is not None:
         print(f"confusion matrix: {report.confusion_png}")
     if args.json:
@@ -92,29 +96,24 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_frozen(args: argparse.Namespace) -> int:
-    """--knn / --probe: judge the checkpoint's frozen pooled features; its head and class names play no part."""
-    from ..data.sources import load_source
-    from ..infer.frozen import QUERY_FRACTION, frozen_eval
+def print_classification(report) -> None:
+    """Top-1 / top-k, then per class its accuracy, i.e. its recall, and its image count; their mean last."""
+    print(f"top-1 {report.top1:.2%}   top-{min(5, len(report.classes))} {report.top5:.2%}   loss {report.loss:.4f}")
+    width = max(len(c) for c in report.classes)
+    print(f"  {'class':<{width}}   recall  images")
+    for name, acc in report.per_class.items():
+        print(f"  {name:<{width}}  {'-' if acc is None else f'{acc:.2%}':>7}  {report.support.get(name, 0):>6}")
+    if report.mean_recall is not None:
+        print(f"mean recall (balanced accuracy) {report.mean_recall:.2%}")
 
-    model, ckpt = load_any(args.checkpoint)
-    ds = load_source(args.data, cache_dir=args.cache_dir, progress=not args.json)
-    report = frozen_eval(
-        model,
-        ds,
-        knn=args.knn,
-        probe=args.probe,
-        k=args.k,
-        query_fraction=args.val_split or QUERY_FRACTION,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        precision=args.precision,
-    )
-    print(f"{ckpt} on {ds.source}: {report.bank} bank / {report.queries} query images, {len(ds.classes)} classes")
-    if report.knn_top1 is not None:
-        print(f"k-NN (k={report.k}) top-1 {report.knn_top1:.2%}")
-    if report.probe_top1 is not None:
-        print(f"linear probe top-1 {report.probe_top1:.2%}")
-    if args.json:
-        print(json.dumps(report.to_dict()))
-    return 0
+
+def print_task_report(report) -> None:
+    """The task's single numbers on one line, then its per-class numbers as a table (multi-label: AP and F1)."""
+    res = report.result
+    print("   ".join(f"{k} {v:.4f}" for k, v in res.items() if isinstance(v, float)))
+    columns = [k for k, v in res.items() if isinstance(v, list) and len(v) == len(report.classes)]
+    width = max(len(c) for c in report.classes)
+    print(f"  {'class':<{width}}  " + "  ".join(f"{c:>14}" for c in columns))
+    for i, name in enumerate(report.classes):
+        cells = ("-" if res[c][i] is None else f"{res[c][i]:.4f}" for c in columns)
+        print(f"  {name:<{width}}  " + "  ".join(f"{cell:>14}" for cell in cells))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from . import CHECKPOINT_HELP
 
-HELP = "draw attention maps (one layer, or rollout) over images as PNG, with the top prediction in the title"
+HELP = "draw attention maps (one layer, rollout, or a class's grad-rollout) over images as PNG, with the prediction"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -15,9 +15,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument(
         "--method",
-        choices=("attention", "rollout"),
+        choices=("attention", "rollout", "grad-rollout"),
         default="attention",
-        help="attention: one layer's map; rollout: attention flow through the layers (default: attention)",
+        help="attention: one layer's map; rollout: attention flow through the layers; grad-rollout: rollout weighted "
+        "by the attention's gradient for one class (--class) (default: attention)",
+    )
+    p.add_argument(
+        "--class",
+        dest="target",
+        metavar="NAME|INDEX",
+        help="grad-rollout: the class the map explains, by name or index (default: each image's top class)",
     )
     p.add_argument("--layer", type=int, default=-1, help="block index, negative from the end (default: -1, the last)")
     p.add_argument(
@@ -67,14 +74,15 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from ..files import atomic_write_bytes
-    from ..infer.explain import Explainer, figure_png, parse_head
+    from ..infer.explain import Explainer, figure_png, parse_class, parse_head
     from ..infer.predict import Failure, Predictor
 
     paths = output_paths(args.images, args.out, args.method)
     size = tuple(args.input_size) if args.input_size else None
     predictor = Predictor(args.checkpoint, input_size=size)
     head = args.head or ("all" if args.keep_mass is not None and args.method == "attention" else "mean")
-    explainer = Explainer(predictor, args.method, args.layer, parse_head(head), args.discard, args.keep_mass)
+    target = parse_class(args.target, predictor.labels)
+    explainer = Explainer(predictor, args.method, args.layer, parse_head(head), args.discard, args.keep_mass, target)
     print(f"showing: {explainer.description}")
     failed = 0
     for image, path in zip(args.images, paths):

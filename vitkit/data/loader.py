@@ -4,6 +4,9 @@ The order of an epoch is a permutation seeded by (seed, epoch) alone, so it is t
 after every restart; `state_dict()` records how far into the epoch we are, and `load_state_dict` continues at
 exactly the next batch. Transforms run in the iterating thread and draw from torch's global RNG, so saving
 `torch.get_rng_state()` next to `state_dict()` makes a resumed run bit-identical.
+
+With sampling `weights` (`class_balanced_weights`: every class drawn equally often) an epoch is as many draws with
+replacement, seeded by (seed, epoch) just the same, so a weighted epoch resumes exactly too.
 """
 
 from __future__ import annotations
@@ -33,6 +36,24 @@ def _takes_targets(transform: Callable) -> bool:
     return len(params) >= 2
 
 
+def class_balanced_weights(labels: np.ndarray) -> np.ndarray:
+    """Sampling weights (N,) for class indices (N,): 1 / (images of the class), so each class is drawn equally."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise ValueError("balanced sampling needs one class per image (labels (N,)); multi-label data has none")
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    return 1.0 / counts[inverse]
+
+
+def _sampling_probs(weights: np.ndarray, n: int, shuffle: bool) -> np.ndarray:
+    w = np.asarray(weights, dtype=np.float64)
+    if not shuffle:
+        raise ValueError("sampling weights draw a random epoch; they need shuffle=True")
+    if w.shape != (n,) or not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"weights must be {n} finite non-negative numbers, not all zero (one per index)")
+    return w / w.sum()
+
+
 class BatchLoader:
     """Batches of (uint8 images (B, C, H, W), int64 labels (B,)) from `ds` restricted to `indices`.
 
@@ -46,6 +67,8 @@ class BatchLoader:
             with unequal step counts).
         rank, world_size: this process takes global batches rank, rank + world_size, ...
         transform: `transform(x, y) -> (x, y)` (train) or `transform(x) -> x` (eval), applied per batch.
+        weights: one sampling weight per entry of `indices`: an epoch then draws len(indices) samples with
+            replacement, each with probability proportional to its weight (needs shuffle=True).
     """
 
     def __init__(
@@ -60,6 +83,7 @@ class BatchLoader:
         rank: int = 0,
         world_size: int = 1,
         transform: Callable | None = None,
+        weights: np.ndarray | None = None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -77,6 +101,7 @@ class BatchLoader:
         self.world_size = world_size
         self.transform = transform
         self._pairs = transform is not None and _takes_targets(transform)
+        self.probs = None if weights is None else _sampling_probs(weights, len(self.indices), shuffle)
         self.epoch = 0
         self.batch_index = 0  # batches of this epoch already handed out by this rank
 
@@ -99,6 +124,8 @@ class BatchLoader:
         if not self.shuffle:
             return self.indices
         rng = np.random.default_rng([self.seed, epoch])
+        if self.probs is not None:
+            return self.indices[rng.choice(len(self.indices), size=len(self.indices), p=self.probs)]
         return self.indices[rng.permutation(len(self.indices))]
 
     def batch_indices(self, epoch: int | None = None) -> list[np.ndarray]:

@@ -8,6 +8,8 @@ kinds. Register tokens are never drawn: maps keep only patch columns and rescale
   queries give each patch in one layer.
 - `attention_rollout` (Abnar & Zuidema 2020): attention flow through all layers, each layer's attention mixed
   with the residual path as 0.5·A + 0.5·I; optionally the lowest attentions are discarded first.
+- `gradient_rollout` (Chefer et al. 2021): rollout of attention weighted by its gradient for one class, so the
+  map depends on the class asked about; `attention_gradients` takes those gradients from a grad-enabled forward.
 """
 
 from __future__ import annotations
@@ -138,3 +140,55 @@ def keep_mass_mask(heat: torch.Tensor, mass: float) -> torch.Tensor:
     keep_sorted = before < mass - 1e-6
     keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
     return keep.view(heat.shape)
+
+
+def attention_gradients(output: torch.Tensor, maps: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The gradient of a scalar `output` with respect to each attention map (B, heads, N, N) of the same forward.
+
+    The maps must come from a grad-enabled forward (`model(x, return_attention=...)`). The model hands back each
+    map as a reshaped view of the softmax output that the attention product consumed, so the product's graph runs
+    through that softmax output rather than through the view: the gradient is taken with respect to the view's
+    base (the same numbers, laid out the same way) and given the map's shape.
+
+    Raises:
+        RuntimeError: a map is not part of `output`'s autograd graph (e.g. computed under no_grad).
+    """
+
+    def graph_tensor(m: torch.Tensor) -> torch.Tensor:
+        base = m._base
+        same_layout = (
+            base is not None
+            and base.numel() == m.numel()
+            and base.is_contiguous()
+            and m.is_contiguous()
+            and base.storage_offset() == m.storage_offset()
+        )
+        return base if same_layout else m
+
+    inputs = [graph_tensor(m) for m in maps]
+    if not all(t.requires_grad for t in inputs):
+        raise RuntimeError("the attention maps are not part of an autograd graph: run the forward with grad enabled")
+    grads = torch.autograd.grad(output, inputs, allow_unused=True)
+    if any(g is None for g in grads):
+        raise RuntimeError("an attention map does not reach the output: its gradient cannot be taken")
+    return [g.reshape(m.shape) for g, m in zip(grads, maps)]
+
+
+def gradient_rollout(maps: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], head: HeadChoice = "mean"):
+    """Gradient-weighted attention rollout (Chefer, Gur & Wolf 2021, "Generic attention-model explainability"):
+    attention maps and their gradients for one class, lists of (B, heads, N, N) in layer order -> (B, N, N).
+
+    Each layer: Ā = heads fused (mean by default) of max(∇A ⊙ A, 0), keeping the attention that raised the class
+    score; then R ← R + Ā R from R = I (the identity is the residual path). Row i of R says how much each input
+    token contributed to output token i for that class; `rollout_map` reads the class token's row.
+    """
+    if not maps or len(maps) != len(grads):
+        raise ValueError(f"gradient rollout needs one gradient per attention map, got {len(maps)} and {len(grads)}")
+    if head == "all":
+        raise ValueError("gradient rollout fuses heads in every layer; use head='mean', 'max', 'min' or an index")
+    B, _, N, _ = maps[0].shape
+    relevance = torch.eye(N, device=maps[0].device).expand(B, N, N)
+    for attn, grad in zip(maps, grads):
+        weighted = select_heads((grad.float() * attn.float()).clamp(min=0), head)  # (B, N, N)
+        relevance = relevance + weighted @ relevance
+    return relevance

@@ -1,7 +1,9 @@
-"""Evaluation: top-1, top-5 and per-class accuracy of a model on labelled images, and a confusion-matrix PNG.
+"""Evaluation: a model's metrics on labelled images (its task's: top-1, top-5 and per-class accuracy for a
+classifier; mAP, per-class AP and F1 for multi-label), and a confusion-matrix PNG.
 
-`evaluate_batches` is the one place the metrics are computed; training's `evaluate()` uses it too, so the numbers
-in a run's log and those of `vitkit evaluate` are the same numbers.
+`evaluate_batches` is the one place a model is run over evaluation batches; the counting is the task's
+(`vitkit.tasks`), and training's `evaluate()` uses the same function, so the numbers in a run's log and those of
+`vitkit evaluate` are the same numbers.
 """
 
 from __future__ import annotations
@@ -10,15 +12,16 @@ import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..data.loader import BatchLoader
 from ..data.sources import ImageArrayDataset
 from ..data.transforms import build_eval_transform
+from ..tasks import ClassifyTask, Task, task_of
 
 
 @torch.no_grad()
@@ -31,21 +34,22 @@ def evaluate_batches(
     precision: str = "bf16",
     topk: int = 5,
     tta: bool = False,
+    task: Task | None = None,
 ) -> dict:
-    """Run `model` over (x float (B, C, H, W), y int64 (B,)) batches and count.
+    """Run `model` over (x float (B, C, H, W), targets) batches and count with `task`'s metrics.
 
-    tta: average the logits of each image and its horizontal mirror (flip test-time augmentation; one extra
+    task: default single-label classification (top-k with k = min(topk, classes)).
+    tta: average the outputs of each image and its horizontal mirror (flip test-time augmentation; one extra
     forward pass). Off by default: training's validation and the reported accuracies are single-view unless said.
 
-    Returns {"top1", "top5" (top-k, k = min(topk, classes)), "loss" (mean cross-entropy), "n", "per_class"
-    (accuracy per class, None for a class with no images), "confusion" ((K, K) int64, rows true, columns predicted)}.
+    Returns the task's result; for classification {"top1", "top5" (top-k), "loss" (mean cross-entropy), "n",
+    "per_class" (accuracy per class, None for a class with no images), "confusion" ((K, K) int64, rows true,
+    columns predicted)}.
     """
     device = torch.device(device)
+    metrics = (task or ClassifyTask(topk=topk)).metrics(num_classes)
     was_training = model.training
     model.eval()
-    k = min(topk, num_classes)
-    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64)
-    topk_correct, loss_sum, n = 0, 0.0, 0
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
     for x, y in batches:
         x, y = x.to(device), y.to(device)
@@ -53,22 +57,9 @@ def evaluate_batches(
             logits = model(x).float()  # (B, K)
             if tta:
                 logits = (logits + model(x.flip(-1)).float()) / 2
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-        topk_correct += (logits.topk(k, dim=-1).indices == y[:, None]).any(dim=-1).sum().item()
-        confusion += torch.bincount((y * num_classes + logits.argmax(dim=-1)).cpu(), minlength=num_classes**2)
-        n += y.shape[0]
+        metrics.update(logits, y)
     model.train(was_training)
-    confusion = confusion.view(num_classes, num_classes)
-    per_n = confusion.sum(dim=1)
-    per_class = [confusion[c, c].item() / per_n[c].item() if per_n[c] > 0 else None for c in range(num_classes)]
-    return {
-        "top1": confusion.diag().sum().item() / max(n, 1),
-        "top5": topk_correct / max(n, 1),
-        "loss": loss_sum / max(n, 1),
-        "n": n,
-        "per_class": per_class,
-        "confusion": confusion,
-    }
+    return metrics.result()
 
 
 @dataclass
@@ -82,17 +73,47 @@ class EvalReport:
     confusion: np.ndarray  # (K, K) rows = true class, columns = predicted
     confusion_png: Path | None = None
     skipped: list = field(default_factory=list)
+    support: dict[str, int] = field(default_factory=dict)  # images per class
+
+    @property
+    def mean_recall(self) -> float | None:
+        """The mean of the per-class accuracies (each class's recall) over classes with images: balanced accuracy,
+        the fairer single number on imbalanced data."""
+        present = [v for v in self.per_class.values() if v is not None]
+        return sum(present) / len(present) if present else None
 
     def to_dict(self) -> dict:
         return {
+            "task": "classify",
             "top1": self.top1,
             "top5": self.top5,
             "per_class": self.per_class,
+            "mean_recall": self.mean_recall,
+            "support": self.support,
             "loss": self.loss,
             "n": self.n,
             "confusion_png": str(self.confusion_png) if self.confusion_png else None,
             "skipped": len(self.skipped),
         }
+
+
+@dataclass
+class TaskReport:
+    """The evaluation of a model whose task is not single-label classification: the task's result as it is,
+    with per-class lists keyed by class name."""
+
+    task: str
+    result: dict[str, Any]
+    classes: list[str]
+    n: int
+    skipped: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        named = {
+            k: dict(zip(self.classes, v)) if isinstance(v, list) and len(v) == len(self.classes) else v
+            for k, v in self.result.items()
+        }
+        return {"task": self.task, **named, "skipped": len(self.skipped)}
 
 
 def evaluate_model(
@@ -104,10 +125,13 @@ def evaluate_model(
     precision: str = "bf16",
     confusion_png: str | Path | None = None,
     tta: bool = False,
-) -> EvalReport:
-    """Evaluate a VisionTransformer on `ds` with the preprocessing stored in the model (as predict does).
+    task: Task | None = None,
+) -> EvalReport | TaskReport:
+    """Evaluate a VisionTransformer on `ds` with the preprocessing stored in the model (as predict does), with the
+    metrics of the task it was trained for (an EvalReport for a classifier, else a TaskReport).
 
-    The dataset's classes must be the model's labels, in order (`load_source(..., classes=model.labels)` does it).
+    The dataset's classes must be the model's labels, in order (`task.read(..., classes=model.labels)` does it).
+    `task`: judge as this task instead of the recorded one (e.g. another multi-label threshold).
     """
     labels = list(model.labels) if model.labels else [str(i) for i in range(model.cfg.num_classes)]
     if len(ds.classes) > len(labels) or list(ds.classes) != labels[: len(ds.classes)]:
@@ -118,7 +142,10 @@ def evaluate_model(
     tf = build_eval_transform(model.preprocess, model.cfg.in_chans)
     loader = BatchLoader(ds, indices, batch_size, shuffle=False, drop_last=False, transform=tf)
     device = next(model.parameters()).device
-    res = evaluate_batches(model, loader, len(labels), device=device, precision=precision, tta=tta)
+    task = task or task_of(model)
+    res = evaluate_batches(model, loader, len(labels), device=device, precision=precision, tta=tta, task=task)
+    if task.name != ClassifyTask.name:
+        return TaskReport(task.name, res, labels, res["n"], skipped=list(ds.skipped))
     report = EvalReport(
         top1=res["top1"],
         top5=res["top5"],
@@ -128,6 +155,7 @@ def evaluate_model(
         per_class=dict(zip(labels, res["per_class"])),
         confusion=res["confusion"].numpy(),
         skipped=list(ds.skipped),
+        support=dict(zip(labels, res["confusion"].sum(dim=1).tolist())),
     )
     if confusion_png is not None:
         report.confusion_png = plot_confusion(report.confusion, labels, confusion_png, title=f"{ds.source}")

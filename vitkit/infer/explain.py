@@ -5,6 +5,8 @@ Methods:
   pooling) the mean over all patch queries. Heads averaged, fused by max/min, one head, or every head.
 - "rollout": attention rollout through the layers up to `layer` (residual term, optional discard of the lowest
   attentions), read at the class token's row (or the mean patch row without a class token).
+- "grad-rollout": the rollout of attention weighted by its gradient for one class (`target`; default each image's
+  top class), after Chefer et al. 2021: the only method whose map changes with the class asked about.
 
 `keep_mass` (DINO's visualisation) turns each map into the smallest set of patches that holds that fraction of
 its attention, drawn as a mask over the image.
@@ -27,8 +29,10 @@ import torch.nn.functional as F
 from ..data.decode import ImageDecodeError, display_name
 from .attention_maps import (
     HeadChoice,
+    attention_gradients,
     attention_rollout,
     cls_attention,
+    gradient_rollout,
     keep_mass_mask,
     patch_attention,
     rollout_map,
@@ -36,7 +40,7 @@ from .attention_maps import (
 )
 from .predict import Failure, ImageInput, Prediction, Predictor, _name_of
 
-METHODS = ("attention", "rollout")
+METHODS = ("attention", "rollout", "grad-rollout")
 
 
 @dataclass
@@ -66,6 +70,25 @@ def parse_head(text: str | int) -> HeadChoice:
         raise ValueError(f"head must be an index, 'mean', 'max', 'min' or 'all', got {text!r}") from None
 
 
+def parse_class(text: str | int | None, labels: Sequence[str]) -> int | None:
+    """CLI/HTTP class -> its index: a class name of the model, else an index (None stays None: the top class).
+
+    A name wins over an index, so a model whose class names are numbers in another order is read by name.
+    """
+    if text is None or text == "":
+        return None
+    if isinstance(text, str) and text in labels:
+        return list(labels).index(text)
+    try:
+        index = int(text)
+    except ValueError:
+        shown = ", ".join(labels[:10]) + (" ..." if len(labels) > 10 else "")
+        raise ValueError(f"class {text!r} is neither a class of this model ({shown}) nor an index") from None
+    if not 0 <= index < len(labels):
+        raise ValueError(f"class {index} does not exist: the model has {len(labels)} classes (0..{len(labels) - 1})")
+    return index
+
+
 class Explainer:
     """Attention maps for a Predictor's model.
 
@@ -77,6 +100,7 @@ class Explainer:
         head: "mean" | "max" | "min" | an index | "all" (a per-head grid; attention method only).
         discard: rollout only: fraction of lowest attentions zeroed in each layer (the cls column is kept).
         keep_mass: also mark, in each map, the smallest patch set holding this fraction of its mass (e.g. 0.6).
+        target: grad-rollout only: the class index the map explains (default: each image's top class).
     """
 
     def __init__(
@@ -87,6 +111,7 @@ class Explainer:
         head: HeadChoice = "mean",
         discard: float = 0.0,
         keep_mass: float | None = None,
+        target: int | None = None,
     ):
         model = predictor.model
         depth = len(model.blocks)
@@ -94,8 +119,12 @@ class Explainer:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if not -depth <= layer < depth:
             raise ValueError(f"layer {layer} does not exist: the model has {depth} blocks (0..{depth - 1}, or -1)")
-        if method == "rollout" and head == "all":
-            raise ValueError("--head all (one map per head) works with --method attention; rollout fuses heads")
+        if method != "attention" and head == "all":
+            raise ValueError(f"--head all (one map per head) works with --method attention; {method} fuses heads")
+        if target is not None and method != "grad-rollout":
+            raise ValueError(f"--class applies to --method grad-rollout only; {method} maps do not depend on the class")
+        if target is not None and not 0 <= target < model.cfg.num_classes:
+            raise ValueError(f"class {target} does not exist: the model has {model.cfg.num_classes} classes")
         if discard and method != "rollout":
             raise ValueError("--discard applies to --method rollout only")
         if head not in ("mean", "max", "min", "all") and not -model.cfg.num_heads <= int(head) < model.cfg.num_heads:
@@ -108,6 +137,7 @@ class Explainer:
         self.head = head
         self.discard = discard
         self.keep_mass = keep_mass
+        self.target = target
         self.description = self._describe()
 
     def _describe(self) -> str:
@@ -128,6 +158,10 @@ class Explainer:
             what = "class-token row" if cfg.class_token else f"{no_cls}: mean over patch rows"
             discard = f", lowest {self.discard:.0%} discarded" if self.discard else ""
             text = f"attention rollout, layers 0-{self.layer}, {heads_text}{discard}, {what}"
+        if self.method == "grad-rollout":
+            labels = self.predictor.labels
+            target = "each image's top class" if self.target is None else f"class {labels[self.target]!r}"
+            text = f"gradient-weighted {text} (Chefer et al. 2021), for {target}"
         if self.keep_mass is not None:
             text += f"; the smallest patch set holding {self.keep_mass:.0%} of the attention"
         if cfg.reg_tokens:
@@ -138,8 +172,35 @@ class Explainer:
         """The blocks that must return their attention map (all others keep the fast path)."""
         return [self.layer] if self.method == "attention" else list(range(self.layer + 1))
 
-    def maps(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, C, H, W) -> logits (B, classes) and heatmaps (B, gh, gw), or (B, heads, gh, gw) with head="all"."""
+    def _gradient_maps(self, batch: torch.Tensor, targets: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """grad-rollout: logits (B, classes) and maps (B, gh, gw) from one fp32 forward and backward.
+
+        fp32 rather than bf16: the map multiplies gradients through every layer, and bf16's 3 significant digits
+        would blur it. The gradient goes to the attention maps only (torch.autograd.grad), never into the weights.
+        """
+        model = self.predictor.model
+        layers = self.layers_needed()
+        x = batch.detach().clone().requires_grad_(True)  # a graph even when every weight is frozen
+        with torch.enable_grad():
+            logits, attn = model(x, return_attention=layers)  # {layer: (B, heads, N, N)}
+            if targets is None:
+                targets = logits.argmax(dim=-1) if self.target is None else torch.full((len(x),), self.target)
+            score = logits.gather(1, targets.to(logits.device, torch.long)[:, None]).sum()  # image b: its maps only
+            maps = [attn[i] for i in layers]
+            grads = attention_gradients(score, maps)
+        relevance = gradient_rollout([m.detach() for m in maps], grads, self.head)
+        heat = rollout_map(relevance, model.num_prefix_tokens, model.patch_grid(batch), model.cfg.class_token)
+        return logits.detach().float(), heat
+
+    def maps(self, batch: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, C, H, W) -> logits (B, classes) and heatmaps (B, gh, gw), or (B, heads, gh, gw) with head="all".
+
+        targets: grad-rollout only: one class index per image (B,), instead of the explainer's `target`.
+        """
+        if targets is not None and self.method != "grad-rollout":
+            raise ValueError(f"per-image classes apply to grad-rollout only; {self.method} maps ignore the class")
+        if self.method == "grad-rollout":
+            return self._gradient_maps(batch, targets)
         model = self.predictor.model
         grid = model.patch_grid(batch)
         P = model.num_prefix_tokens
@@ -304,6 +365,7 @@ __all__ = [
     "Explanation",
     "METHODS",
     "parse_head",
+    "parse_class",
     "colorize",
     "overlay",
     "mask_overlay",

@@ -19,6 +19,7 @@ import torch
 
 from ..files import atomic_write
 from ..model import VisionTransformer
+from ..model.serialization import apply_task
 from ..version import __version__
 
 DEFAULT_OPSET = 18  # the first opset whose Resize has `antialias` (needed for in-graph pos-embed resampling)
@@ -46,6 +47,7 @@ def exportable_copy(model: VisionTransformer, dynamic: bool) -> VisionTransforme
     """An fp32, CPU, eval-mode copy of the model; with `dynamic` built with dynamic_img_size=True."""
     cfg = model.cfg.replace(dynamic_img_size=True) if dynamic else model.cfg
     copy = VisionTransformer(cfg, preprocess=model.preprocess, labels=model.labels)
+    apply_task(copy, getattr(model, "task", None))  # a task with its own head (segmentation) rebuilds it
     copy.load_state_dict({k: v.detach().float().cpu() for k, v in model.state_dict().items()})
     return copy.eval()
 
@@ -80,6 +82,8 @@ def onnx_metadata(model: VisionTransformer, opset: int, dynamic: bool) -> dict[s
     }
     if model.labels is not None:
         meta["vitkit.labels"] = json.dumps(list(model.labels))
+    if getattr(model, "task", None):  # how the outputs read (multi-label: sigmoids and the threshold)
+        meta["vitkit.task"] = json.dumps(model.task)
     return meta
 
 

@@ -22,7 +22,7 @@ import torch
 
 from ..config import PreprocessConfig, ViTConfig
 from ..model import VisionTransformer
-from ..model.serialization import CheckpointError
+from ..model.serialization import CheckpointError, apply_task, parse_task
 from .export import ONNX_FORMAT, export_onnx
 
 
@@ -41,8 +41,9 @@ def is_onnx_file(path: str | Path | None) -> bool:
 class OnnxModel:
     """An onnxruntime session over a vitkit-exported ONNX file, with the model's metadata.
 
-    Attributes: `config` (ViTConfig), `preprocess` (PreprocessConfig), `labels` (list | None), `opset` (int),
-    `dynamic` (bool: any batch and image size), `metadata` (all vitkit.* entries).
+    Attributes: `config` (ViTConfig), `preprocess` (PreprocessConfig), `labels` (list | None), `task` (dict | None:
+    the task the model was trained for, as its checkpoint recorded it), `opset` (int), `dynamic` (bool: any batch
+    and image size), `metadata` (all vitkit.* entries).
     """
 
     def __init__(
@@ -78,6 +79,8 @@ class OnnxModel:
             self.labels: list[str] | None = json.loads(labels) if labels else None
             self.opset = int(self.metadata["vitkit.opset"])
             self.dynamic = bool(json.loads(self.metadata.get("vitkit.dynamic", "false")))
+            task = {"task": self.metadata["vitkit.task"]} if "vitkit.task" in self.metadata else {}
+            self.task = parse_task(task, self.path)  # how the outputs read (None: a classifier)
         except (KeyError, ValueError, TypeError) as e:
             raise CheckpointError(f"'{self.path}': malformed vitkit metadata: {e}") from e
         self.input_name = self.session.get_inputs()[0].name
@@ -102,6 +105,7 @@ class OnnxModel:
         """A weightless VisionTransformer (meta device) carrying config, preprocessing and labels."""
         with torch.device("meta"):
             model = VisionTransformer(self.config, preprocess=self.preprocess, labels=self.labels)
+            apply_task(model, self.task)
         return model.eval()
 
 

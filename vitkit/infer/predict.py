@@ -1,8 +1,9 @@
-"""Prediction: a checkpoint and images in, top-k labels with softmax probabilities out.
+"""Prediction: a checkpoint and images in, its task's predictions out (a classifier: top-k labels with softmax
+probabilities; a multi-label model: every label above its threshold).
 
 Per image: `decode_image` (any format; bombs, truncation and non-images refused with a reason) ->
 `preprocess_image` with the checkpoint's own PreprocessConfig -> stacked into a batch -> a backend's
-`run(batch) -> logits` -> softmax -> top-k.
+`run(batch) -> logits` -> the task's prediction format (`vitkit.tasks`: softmax -> top-k for a classifier).
 
 Backends are pluggable: a backend factory takes the loaded VisionTransformer (and the checkpoint path) and
 returns a callable `run(batch (B, C, H, W) float32) -> logits (B, classes) float32`. "torch" is built in (bf16
@@ -31,6 +32,8 @@ from ..data.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 from ..data.preprocess import preprocess_image, resize_and_crop
 from ..fast import packing
 from ..model import VisionTransformer
+from ..tasks import task_of
+from ..tasks.classify import Prediction, top_k_predictions
 from .onnx_backend import is_onnx_file, model_from_onnx, onnxruntime_backend
 
 Backend = Callable[[torch.Tensor], torch.Tensor]  # (B, C, H, W) float32 -> (B, classes) float32 logits
@@ -91,20 +94,6 @@ register_backend("onnxruntime", onnxruntime_backend)  # vitkit/infer/onnx_backen
 
 
 @dataclass
-class Prediction:
-    """Top-k classes of one image, most probable first."""
-
-    image: str
-    indices: list[int]
-    labels: list[str]
-    probs: list[float]
-
-    def to_dict(self) -> dict[str, Any]:
-        top = [{"label": lab, "index": i, "prob": p} for i, lab, p in zip(self.indices, self.labels, self.probs)]
-        return {"image": self.image, "top": top}
-
-
-@dataclass
 class Failure:
     """An image that could not be predicted, and why (the message names the image)."""
 
@@ -124,6 +113,7 @@ class Predictor:
         input_size: (H, W) to feed instead of the checkpoint's size; only for models built with
             dynamic_img_size=True (or the same size).
         max_pixels: images with more pixels are refused before decoding (decompression bombs).
+        threshold: a multi-label model's probability threshold instead of the one its checkpoint records.
         **backend_options: passed to the backend factory (torch: precision="bf16" | "fp32").
     """
 
@@ -133,6 +123,7 @@ class Predictor:
         backend: str = "torch",
         input_size: int | tuple[int, int] | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        threshold: float | None = None,
         **backend_options: Any,
     ):
         from ..interop import from_pretrained
@@ -154,6 +145,11 @@ class Predictor:
             pre = dataclasses.replace(pre, input_size=size)
         self.preprocess: PreprocessConfig = pre
         self.labels = list(self.model.labels or [str(i) for i in range(cfg.num_classes)])
+        self.task = task_of(self.model)  # what the checkpoint was trained for: how its outputs read
+        if threshold is not None:
+            if not hasattr(self.task, "threshold"):
+                raise ValueError(f"a threshold applies to multi-label models; this is a '{self.task.name}' model")
+            self.task = dataclasses.replace(self.task, threshold=threshold)
         self.max_pixels = max_pixels
         if backend not in _BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; available: {', '.join(available_backends())}")
@@ -189,12 +185,11 @@ class Predictor:
 
     def top_k(self, logits: torch.Tensor, names: Sequence[str], k: int = 5) -> list[Prediction]:
         """(B, classes) logits -> one Prediction per row: the k most probable classes with softmax probabilities."""
-        probs = logits.float().softmax(dim=-1)
-        p, idx = probs.topk(min(k, probs.shape[-1]), dim=-1)  # (B, k)
-        return [
-            Prediction(name, i.tolist(), [self.labels[j] for j in i.tolist()], [round(v, 6) for v in pr.tolist()])
-            for name, pr, i in zip(names, p, idx)
-        ]
+        return top_k_predictions(logits, names, self.labels, k)
+
+    def format(self, logits: torch.Tensor, names: Sequence[str], topk: int = 5) -> list:
+        """(B, classes) outputs -> one prediction per row in the task's format (top-k; labels above a threshold)."""
+        return self.task.predictions(logits, names, self.labels, topk)
 
     def predict(
         self,
@@ -203,8 +198,9 @@ class Predictor:
         batch_size: int = 32,
         names: Sequence[str] | None = None,
         errors: str = "raise",
-    ) -> list[Prediction | Failure]:
-        """Predict many images in batches.
+    ) -> list[Prediction | Any]:
+        """Predict many images in batches, each in the task's format (a classifier: Prediction; a multi-label
+        model: vitkit.tasks.multilabel.LabelSet).
 
         errors="raise": the first bad image raises ImageDecodeError. errors="collect": a bad image becomes a
         Failure in its place and the others are still predicted.
@@ -212,13 +208,13 @@ class Predictor:
         if errors not in ("raise", "collect"):
             raise ValueError("errors must be 'raise' or 'collect'")
         names = list(names) if names is not None else [_name_of(im, i) for i, im in enumerate(images)]
-        results: list[Prediction | Failure | None] = [None] * len(images)
+        results: list[Any] = [None] * len(images)
         pending: list[tuple[int, torch.Tensor]] = []
 
         def flush() -> None:
             if pending:
                 batch = torch.stack([x for _, x in pending])  # (B, C, h, w)
-                preds = self.top_k(self.logits(batch), [names[i] for i, _ in pending], topk)
+                preds = self.format(self.logits(batch), [names[i] for i, _ in pending], topk)
                 for (i, _), pred in zip(pending, preds):
                     results[i] = pred
                 pending.clear()
@@ -245,6 +241,7 @@ class Predictor:
         return {
             "checkpoint": str(self.checkpoint) if self.checkpoint else None,
             "backend": self.backend_name,
+            "task": self.task.spec(),
             "num_classes": cfg.num_classes,
             "input_size": list(self.preprocess.input_size),
             "patch_size": list(cfg.patch_size),

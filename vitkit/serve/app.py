@@ -1,6 +1,7 @@
 """The FastAPI app: one Predictor in memory, a micro-batching worker, and hardened upload handling.
 
-Endpoints: `POST /predict` (multipart field `file` -> JSON top-k), `POST /explain` (field `file` -> PNG overlay),
+Endpoints: `POST /predict` (multipart field `file` -> JSON in the model's task format: top-k for a classifier,
+the labels above the threshold (and the top-k) for a multi-label model), `POST /explain` (field `file` -> PNG overlay),
 `GET /healthz` (model and queue state), `GET /` (the web page). Bad input never takes the server down:
 too large -> 413, not an image -> 415, undecodable -> 400, too many pixels (decompression bomb) -> 413,
 missing field or bad option -> 422, queue full -> 503.
@@ -8,6 +9,7 @@ missing field or bad option -> 422, queue full -> 503.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import threading
 from collections.abc import Hashable
@@ -34,6 +36,8 @@ PAGE_CSP = (
     "default-src 'self'; img-src 'self' blob: data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
     "connect-src 'self'; frame-ancestors 'none'"
 )
+
+THRESHOLD_HELP = "multi-label models: return the labels above this probability (default: the checkpoint's)"
 
 
 def decode_error_status(error: ImageDecodeError) -> int:
@@ -128,10 +132,16 @@ def create_app(
     async def predict(
         file: UploadFile = File(..., description="an image file"),
         topk: int = Query(topk, ge=1, le=1000, description="how many classes to return"),
+        threshold: float | None = Query(None, gt=0, lt=1, description=THRESHOLD_HELP),
     ) -> dict[str, Any]:
+        task = predictor.task
+        if threshold is not None:
+            if not hasattr(task, "threshold"):
+                raise HTTPException(422, f"threshold applies to multi-label models; this is a '{task.name}' model")
+            task = dataclasses.replace(task, threshold=threshold)
         name, x, _ = await load(file)
         logits = await submit("predict", x)
-        return predictor.top_k(logits[None], [name], topk)[0].to_dict()
+        return task.predictions(logits[None], [name], predictor.labels, topk)[0].to_dict()
 
     @app.post("/explain", response_class=Response, responses={200: {"content": {"image/png": {}}}})
     async def explain(

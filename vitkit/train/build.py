@@ -1,7 +1,8 @@
-"""The set-up half of a training run: its data, its model and its batch loaders, each from the TrainConfig.
+"""The set-up half of a training run: its data, its task, its model and its batch loaders, each from the TrainConfig.
 
-`fit()` (fit.py) calls these in order, then trains: `load_run_data` -> `build_or_restore_model` ->
-`wrap_model` (DDP / FSDP2, optimizer, EMA, compile) -> `make_loaders`.
+`fit()` (fit.py) calls these in order, then trains: `load_run_data` (read by the task's reader) -> `make_task` ->
+`build_or_restore_model` (with the task's head) -> `wrap_model` (DDP / FSDP2, optimizer, EMA, compile) ->
+`make_loaders`.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ import torch
 from torch import nn
 
 from ..config import PreprocessConfig, ViTConfig, default_preprocess
-from ..data.loader import BatchLoader
-from ..data.sources import ImageArrayDataset, load_source, stratified_split, stratified_subset
+from ..data.loader import BatchLoader, class_balanced_weights
+from ..data.sources import ImageArrayDataset
 from ..data.transforms import build_eval_transform, build_train_transform
 from ..model import create_model
+from ..model.serialization import apply_task
 from ..model.vit import VisionTransformer
+from ..tasks import Task, task_class
 from .distributed import DistEnv, prepare_model, unwrap
 from .ema import ModelEma
 from .optim import build_optimizer
@@ -46,9 +49,11 @@ class RunData:
 def split_validation(
     cfg: TrainConfig, ds: ImageArrayDataset
 ) -> tuple[np.ndarray, ImageArrayDataset | None, np.ndarray]:
-    """(train indices, validation dataset, validation indices): `cfg.val_data`, else a stratified `cfg.val_split`."""
+    """(train indices, validation dataset, validation indices): `cfg.val_data`, else `cfg.val_split` held out as the
+    task splits (a classifier: stratified by class)."""
+    reader = task_class(cfg.task)()
     if cfg.val_data:
-        val_ds = load_source(
+        val_ds = reader.read(
             cfg.val_data,
             cache_dir=cfg.cache_dir,
             image_size=ds.images.shape[1:3],
@@ -57,24 +62,30 @@ def split_validation(
         )
         return np.arange(len(ds)), val_ds, np.arange(len(val_ds))
     if cfg.val_split > 0:
-        train_idx, val_idx = stratified_split(ds.labels, cfg.val_split, cfg.seed)
+        train_idx, val_idx = reader.split(ds.labels, cfg.val_split, cfg.seed)
         return train_idx, ds, val_idx
     return np.arange(len(ds)), None, np.zeros(0, dtype=np.int64)
 
 
 def load_run_data(cfg: TrainConfig, env: DistEnv) -> RunData:
-    """Load `cfg.data` (through the decode cache) and split off the validation images; list unreadable files."""
+    """Load `cfg.data` with the task's reader (through the decode cache) and split off the validation images; list
+    unreadable files."""
     start = time.perf_counter()
-    ds = load_source(
+    ds = task_class(cfg.task)().read(
         cfg.data, cache_dir=cfg.cache_dir, image_size=cfg.image_size, progress=cfg.progress and env.is_main
     )
     data = RunData(ds, *split_validation(cfg, ds), seconds=0.0)
-    data.train_idx = data.train_idx[stratified_subset(ds.labels[data.train_idx], cfg.labels_fraction, cfg.seed)]
     data.seconds = time.perf_counter() - start
     if ds.skipped and env.is_main:
         shown = "; ".join(f"{f}: {r}" for f, r in ds.skipped[:5])
         print(f"skipped {len(ds.skipped)} unreadable file(s): {shown}{' ...' if len(ds.skipped) > 5 else ''}")
     return data
+
+
+def make_task(cfg: TrainConfig, data: RunData) -> Task:
+    """The run's task, with the options it takes from `cfg` and what it needs of the training targets (class
+    weights); an option the task does not take is a ValueError."""
+    return task_class(cfg.task).for_training(cfg, data.ds.labels[data.train_idx], data.num_classes)
 
 
 # --------------------------------------------------------------------------------------------------- model
@@ -128,17 +139,27 @@ def build_model(cfg: TrainConfig, ds: ImageArrayDataset, train_idx: np.ndarray) 
 
 
 def model_from_meta(meta: dict) -> VisionTransformer:
-    """An untrained model shaped as a checkpoint's `model_meta` says (config, preprocessing, labels)."""
-    return VisionTransformer(
+    """An untrained model shaped as a checkpoint's `model_meta` says (config, preprocessing, labels, task)."""
+    model = VisionTransformer(
         ViTConfig.from_dict(meta["config"]), PreprocessConfig.from_dict(meta["preprocess"]), meta["labels"]
     )
+    apply_task(model, meta.get("task"))
+    return model
 
 
-def build_or_restore_model(cfg: TrainConfig, data: RunData, state: dict | None) -> VisionTransformer:
-    """The model, built with the seeded RNG (a resume then restores the RNG it had when it stopped)."""
+def build_or_restore_model(
+    cfg: TrainConfig, data: RunData, state: dict | None, task: Task | None = None
+) -> VisionTransformer:
+    """The model with `task`'s head (None: as built), made with the seeded RNG (a resume then restores the RNG it
+    had when it stopped)."""
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
-    return model_from_meta(state["model_meta"]) if state else build_model(cfg, data.ds, data.train_idx)
+    if state:
+        return model_from_meta(state["model_meta"])
+    model = build_model(cfg, data.ds, data.train_idx)
+    if task is not None:
+        task.attach(model)
+    return model
 
 
 def describe(data: RunData, model: VisionTransformer) -> None:
@@ -217,15 +238,17 @@ def micro_batch(cfg: TrainConfig, data: RunData, env: DistEnv) -> int:
 
 
 def make_loaders(
-    cfg: TrainConfig, data: RunData, core: VisionTransformer, env: DistEnv
+    cfg: TrainConfig, data: RunData, core: VisionTransformer, env: DistEnv, task: Task | None = None
 ) -> tuple[BatchLoader, BatchLoader | None]:
-    """(training loader: shuffled, augmented, this rank's share; validation loader or None)."""
+    """(training loader: shuffled (or class-balanced: `cfg.sampler`), augmented, this rank's share; validation
+    loader or None: this rank's share, or every image where the task's metrics do not add up over ranks)."""
     in_chans = core.cfg.in_chans
     # on a GPU the pixel work of augmentation runs there: the host alone cannot feed a fast GPU (README)
     aug_device = env.device if env.device.type == "cuda" else None
     train_tf = build_train_transform(cfg.augment, core.preprocess, data.num_classes, in_chans, aug_device)
     eval_tf = build_eval_transform(core.preprocess, in_chans, aug_device)
     micro = micro_batch(cfg, data, env)
+    weights = class_balanced_weights(data.ds.labels[data.train_idx]) if cfg.sampler == "balanced" else None
     loader = BatchLoader(
         data.ds,
         data.train_idx,
@@ -236,17 +259,21 @@ def make_loaders(
         rank=env.rank,
         world_size=env.world_size,
         transform=train_tf,
+        weights=weights,
     )
     if data.val_ds is None or not len(data.val_idx):
         return loader, None
+    # FSDP: every forward is collective, so every rank evaluates all; so does a task whose metrics rank every image
+    # together (average precision)
+    whole = cfg.fsdp or (task is not None and not task.shards_eval)
     val_loader = BatchLoader(
         data.val_ds,
         data.val_idx,
         max(256, micro),
         shuffle=False,
         drop_last=False,
-        rank=0 if cfg.fsdp else env.rank,  # FSDP: every forward is collective, so every rank evaluates all
-        world_size=1 if cfg.fsdp else env.world_size,
+        rank=0 if whole else env.rank,
+        world_size=1 if whole else env.world_size,
         transform=eval_tf,
     )
     return loader, val_loader

@@ -14,12 +14,12 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..data.preprocess import to_device
-from ..data.transforms import soft_target_cross_entropy
 from ..infer.evaluate import evaluate_batches
+from ..tasks import Task
+from ..tasks.classify import cross_entropy
 from .distributed import DistEnv, all_ranks_true
 from .ema import ModelEma
 from .logging import RunLogger
@@ -123,11 +123,9 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
 
 
 def compute_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float) -> torch.Tensor:
-    """Cross-entropy in fp32: soft targets (B, K) from MixUp/CutMix as they are, hard labels (B,) smoothed here."""
-    logits = logits.float()
-    if targets.ndim == 2:
-        return soft_target_cross_entropy(logits, targets)
-    return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+    """Cross-entropy in fp32: soft targets (B, K) from MixUp/CutMix as they are, hard labels (B,) smoothed here
+    (classification's loss, `vitkit.tasks.classify.cross_entropy`)."""
+    return cross_entropy(logits, targets, label_smoothing)
 
 
 def _next_step_batches(batches: Iterator, grad_accum: int) -> list | None:
@@ -282,9 +280,11 @@ def evaluate(
     device: torch.device = torch.device("cpu"),
     precision: str = "bf16",
     topk: int = 5,
+    task: Task | None = None,
 ) -> dict:
-    """Accuracy of `model` on (x, y) batches: {"top1", "top5", "loss", "n", "per_class", "confusion" (K, K)}.
+    """`task`'s metrics of `model` on (x, targets) batches; a classifier's (task None):
+    {"top1", "top5", "loss", "n", "per_class", "confusion" (K, K)}.
 
-    The counting lives in `vitkit.infer.evaluate.evaluate_batches`, shared with `vitkit evaluate`.
+    The model runs in `vitkit.infer.evaluate.evaluate_batches`, shared with `vitkit evaluate`.
     """
-    return evaluate_batches(model, loader, num_classes, device=device, precision=precision, topk=topk)
+    return evaluate_batches(model, loader, num_classes, device=device, precision=precision, topk=topk, task=task)

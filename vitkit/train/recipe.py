@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from ..data.transforms import AugmentConfig
+from ..tasks import DEFAULT_TASK, TASKS, task_class
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -51,11 +52,6 @@ class TrainConfig:
     val_data: str | None = option(None, help="a separate validation source (same classes)", exclusive="validation")
     val_split: float = option(
         0.1, help="stratified fraction of --data held out for validation (0: none)", exclusive="validation"
-    )
-    labels_fraction: float = option(
-        1.0,
-        help="train on a seeded stratified subset holding this fraction of the training images, e.g. 0.1 "
-        "(few-label experiments without hand-made folders; the validation images stay as they are)",
     )
     image_size: int | tuple[int, int] | None = option(
         None,
@@ -96,16 +92,40 @@ class TrainConfig:
     layer_decay: float | None = option(None, help="layer-wise lr decay for fine-tuning, e.g. 0.75 (1: off)")
     optimizer_impl: str = option("auto", help="AdamW implementation", choices=("auto", "fused", "foreach", "loop"))
     warmup_epochs: float = option(1.0, help="epochs of linear warmup")
-    warmup_fraction: float | None = option(
-        None,
-        help="warmup over this fraction of the run's steps, e.g. 0.05 (instead of --warmup-epochs; a --minutes "
-        "budget's too)",
-    )
     clip_grad: float | None = option(1.0, help="max global gradient norm (0: off)")
     ema_decay: float = option(0.0, help="EMA of the weights, e.g. 0.999 (0: off)")
     precision: str = option("bf16", help="bf16 autocast or fp32", choices=("bf16", "fp32"))
     seed: int = option(0, help="seed of the model's initialisation, the data order and the augmentation")
     augment: AugmentConfig = option(factory=AugmentConfig, help="augmentation (flags in options.py)", flag="")
+    task: str = option(
+        DEFAULT_TASK,
+        help="what the model learns: classify (one class per image), multilabel (--data: a CSV of path,labels "
+        "with labels separated by ';', or a folder holding labels.csv) (docs/tasks.md)",
+        choices=tuple(TASKS),
+    )
+    loss: str | None = option(
+        None,
+        help="the task's loss: ce (classify); bce or asl, the asymmetric loss (multilabel) (default: ce / bce)",
+        choices=("ce", "bce", "asl"),
+    )
+    class_weights: str | None = option(
+        None,
+        help="classify: weight each class's loss by N / (K x its images), so rare classes count as much as common "
+        "ones (default: all 1)",
+        choices=("balanced",),
+    )
+    sampler: str = option(
+        "shuffle",
+        help="shuffle: every training image once an epoch; balanced: draw every class equally often (with "
+        "replacement), for imbalanced single-label data",
+        choices=("shuffle", "balanced"),
+    )
+    threshold: float = option(
+        0.5,
+        help="multilabel: a label is predicted when its probability is above this; the model records it (predict "
+        "--threshold overrides it)",
+        resumable=True,  # only the validation F1 and the recorded threshold change, not a training step
+    )
     eval_every: int = option(1, help="evaluate every N epochs (and always at the end)", resumable=True)
     checkpoint_every: int = option(
         0, help="also write last.ckpt every N optimizer steps (0: only at epoch ends and the end)", resumable=True
@@ -148,14 +168,13 @@ class TrainConfig:
             self.image_size = int(self.image_size[0]) if len(self.image_size) == 1 else tuple(self.image_size[:2])
         if self.precision not in ("bf16", "fp32"):
             raise ValueError(f"precision must be bf16 or fp32, got {self.precision!r}")
+        task_class(self.task)  # an unknown task names the known ones
+        if self.sampler not in ("shuffle", "balanced"):
+            raise ValueError(f"sampler must be shuffle or balanced, got {self.sampler!r}")
         if self.grad_accum < 1 or (self.batch_size is not None and self.batch_size % self.grad_accum):
             raise ValueError(f"batch_size {self.batch_size} must be a multiple of grad_accum {self.grad_accum}")
         if self.epochs is not None and self.minutes is not None:
             raise ValueError("give --epochs or --minutes, not both")
-        if not 0.0 < self.labels_fraction <= 1.0:
-            raise ValueError(f"labels_fraction must be in (0, 1], got {self.labels_fraction}")
-        if self.warmup_fraction is not None and not 0.0 <= self.warmup_fraction < 1.0:
-            raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
