@@ -112,6 +112,26 @@ def test_segmentation_model_saves_and_loads_with_its_head(tmp_path, head):
     assert isinstance(task, SegmentTask) and task.head == head and task.layers == model.decoder_layers
 
 
+def test_loading_with_overrides_keeps_the_decoder(tmp_path):
+    from vitkit import from_pretrained
+
+    model = seg_model("pyramid", depth=4).eval()
+    path = model.save(tmp_path / "seg.safetensors")
+    bigger = from_pretrained(path, img_size=48)  # position embedding resampled, decoder kept
+    assert isinstance(bigger, SegmentationViT) and bigger.cfg.img_size == (48, 48)
+    assert torch.equal(bigger.state_dict()["head.classify.weight"], model.state_dict()["head.classify.weight"])
+    with torch.no_grad():
+        assert bigger(torch.randn(1, 3, 48, 48)).shape == (1, 3, 48, 48)
+    dynamic = from_pretrained(path, dynamic_img_size=True)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(dynamic(x), model(x))
+    other_classes = from_pretrained(path, num_classes=5)  # a fresh decoder of the same kind for 5 classes
+    assert isinstance(other_classes, SegmentationViT) and other_classes.task["head"] == "pyramid"
+    with torch.no_grad():
+        assert other_classes(x).shape == (1, 5, 32, 32)
+
+
 def test_attach_replaces_a_classifiers_head_and_keeps_its_encoder():
     classifier = tiny_model(img_size=32, patch_size=4, embed_dim=32, depth=2, num_classes=3)
     encoder = {k: v.clone() for k, v in classifier.state_dict().items() if not k.startswith("head.")}

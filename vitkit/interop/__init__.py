@@ -8,7 +8,7 @@ from typing import Any
 from ..config import ViTConfig
 from ..model import VisionTransformer, load_model
 from ..model import create_model as _create_random_model
-from ..model.serialization import WEIGHTS_FILE, CheckpointError
+from ..model.serialization import WEIGHTS_FILE, CheckpointError, apply_task
 from . import folders  # noqa: F401  (registers save_pretrained's formats: vitkit, hf, timm)
 from .report import LoadReport
 
@@ -168,12 +168,14 @@ def apply_overrides(model: VisionTransformer, **overrides: Any) -> VisionTransfo
             pre = model.preprocess
             pre.input_size = cfg.img_size
             new = VisionTransformer(cfg, preprocess=pre, labels=model.labels)
+            apply_task(new, getattr(model, "task", None))  # a task's own head (a segmentation decoder) too
             new.load_state_dict(state)
             model = new
     if overrides:
         # options that do not change any tensor shape (dropout, drop path, backend, dynamic size)
         cfg = model.cfg.replace(**overrides)
         new = VisionTransformer(cfg, preprocess=model.preprocess, labels=model.labels)
+        apply_task(new, getattr(model, "task", None))
         new.load_state_dict(model.state_dict())
         model = new
     if (num_classes is not None and num_classes != model.cfg.num_classes) or global_pool is not None:

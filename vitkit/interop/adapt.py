@@ -22,6 +22,7 @@ import torch
 
 from ..config import PreprocessConfig
 from ..model import VisionTransformer
+from ..model.serialization import apply_task
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ def adapt_in_chans(model: VisionTransformer, in_chans: int) -> VisionTransformer
         pre, mean=adapt_channel_stats(pre.mean, in_chans), std=adapt_channel_stats(pre.std, in_chans)
     )
     new = VisionTransformer(model.cfg.replace(in_chans=in_chans), preprocess=pre, labels=model.labels)
+    apply_task(new, getattr(model, "task", None))  # a task's own head (a segmentation decoder) too
     new.load_state_dict(state)
     rule = "summed" if in_chans == 1 else f"repeated and scaled by {source}/{in_chans}"
     log.info("input channels %d -> %d: %s filters %s", source, in_chans, key, rule)

@@ -23,7 +23,7 @@ and pixel accuracy.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -125,6 +125,11 @@ class SegmentationViT(VisionTransformer):
         inter = self.forward_intermediates(x, indices=list(self.decoder_layers), stop_early=True)
         norm = self.final_norm()
         return [norm(level.patches.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) for level in inter.layers]
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A fresh decoder of the same kind for `num_classes` (fine-tuning a segmentation model on other classes)."""
+        super().reset_classifier(num_classes, global_pool)
+        make_segmenter(self, self.task)
 
     def forward(self, x: torch.Tensor, return_attention: Any = None) -> torch.Tensor:
         """Image (B, C, H, W) -> class logits per pixel (B, K, H, W)."""
@@ -348,8 +353,10 @@ class SegmentTask:
         return d
 
     def attach(self, model: VisionTransformer) -> None:
-        """A fresh decoder on `model`'s encoder (whatever head it had), which becomes a SegmentationViT."""
+        """A fresh decoder on `model`'s encoder (whatever head it had), which becomes a SegmentationViT. Its
+        preprocessing stops center-cropping: a class map is wanted for every pixel of the picture."""
         make_segmenter(model, self.decoder_spec(model))
+        model.preprocess = replace(model.preprocess, crop_pct=1.0)
 
     def train_transform(self, aug: Any, pre: Any, num_classes: int, in_chans: int = 3, device: Any = None):
         """Joint random scale, crop and flip of images and masks (vitkit.data.seg_transforms)."""
