@@ -30,6 +30,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object (top1, top5, per_class) last")
     p.add_argument("--tta", action="store_true", help="average each image's logits with its mirror image's")
     p.add_argument("--threshold", type=float, help="multi-label models: the F1 threshold (default: the checkpoint's)")
+    frozen = p.add_argument_group(
+        "frozen features (any encoder, labels or not): a stratified split of --data, the --val-split part "
+        "(default 0.1) the queries, the rest the k-NN memory bank / the probe's training set"
+    )
+    frozen.add_argument(
+        "--knn", action="store_true", help="cosine k-NN accuracy of the pooled features (votes weighted exp(sim/0.07))"
+    )
+    frozen.add_argument("--k", type=int, default=20, help="neighbours that vote (default 20)")
+    frozen.add_argument("--probe", action="store_true", help="linear-probe accuracy (logistic regression, L-BFGS)")
+    search = p.add_argument_group(
+        "retrieval (any encoder): --data's images are the queries (its --val-split part if given) and --gallery the "
+        "images searched; without --gallery, a stratified split of --data (--val-split, default 0.1, the queries)"
+    )
+    search.add_argument("--retrieval", action="store_true", help="recall@1/5 of cosine search over pooled features")
+    search.add_argument("--gallery", help="labelled images to search (folder, .tar, .csv, digits, ...)")
 
 
 def load_any(path: str):
@@ -52,6 +67,10 @@ def run(args: argparse.Namespace) -> int:
     from ..optional import available, require
     from ..tasks import task_of
 
+    if args.retrieval:
+        return run_retrieval(args)
+    if args.knn or args.probe:
+        return run_frozen(args)
     plot = available("matplotlib")
     if args.confusion and not plot:  # asked for by name: fail now, not after the evaluation
         require("matplotlib", "--confusion (the confusion-matrix plot)")
@@ -117,3 +136,55 @@ def print_task_report(report) -> None:
     for i, name in enumerate(report.classes):
         cells = ("-" if res[c][i] is None else f"{res[c][i]:.4f}" for c in columns)
         print(f"  {name:<{width}}  " + "  ".join(f"{cell:>14}" for cell in cells))
+
+
+def run_frozen(args: argparse.Namespace) -> int:
+    """--knn / --probe: judge the checkpoint's frozen pooled features; its head and class names play no part."""
+    from ..data.sources import load_source
+    from ..infer.frozen import QUERY_FRACTION, frozen_eval
+
+    model, ckpt = load_any(args.checkpoint)
+    ds = load_source(args.data, cache_dir=args.cache_dir, progress=not args.json)
+    report = frozen_eval(
+        model,
+        ds,
+        knn=args.knn,
+        probe=args.probe,
+        k=args.k,
+        query_fraction=args.val_split or QUERY_FRACTION,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        precision=args.precision,
+    )
+    print(f"{ckpt} on {ds.source}: {report.bank} bank / {report.queries} query images, {len(ds.classes)} classes")
+    if report.knn_top1 is not None:
+        print(f"k-NN (k={report.k}) top-1 {report.knn_top1:.2%}")
+    if report.probe_top1 is not None:
+        print(f"linear probe top-1 {report.probe_top1:.2%}")
+    if args.json:
+        print(json.dumps(report.to_dict()))
+    return 0
+
+
+def run_retrieval(args: argparse.Namespace) -> int:
+    """--retrieval: recall@1/5 of labelled queries against a labelled gallery; the head plays no part."""
+    from ..data.sources import load_source
+    from ..infer.frozen import QUERY_FRACTION, split_bank_queries
+    from ..infer.retrieval import evaluate_retrieval
+
+    model, ckpt = load_any(args.checkpoint)
+    queries = load_source(args.data, cache_dir=args.cache_dir, progress=not args.json)
+    if args.gallery:
+        gallery, gallery_idx = load_source(args.gallery, cache_dir=args.cache_dir, progress=not args.json), None
+        query_idx = split_bank_queries(queries.labels, args.val_split, args.seed)[1] if args.val_split else None
+    else:  # one source: the held-out part searches the rest, so no query finds itself
+        gallery = queries
+        gallery_idx, query_idx = split_bank_queries(queries.labels, args.val_split or QUERY_FRACTION, args.seed)
+    report = evaluate_retrieval(
+        model, queries, gallery, query_idx, gallery_idx, batch_size=args.batch_size, precision=args.precision
+    )
+    print(f"{ckpt}: {report.queries} queries from {queries.source} against {report.gallery} from {gallery.source}")
+    print("   ".join(f"recall@{k} {v:.2%}" for k, v in report.recall.items()))
+    if args.json:
+        print(json.dumps(report.to_dict()))
+    return 0

@@ -25,7 +25,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, Response
 
 from ..data.decode import ImageDecodeError
-from ..infer.explain import Explainer, Explanation, figure_png, overlay_png, parse_head
+from ..infer.explain import Explainer, Explanation, figure_png, overlay_png, parse_class, parse_head
 from ..infer.predict import Predictor
 from .batcher import Batcher, QueueFull
 from .limits import BodyLimitMiddleware
@@ -36,6 +36,7 @@ PAGE_CSP = (
     "default-src 'self'; img-src 'self' blob: data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
     "connect-src 'self'; frame-ancestors 'none'"
 )
+CLASS_HELP = "grad-rollout: the class the map explains, by name or index (default: the top class)"
 
 THRESHOLD_HELP = "multi-label models: return the labels above this probability (default: the checkpoint's)"
 
@@ -71,10 +72,10 @@ def create_app(
         with figure_lock:
             return figure_png(expl, size)
 
-    def explainer_for(method: str, layer: int, head: str, discard: float) -> Explainer:
-        key = (method, layer, head, discard)
+    def explainer_for(method: str, layer: int, head: str, discard: float, target: int | None) -> Explainer:
+        key = (method, layer, head, discard, target)
         if key not in explainers:
-            explainers[key] = Explainer(predictor, method, layer, parse_head(head), discard)
+            explainers[key] = Explainer(predictor, method, layer, parse_head(head), discard, target=target)
         return explainers[key]
 
     def predict_batch(items: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -146,19 +147,21 @@ def create_app(
     @app.post("/explain", response_class=Response, responses={200: {"content": {"image/png": {}}}})
     async def explain(
         file: UploadFile = File(..., description="an image file"),
-        method: str = Query("attention", pattern="^(attention|rollout)$"),
+        method: str = Query("attention", pattern="^(attention|rollout|grad-rollout)$"),
         layer: int = Query(-1),
         head: str = Query("mean", pattern=r"^(mean|max|min|all|-?\d+)$"),
         discard: float = Query(0.0, ge=0.0, lt=1.0),
+        target: str | None = Query(None, alias="class", max_length=200, description=CLASS_HELP),
         figure: bool = Query(False, description="a titled figure instead of the plain overlay"),
         size: int = Query(320, ge=32, le=1024),
     ) -> Response:
         try:
-            explainer = explainer_for(method, layer, head, discard)
+            index = parse_class(target, predictor.labels)
+            explainer = explainer_for(method, layer, head, discard, index)
         except ValueError as e:
             raise HTTPException(422, str(e)) from None
         name, x, crop = await load(file, with_crop=True)
-        logits, heat = await submit(("explain", (method, layer, head, discard)), x)
+        logits, heat = await submit(("explain", (method, layer, head, discard, index)), x)
         pred = predictor.top_k(logits[None], [name], 5)[0]
         expl = Explanation(name, crop, heat.numpy(), explainer.description, pred)
         png = await run_in_threadpool(render_figure if figure else overlay_png, expl, size)
