@@ -155,3 +155,54 @@ def test_scene_is_not_blank(tmp_path):
     """The test picture has structure (a flat image would make a useless screenshot)."""
     a = np.asarray(Image.open(scene(tmp_path / "s.png")))
     assert len(np.unique(a.reshape(-1, 3), axis=0)) >= 5
+
+
+@pytest.fixture(scope="module")
+def segment_server_url(tmp_path_factory):
+    pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install 'vitkit[serve]'")
+    from vitkit.serve import create_app
+    from vitkit.tasks import SegmentTask
+
+    model = tiny_model("vit_small_patch16_224", img_size=64, labels=["sky", "grass", "roof"], num_classes=3)
+    SegmentTask(head="pyramid").attach(model)
+    with torch.no_grad():
+        model.head.classify.weight.mul_(50)  # random weights, but decisive: several classes show up
+    path = model.save(tmp_path_factory.mktemp("browser-seg") / "seg.safetensors")
+    with running_server(create_app(Predictor(path))) as url:
+        yield url
+
+
+def test_page_shows_the_segmentation_overlay(sync_playwright, segment_server_url, tmp_path):
+    image = scene(tmp_path / "house.png")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=LAUNCH_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1180, "height": 760})
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(segment_server_url + "/")
+            page.wait_for_function("() => document.getElementById('model').textContent.includes('segmentation')")
+            assert not page.is_visible("#method") and not page.is_visible("#head")  # attention maps do not apply
+
+            page.set_input_files("#file", str(image))
+            page.wait_for_function("() => document.getElementById('status').textContent === 'Done.'", timeout=30_000)
+            page.wait_for_function(
+                "() => { const o = document.getElementById('overlay'); return o.complete && o.naturalWidth > 0; }"
+            )
+            assert page.eval_on_selector("#overlay", "i => [i.naturalWidth, i.naturalHeight]") == [320, 240]
+            assert page.text_content("#results .card:nth-child(2) h2") == "What each pixel is"
+            labels = page.locator("#bars .bar-label").all_text_contents()
+            assert labels and set(labels) <= {"sky", "grass", "roof"}
+            pcts = [float(t.rstrip("%")) for t in page.locator("#bars .bar-pct").all_text_contents()]
+            assert pcts == sorted(pcts, reverse=True) and abs(sum(pcts) - 100) < 1  # shares of the whole image
+            colours = page.eval_on_selector_all("#bars .bar", "bs => bs.map((b) => b.style.background)")
+            voc = {"sky": "rgb(0, 0, 0)", "grass": "rgb(128, 0, 0)", "roof": "rgb(0, 128, 0)"}  # the mask's palette
+            assert colours == [voc[name] for name in labels]
+            page.wait_for_timeout(500)  # let the bars finish growing before the screenshot
+            SCREENSHOT_DIR.mkdir(parents=True, exist_ok=True)
+            shot = SCREENSHOT_DIR / "segmentation.png"
+            page.screenshot(path=str(shot), full_page=True)
+            print(f"\nbrowser screenshot: {shot}")
+            assert errors == [], errors
+        finally:
+            browser.close()

@@ -2,6 +2,7 @@
 
 Endpoints: `POST /predict` (multipart field `file` -> JSON in the model's task format: top-k for a classifier,
 the labels above the threshold (and the top-k) for a multi-label model), `POST /explain` (field `file` -> PNG overlay),
+`POST /segment` (segmentation models: field `file` -> the mask as a palette PNG, the overlay PNG, or JSON),
 `GET /healthz` (model and queue state), `GET /` (the web page). Bad input never takes the server down:
 too large -> 413, not an image -> 415, undecodable -> 400, too many pixels (decompression bomb) -> 413,
 missing field or bad option -> 422, queue full -> 503.
@@ -10,6 +11,7 @@ missing field or bad option -> 422, queue full -> 503.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import threading
 from collections.abc import Hashable
@@ -22,11 +24,12 @@ from urllib.parse import quote
 import torch
 from fastapi import FastAPI, File, HTTPException, Query, UploadFile
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import HTMLResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from ..data.decode import ImageDecodeError
 from ..infer.explain import Explainer, Explanation, figure_png, overlay_png, parse_class, parse_head
 from ..infer.predict import Predictor
+from ..infer.segment import Segmenter, mask_png, segment_overlay_png
 from .batcher import Batcher, QueueFull
 from .limits import BodyLimitMiddleware
 
@@ -36,8 +39,12 @@ PAGE_CSP = (
     "default-src 'self'; img-src 'self' blob: data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
     "connect-src 'self'; frame-ancestors 'none'"
 )
-CLASS_HELP = "grad-rollout: the class the map explains, by name or index (default: the top class)"
 
+CLASS_HELP = "grad-rollout: the class the map explains, by name or index (default: the top class)"
+SEGMENT_FORMAT_HELP = (
+    "png: the mask as a palette PNG of class indices; overlay: the class colours over the image (PNG); json: the "
+    "mask as rows of class indices and each class's share. PNG answers list the classes in X-Vitkit-Classes"
+)
 THRESHOLD_HELP = "multi-label models: return the labels above this probability (default: the checkpoint's)"
 
 
@@ -93,6 +100,7 @@ def create_app(
         return explain_batch
 
     batcher = Batcher(handler_for, max_batch=max_batch, max_queue=max_queue)
+    segmenter = Segmenter(predictor) if predictor.task.name == "segment" else None  # POST /segment
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -170,6 +178,43 @@ def create_app(
             "X-Vitkit-Top": quote(f"{pred.labels[0]} {pred.probs[0]:.4f}", safe=" "),
             "Cache-Control": "no-store",
         }
+        return Response(png, media_type="image/png", headers=headers)
+
+    @app.post(
+        "/segment",
+        response_class=Response,
+        responses={200: {"content": {"image/png": {}, "application/json": {}}}},
+    )
+    async def segment(
+        file: UploadFile = File(..., description="an image file"),
+        format: str = Query("png", pattern="^(png|overlay|json)$", description=SEGMENT_FORMAT_HELP),
+    ) -> Response:
+        if segmenter is None:
+            raise HTTPException(422, f"/segment needs a segmentation model; this is a '{predictor.task.name}' model")
+        name = upload_name(file)
+        data = await file.read()
+
+        def prepare():
+            rgb = predictor.decode(data, name)
+            return rgb, segmenter.prepare(rgb)
+
+        try:
+            rgb, x = await run_in_threadpool(prepare)
+        except ImageDecodeError as e:
+            raise HTTPException(decode_error_status(e), str(e)) from None
+        logits = await submit("predict", x)  # (K, h, w): batched with /predict's requests
+
+        def render() -> tuple[Any, bytes | None]:
+            pred = segmenter.predictions(logits[None], [name], [rgb.shape[:2]])[0]  # the mask at the upload's size
+            if format == "json":
+                return pred, None
+            return pred, (segment_overlay_png(rgb, pred.mask) if format == "overlay" else mask_png(pred.mask))
+
+        pred, png = await run_in_threadpool(render)
+        if png is None:
+            return JSONResponse(pred.to_dict(with_mask=True), headers={"Cache-Control": "no-store"})
+        classes = json.dumps(pred.coverage(), separators=(",", ":"))
+        headers = {"X-Vitkit-Classes": quote(classes, safe=""), "Cache-Control": "no-store"}
         return Response(png, media_type="image/png", headers=headers)
 
     @app.get("/healthz")

@@ -1,0 +1,145 @@
+"""Segmentation at inference: masks at each picture's size, `vitkit predict`'s mask and overlay PNGs, `POST /segment`,
+and ONNX export with the same parity as a classifier's."""
+
+import io
+import json
+from urllib.parse import unquote
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vitkit.cli import main as cli
+from vitkit.infer.predict import Predictor
+from vitkit.infer.segment import PALETTE, Segmenter, overlay_image, region_edges
+from vitkit.tasks import SegmentTask
+
+from .conftest import noise_rgb, png_bytes, tiny_model, write_png
+from .segmentation_data import SHAPE_CLASSES
+
+TOL = 1e-4  # fp32 export parity, as tests/test_export.py
+
+
+def seg_model(head: str = "linear"):
+    model = tiny_model(img_size=32, patch_size=4, embed_dim=32, depth=4, num_classes=3, labels=SHAPE_CLASSES)
+    SegmentTask(head=head).attach(model)
+    with torch.no_grad():  # a decisive random decoder: every class shows up somewhere in a noise picture
+        model.head.classify.weight.mul_(50)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return seg_model().save(tmp_path_factory.mktemp("seg") / "seg.safetensors")
+
+
+def test_masks_come_at_each_pictures_own_size(ckpt):
+    segmenter = Segmenter(Predictor(ckpt, precision="fp32"))
+    results = segmenter.segment([noise_rgb(40, 56), noise_rgb(20, 24, seed=1)])
+    (a, rgb_a), (b, _) = results
+    assert a.mask.shape == (40, 56) and b.mask.shape == (20, 24) and a.mask.dtype == np.uint8
+    assert rgb_a.shape == (40, 56, 3)
+    assert set(np.unique(a.mask)) <= {0, 1, 2}
+    assert sum(c["fraction"] for c in a.coverage()) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="segmentation needs"):
+        Segmenter(Predictor(tiny_model(labels=["a", "b", "c", "d", "e"])))
+
+
+def test_overlay_blends_class_colours_and_outlines_regions():
+    rgb = np.full((4, 4, 3), 100, np.uint8)
+    mask = np.zeros((4, 4), np.uint8)
+    mask[:, 2:] = 1
+    out = overlay_image(rgb, mask, alpha=0.5)
+    edges = region_edges(mask)
+    assert edges[:, 1].all() and edges.sum() == 4  # the column left of the class border
+    assert (out[edges] == 255).all()
+    assert np.array_equal(out[0, 0], ((100 + PALETTE[0].astype(int)) / 2 + 0.5).astype(np.uint8))
+    assert np.array_equal(out[0, 3], ((100 + PALETTE[1].astype(int)) / 2 + 0.5).astype(np.uint8))
+
+
+def test_predict_writes_mask_and_overlay_pngs(ckpt, tmp_path, capsys):
+    image = write_png(tmp_path / "street.png", noise_rgb(40, 56))
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    out_dir = tmp_path / "out"
+    rc = cli(["predict", str(ckpt), image, str(bad), "--json", "--out-dir", str(out_dir), "--precision", "fp32"])
+    out, err = capsys.readouterr()
+    assert rc == 1 and "bad.png" in err
+    first, second = (json.loads(line) for line in out.strip().splitlines())
+    assert "not an image" in second["error"]
+    assert first["mask_png"] == str(out_dir / "street.mask.png")
+    mask_file = Image.open(out_dir / "street.mask.png")
+    assert mask_file.mode == "P" and mask_file.size == (56, 40)
+    mask = np.asarray(mask_file)
+    expected = Segmenter(Predictor(ckpt, precision="fp32")).segment([noise_rgb(40, 56)])[0][0].mask
+    assert np.array_equal(mask, expected)  # the file holds the class indices themselves
+    assert np.array_equal(np.asarray(mask_file.convert("RGB")), PALETTE[mask])  # and its palette colours them
+    overlay = np.asarray(Image.open(out_dir / "street.overlay.png"))
+    assert overlay.shape == (40, 56, 3)
+    assert np.array_equal(overlay, overlay_image(noise_rgb(40, 56), mask))
+    labels = {c["label"] for c in first["classes"]}
+    assert labels <= set(SHAPE_CLASSES) and labels
+
+
+def test_segment_endpoint_answers_png_overlay_and_json(ckpt):
+    pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install 'vitkit[serve]'")
+    from fastapi.testclient import TestClient
+
+    from vitkit.serve import create_app
+
+    picture = noise_rgb(40, 56)
+    want = Segmenter(Predictor(ckpt)).segment([picture])[0][0]
+    with TestClient(create_app(Predictor(ckpt))) as client:
+        files = {"file": ("x.png", png_bytes(picture), "image/png")}
+        r = client.post("/segment", files=files)
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(r.content))), want.mask)
+        classes = json.loads(unquote(r.headers["x-vitkit-classes"]))
+        assert classes == want.coverage()
+        r = client.post("/segment?format=overlay", files=files)
+        assert Image.open(io.BytesIO(r.content)).mode == "RGB"
+        r = client.post("/segment?format=json", files=files)
+        body = r.json()
+        assert (body["height"], body["width"]) == (40, 56) and np.array_equal(np.array(body["mask"]), want.mask)
+        r = client.post("/segment", files={"file": ("n.txt", b"hello there", "text/plain")})
+        assert r.status_code == 415 and "not an image" in r.json()["detail"]
+        assert client.post("/segment?format=gif", files=files).status_code == 422
+        health = client.get("/healthz").json()
+        assert health["model"]["task"]["name"] == "segment"
+
+
+def test_segment_endpoint_refuses_a_classifier(tmp_path):
+    pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install 'vitkit[serve]'")
+    from fastapi.testclient import TestClient
+
+    from vitkit.serve import create_app
+
+    classifier = tiny_model(labels=["a", "b", "c", "d", "e"])
+    with TestClient(create_app(Predictor(classifier))) as client:
+        r = client.post("/segment", files={"file": ("x.png", png_bytes(noise_rgb()), "image/png")})
+    assert r.status_code == 422 and "'classify' model" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("head", ["linear", "pyramid"])
+def test_onnx_export_matches_pytorch_at_two_sizes(tmp_path, head):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from vitkit.infer.export import export_onnx, exportable_copy
+    from vitkit.infer.onnx_backend import OnnxModel
+
+    model = seg_model(head)
+    result = export_onnx(model, tmp_path / "seg.onnx", dynamic=True)
+    assert result.max_abs_diff is not None and result.max_abs_diff < TOL
+    runner = OnnxModel(result.path)
+    assert runner.task == model.task
+    reference = exportable_copy(model, dynamic=True)
+    for size in [(32, 32), (24, 40)]:
+        x = torch.randn(2, 3, *size)
+        with torch.inference_mode():
+            expected = reference(x)
+        got = runner(x)
+        assert got.shape == expected.shape == (2, 3, *size)
+        torch.testing.assert_close(got, expected, rtol=0, atol=TOL)
+    masks = Segmenter(Predictor(result.path, backend="onnxruntime")).segment([noise_rgb(40, 56)])
+    assert masks[0][0].mask.shape == (40, 56)
