@@ -38,6 +38,7 @@ def changed_value(name: str):
     default = next(f.default for f in dataclasses.fields(TrainConfig) if f.name == name)
     hint = typing.get_type_hints(TrainConfig)[name]
     special = {"image_size": ["12"], "betas": ["0.8", "0.95"], "data": ["digits"], "optimizer_impl": ["foreach"]}
+    special.update(labels_fraction=["0.5"], warmup_fraction=["0.05"])  # fractions: twice the default is no value
     if name in special:
         return special[name]
     choices = options_of(TrainConfig)[name].choices

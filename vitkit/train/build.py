@@ -18,7 +18,7 @@ from torch import nn
 
 from ..config import PreprocessConfig, ViTConfig, default_preprocess
 from ..data.loader import BatchLoader, class_balanced_weights
-from ..data.sources import ImageArrayDataset
+from ..data.sources import ImageArrayDataset, stratified_subset
 from ..data.transforms import build_eval_transform, build_train_transform
 from ..model import create_model
 from ..model.serialization import apply_task
@@ -75,6 +75,7 @@ def load_run_data(cfg: TrainConfig, env: DistEnv) -> RunData:
         cfg.data, cache_dir=cfg.cache_dir, image_size=cfg.image_size, progress=cfg.progress and env.is_main
     )
     data = RunData(ds, *split_validation(cfg, ds), seconds=0.0)
+    data.train_idx = data.train_idx[stratified_subset(ds.labels[data.train_idx], cfg.labels_fraction, cfg.seed)]
     data.seconds = time.perf_counter() - start
     if ds.skipped and env.is_main:
         shown = "; ".join(f"{f}: {r}" for f, r in ds.skipped[:5])

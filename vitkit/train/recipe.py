@@ -53,6 +53,11 @@ class TrainConfig:
     val_split: float = option(
         0.1, help="stratified fraction of --data held out for validation (0: none)", exclusive="validation"
     )
+    labels_fraction: float = option(
+        1.0,
+        help="train on a seeded stratified subset holding this fraction of the training images, e.g. 0.1 "
+        "(few-label experiments without hand-made folders; the validation images stay as they are)",
+    )
     image_size: int | tuple[int, int] | None = option(
         None,
         help="train at this size (H [W]): images are resized to it when loading, a fresh model is built for it "
@@ -92,6 +97,11 @@ class TrainConfig:
     layer_decay: float | None = option(None, help="layer-wise lr decay for fine-tuning, e.g. 0.75 (1: off)")
     optimizer_impl: str = option("auto", help="AdamW implementation", choices=("auto", "fused", "foreach", "loop"))
     warmup_epochs: float = option(1.0, help="epochs of linear warmup")
+    warmup_fraction: float | None = option(
+        None,
+        help="warmup over this fraction of the run's steps, e.g. 0.05 (instead of --warmup-epochs; a --minutes "
+        "budget's too)",
+    )
     clip_grad: float | None = option(1.0, help="max global gradient norm (0: off)")
     ema_decay: float = option(0.0, help="EMA of the weights, e.g. 0.999 (0: off)")
     precision: str = option("bf16", help="bf16 autocast or fp32", choices=("bf16", "fp32"))
@@ -175,6 +185,10 @@ class TrainConfig:
             raise ValueError(f"batch_size {self.batch_size} must be a multiple of grad_accum {self.grad_accum}")
         if self.epochs is not None and self.minutes is not None:
             raise ValueError("give --epochs or --minutes, not both")
+        if not 0.0 < self.labels_fraction <= 1.0:
+            raise ValueError(f"labels_fraction must be in (0, 1], got {self.labels_fraction}")
+        if self.warmup_fraction is not None and not 0.0 <= self.warmup_fraction < 1.0:
+            raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
