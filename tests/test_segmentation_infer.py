@@ -143,3 +143,42 @@ def test_onnx_export_matches_pytorch_at_two_sizes(tmp_path, head):
         torch.testing.assert_close(got, expected, rtol=0, atol=TOL)
     masks = Segmenter(Predictor(result.path, backend="onnxruntime")).segment([noise_rgb(40, 56)])
     assert masks[0][0].mask.shape == (40, 56)
+
+
+def test_evaluate_json_gives_miou_pixel_accuracy_and_per_class_iou(ckpt, tmp_path, capsys):
+    from vitkit.data.seg_transforms import SegEvalTransform
+    from vitkit.data.segmentation import load_segmentation_source
+    from vitkit.model.loading import load_model
+    from vitkit.tasks.segment import SegmentationMetrics
+
+    from .segmentation_data import write_segmentation_folder
+
+    root = write_segmentation_folder(tmp_path / "seg", n=6, size=40)  # scored at 40 px, the model runs at 32
+    args = ["evaluate", str(ckpt), "--data", str(root), "--json", "--cache-dir", str(tmp_path / "cache")]
+    assert cli([*args, "--precision", "fp32"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["task"] == "segment" and report["n"] == 6 and report["pixels"] == 6 * 40 * 40
+    assert set(report["per_class_iou"]) == set(SHAPE_CLASSES)
+    model = load_model(ckpt)
+    ds = load_segmentation_source(str(root), cache_dir=tmp_path / "cache", progress=False)
+    images, masks = torch.from_numpy(np.array(ds.images)).permute(0, 3, 1, 2), torch.from_numpy(np.array(ds.masks))
+    x, y = SegEvalTransform(model.preprocess)(images, masks)
+    by_hand = SegmentationMetrics(3)
+    with torch.no_grad():
+        by_hand.update(model(x), y)
+    want = by_hand.result()
+    assert report["miou"] == pytest.approx(want["miou"]) and report["pixel_acc"] == pytest.approx(want["pixel_acc"])
+
+
+def test_flip_tta_mirrors_a_class_map_back():
+    from vitkit.infer.evaluate import evaluate_batches
+    from vitkit.tasks.segment import SegmentationMetrics
+
+    model = seg_model()
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 3, (2, 32, 32))
+    with torch.no_grad():
+        averaged = (model(x) + model(x.flip(-1)).flip(-1)) / 2
+    want = SegmentationMetrics(3)
+    want.update(averaged, y)
+    got = evaluate_batches(model, [(x, y)], 3, precision="fp32", tta=True, task=SegmentTask())
+    assert got["loss"] == pytest.approx(want.result()["loss"], rel=1e-5)

@@ -54,9 +54,12 @@ def evaluate_batches(
     for x, y in batches:
         x, y = x.to(device), y.to(device)
         with amp:
-            logits = model(x).float()  # (B, K)
+            logits = model(x).float()  # (B, K), or per pixel (B, K, H, W)
             if tta:
-                logits = (logits + model(x.flip(-1)).float()) / 2
+                mirrored = model(x.flip(-1)).float()
+                if mirrored.ndim == 4:  # a map of the mirror image: mirrored back onto the image's pixels
+                    mirrored = mirrored.flip(-1)
+                logits = (logits + mirrored) / 2
         metrics.update(logits, y)
     model.train(was_training)
     return metrics.result()
@@ -107,6 +110,7 @@ class TaskReport:
     classes: list[str]
     n: int
     skipped: list = field(default_factory=list)
+    confusion_png: Path | None = None  # none drawn: the per-class numbers are the task's own
 
     def to_dict(self) -> dict:
         named = {
@@ -139,10 +143,12 @@ def evaluate_model(
             f"{ds.source}: classes {ds.classes[:10]} do not match the model's {labels[:10]}; load the "
             "data with classes=model.labels"
         )
-    tf = build_eval_transform(model.preprocess, model.cfg.in_chans)
+    task = task or task_of(model)
+    # a task whose targets move with the pixels (segmentation's masks) brings its own; otherwise classification's
+    own_transform = getattr(task, "eval_transform", None)
+    tf = (own_transform or build_eval_transform)(model.preprocess, model.cfg.in_chans)
     loader = BatchLoader(ds, indices, batch_size, shuffle=False, drop_last=False, transform=tf)
     device = next(model.parameters()).device
-    task = task or task_of(model)
     res = evaluate_batches(model, loader, len(labels), device=device, precision=precision, tta=tta, task=task)
     if task.name != ClassifyTask.name:
         return TaskReport(task.name, res, labels, res["n"], skipped=list(ds.skipped))
