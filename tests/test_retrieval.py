@@ -167,6 +167,9 @@ def test_faiss_engine_missing_says_what_to_install(gallery, tmp_path, monkeypatc
     with pytest.raises(ImportError, match=r"faiss-cpu.*vitkit\[retrieval\]"):
         index.search(index.vectors[:1].numpy(), index.fingerprint, engine="faiss")
     assert len(index.search(index.vectors[:1].numpy(), index.fingerprint, engine="auto")[0]) == 5  # exact
+    with pytest.raises(ImportError, match="faiss"):
+        index.save(tmp_path / "idx", engine="faiss")
+    assert not list(tmp_path.iterdir())  # refused before any file was written
 
 
 def test_faiss_engine_agrees_with_exact_search(gallery, tmp_path):

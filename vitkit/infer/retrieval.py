@@ -209,9 +209,10 @@ class RetrievalIndex:
         self.check_fingerprint(fingerprint)
         if topk < 1:
             raise ValueError(f"topk must be at least 1, got {topk}")
-        q = F.normalize(torch.as_tensor(np.asarray(queries, dtype=np.float32)), dim=1)
+        q = torch.as_tensor(np.asarray(queries, dtype=np.float32))
         if q.ndim != 2 or q.shape[1] != self.vectors.shape[1]:
             raise ValueError(f"queries must be (Q, {self.vectors.shape[1]}) pooled embeddings, got {tuple(q.shape)}")
+        q = F.normalize(q, dim=1)
         if choose_engine(engine, len(self)) == "faiss":
             if self.graph is None:
                 self.graph = build_hnsw(self.vectors.numpy())
@@ -234,6 +235,9 @@ class RetrievalIndex:
         from safetensors.torch import save_file
 
         files = IndexFiles.of(path)
+        with_graph = choose_engine(engine, len(self)) == "faiss"
+        if with_graph and self.graph is None:  # before any file is written: a missing faiss leaves the old index whole
+            self.graph = build_hnsw(self.vectors.numpy())
         index_id = secrets.token_hex(8)
         tensors = {"embeddings": self.vectors.contiguous()}
         if self.labels is not None:
@@ -241,9 +245,8 @@ class RetrievalIndex:
         with atomic_write(files.tensors) as tmp:
             save_file(tensors, str(tmp), metadata={"format": INDEX_FORMAT, "id": index_id})
         ann = None
-        if choose_engine(engine, len(self)) == "faiss":
+        if with_graph:
             faiss = _faiss("the faiss search engine (--engine faiss)")
-            self.graph = self.graph if self.graph is not None else build_hnsw(self.vectors.numpy())
             with atomic_write(files.graph) as tmp:
                 faiss.write_index(self.graph, str(tmp))
             ann = {"kind": "faiss-hnsw", "file": files.graph.name, "neighbours": HNSW_NEIGHBOURS}
@@ -306,6 +309,8 @@ class RetrievalIndex:
 
             if available("faiss"):
                 graph = _faiss("the faiss search engine").read_index(str(files.graph))
+                if graph.ntotal != len(names):  # a graph left by another write: exact search is still right
+                    graph = None
         return cls(
             vectors=vectors,
             names=names,
