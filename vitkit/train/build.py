@@ -246,8 +246,11 @@ def make_loaders(
     in_chans = core.cfg.in_chans
     # on a GPU the pixel work of augmentation runs there: the host alone cannot feed a fast GPU (README)
     aug_device = env.device if env.device.type == "cuda" else None
-    train_tf = build_train_transform(cfg.augment, core.preprocess, data.num_classes, in_chans, aug_device)
-    eval_tf = build_eval_transform(core.preprocess, in_chans, aug_device)
+    # a task whose targets move with the pixels (segmentation's masks) brings its own transforms
+    make_train_tf = getattr(task, "train_transform", None) or build_train_transform
+    make_eval_tf = getattr(task, "eval_transform", None) or build_eval_transform
+    train_tf = make_train_tf(cfg.augment, core.preprocess, data.num_classes, in_chans, aug_device)
+    eval_tf = make_eval_tf(core.preprocess, in_chans, aug_device)
     micro = micro_batch(cfg, data, env)
     weights = class_balanced_weights(data.ds.labels[data.train_idx]) if cfg.sampler == "balanced" else None
     loader = BatchLoader(

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 
 from ..data.sources import load_source, stratified_split, stratified_subset
+from ..tasks import task_class
 from .fit import fit
-from .recipe import build_config
+from .recipe import build_config, load_recipe
 
 # Where fine-tuning's defaults differ from TrainConfig's, as in MAE's fine-tuning recipe (He et al. 2021, and
 # BEiT's before it): a smaller peak lr, layer-wise lr decay (the pretrained lower blocks move least), a warmup over
@@ -71,7 +72,12 @@ def finetune(
     out.mkdir(parents=True, exist_ok=True)
     recipe = train_options.pop("recipe", None)
     model_overrides, train_options = _with_finetune_defaults(recipe, model_overrides or {}, train_options)
-    ds = load_source(data, cache_dir=train_options.get("cache_dir"), progress=train_options.get("progress", True))
+    # the data is read as the task reads it (segmentation: images and masks); its classes size the new head
+    task = task_class(train_options.get("task") or (load_recipe(recipe).get("task") if recipe else None) or "classify")
+    if freeze_backbone and task.name != "classify":
+        raise ValueError(f"--freeze-backbone fits a linear classifier on pooled features; not for --task {task.name}")
+    reader = task()
+    ds = reader.read(data, cache_dir=train_options.get("cache_dir"), progress=train_options.get("progress", True))
     if num_classes is not None and num_classes != len(ds.classes):
         raise ValueError(f"--num-classes {num_classes} but '{data}' has {len(ds.classes)} classes ({ds.classes[:10]})")
     model = prepare_for_transfer(
@@ -98,8 +104,6 @@ def _with_finetune_defaults(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(model overrides, training options) with FINETUNE_DEFAULTS filled in where neither the recipe nor a flag
     sets the option (a warmup set in epochs counts as set)."""
-    from .recipe import load_recipe
-
     given = {**(load_recipe(recipe) if recipe else {}), **train_options}
     given.update({f"model_kwargs.{k}": v for k, v in {**given.pop("model_kwargs", {}), **model_overrides}.items()})
     if "warmup_epochs" in given:  # a warmup given in epochs is a warmup chosen
