@@ -110,7 +110,8 @@ class TrainConfig:
     task: str = option(
         DEFAULT_TASK,
         help="what the model learns: classify (one class per image), multilabel (--data: a CSV of path,labels "
-        "with labels separated by ';', or a folder holding labels.csv) (docs/tasks.md)",
+        "with labels separated by ';', or a folder holding labels.csv), segment (a class per pixel; --data: a "
+        "folder of images/ and masks/, a tar of one, or a CSV of image,mask) (docs/tasks.md)",
         choices=tuple(TASKS),
     )
     loss: str | None = option(
@@ -135,6 +136,12 @@ class TrainConfig:
         help="multilabel: a label is predicted when its probability is above this; the model records it (predict "
         "--threshold overrides it)",
         resumable=True,  # only the validation F1 and the recorded threshold change, not a training step
+    )
+    seg_head: str = option(
+        "linear",
+        help="segment: the decoder over the patch grids: linear (one linear map per patch token of the last block) "
+        "or pyramid (four blocks' grids fused by a small conv decoder) (docs/segmentation.md)",
+        choices=("linear", "pyramid"),
     )
     eval_every: int = option(1, help="evaluate every N epochs (and always at the end)", resumable=True)
     checkpoint_every: int = option(
