@@ -21,11 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..data.transforms import loss_label_smoothing
 from ..model.serialization import CheckpointError
 from ..model.vit import VisionTransformer
 from .build import (
+    RunData,
     build_model,
     build_or_restore_model,
     check_combinations,
@@ -52,7 +54,7 @@ from .distributed import (
     restore_rank_state,
 )
 from .logging import RunLogger
-from .loop import EpochHooks, StepState, evaluate, train_one_epoch
+from .loop import EpochHooks, LossFn, StepState, evaluate, train_one_epoch
 from .recipe import TrainConfig, merge_resumed
 from .schedule import WarmupCosine
 
@@ -92,7 +94,7 @@ def resolve_resume(cfg: TrainConfig, resume: bool | None) -> tuple[TrainConfig, 
     if not ckpt_path.exists():
         raise FileNotFoundError(f"--resume: no checkpoint '{ckpt_path}' to resume from; drop --resume to start afresh")
     state = load_checkpoint(ckpt_path)
-    return merge_resumed(cfg, TrainConfig.from_dict(state["config"]), ckpt_path), state
+    return merge_resumed(cfg, type(cfg).from_dict(state["config"]), ckpt_path), state
 
 
 def _reduce_eval(res: dict, env: DistEnv) -> dict:
@@ -118,6 +120,22 @@ def _reduce_eval(res: dict, env: DistEnv) -> dict:
         "confusion": conf,
         "per_class": [conf[c, c].item() / per_n[c].item() if per_n[c] else None for c in range(k)],
     }
+
+
+def _accuracy(res: dict) -> dict[str, float]:
+    """The top-1 / top-5 of an evaluation result (none for an objective that measures no accuracy)."""
+    return {k: res[k] for k in ("top1", "top5") if k in res}
+
+
+def val_record(res: dict) -> dict[str, float]:
+    """An evaluation result as `val_*` fields of a metrics record: accuracy where measured, and the loss."""
+    return {f"val_{k}": res[k] for k in ("top1", "top5", "loss") if k in res}
+
+
+def _val_summary(record: dict) -> str:
+    if "val_top1" in record:
+        return f", val top-1 {record['val_top1']:.2%}"
+    return f", val loss {record['val_loss']:.4f}" if "val_loss" in record else ""
 
 
 def pick_weights(res_raw: dict | None, res_ema: dict | None, has_ema: bool) -> str:
@@ -178,7 +196,14 @@ class BudgetClock:
 # ---------------------------------------------------------------------------------------------------- run
 class TrainingRun:
     """One training run: set up from a TrainConfig (and a checkpoint's state), then `train()`, then `finish()`
-    (or `pause()` when --stop-after-steps ended it before the schedule)."""
+    (or `pause()` when --stop-after-steps ended it before the schedule).
+
+    Classification as it stands; another objective (vitkit/pretrain) subclasses it and overrides `trainee` (the
+    module the optimizer steps around `core`) and `load_data` (its reading of the images), sets `loss_fn`, and
+    overrides `evaluate` (its own metrics).
+    """
+
+    loss_fn: LossFn | None = None  # (trainee's output, targets) -> loss; None: cross-entropy (loop.compute_loss)
 
     def __init__(self, cfg: TrainConfig, state: dict | None):
         check_combinations(cfg)
@@ -189,11 +214,11 @@ class TrainingRun:
         self.logger: RunLogger | None = None
         if self.env.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-        self.data = load_run_data(cfg, self.env)
+        self.data = self.load_data()
         self.core = build_or_restore_model(cfg, self.data, state)
         if self.env.is_main:
             describe(self.data, self.core)
-        self.model, self.optimizer, self.ema = wrap_model(cfg, self.core, self.env)
+        self.model, self.optimizer, self.ema = wrap_model(cfg, self.trainee(), self.env)
         self.loader, self.val_loader = make_loaders(cfg, self.data, self.core, self.env)
         self.steps_per_epoch = len(self.loader) // cfg.grad_accum
         # the run's length in epochs; None under --minutes, where the schedule is re-laid once the pace is measured
@@ -214,6 +239,14 @@ class TrainingRun:
         self.last_save = time.perf_counter()  # when last.ckpt was last written (or the run started)
 
     # ---- set-up
+    def load_data(self) -> RunData:
+        """The run's images and its validation split, labelled."""
+        return load_run_data(self.cfg, self.env)
+
+    def trainee(self) -> nn.Module:
+        """The module the optimizer steps and checkpoints hold: the ViT itself here, whose output is the logits."""
+        return self.core
+
     def _restore(self, state: dict) -> None:
         """Continue where the checkpoint stopped: weights, optimizer, schedule, EMA, counters, RNGs, data order."""
         load_full_model_state_dict(self.model, state["model"], self.env)
@@ -380,6 +413,7 @@ class TrainingRun:
                 epoch=epoch,
                 hooks=hooks,
                 env=self.env,
+                loss_fn=self.loss_fn,
             )
             if self.loader.epoch == epoch:  # stopped mid-epoch (budget, stop_after_steps)
                 break
@@ -394,13 +428,10 @@ class TrainingRun:
             res = self.evaluate(self.model)
             if self.cfg.minutes:  # reserve room for the final evaluation(s) and the save
                 self.clock.reserve = (time.perf_counter() - t_eval) * (2 if self.ema is not None else 1) + 5.0
-            record.update(val_top1=res["top1"], val_top5=res["top5"], val_loss=res["loss"])
-            self.val_history = {"top1": res["top1"], "top5": res["top5"], "step": self.step_state.step}
+            record.update(val_record(res))
+            self.val_history = {**_accuracy(res), "step": self.step_state.step}
         self.logger.log("val", self.step_state.step, **record)
-        self.say(
-            f"epoch {self.loader.epoch}: loss {stats['loss']:.4f}, {ips:.0f} img/s"
-            + (f", val top-1 {record['val_top1']:.2%}" if "val_top1" in record else "")
-        )
+        self.say(f"epoch {self.loader.epoch}: loss {stats['loss']:.4f}, {ips:.0f} img/s" + _val_summary(record))
         # every epoch, or (checkpoint_seconds) once the last write is that old: rank 0's clock decides for all ranks
         stale = time.perf_counter() - self.last_save >= self.cfg.checkpoint_seconds
         if bool(from_main(float(stale), self.env)):
@@ -455,9 +486,9 @@ class TrainingRun:
         }
         for tag, res in (("raw", res_raw), ("ema", res_ema)):
             if res is not None:
-                record.update({f"{tag}_top1": res["top1"], f"{tag}_top5": res["top5"]})
+                record.update({f"{tag}_{k}": v for k, v in _accuracy(res).items()})
         if chosen is not None:
-            record.update(val_top1=chosen["top1"], val_top5=chosen["top5"], val_loss=chosen["loss"])
+            record.update(val_record(chosen))
         return record
 
     def finish(self) -> FitResult:
@@ -469,15 +500,14 @@ class TrainingRun:
         final_model = self._final_model(best)
         record = self._final_record(best, res_raw, res_ema, chosen)
         if chosen is not None:
-            top = {"top1": chosen["top1"], "top5": chosen["top5"]}
-            self.val_history = {**top, "step": self.step_state.step, "weights": best}
+            self.val_history = {**_accuracy(chosen), "step": self.step_state.step, "weights": best}
         wall = round(self.clock.elapsed, 2)
         train_s = round(self.step_state.train_seconds, 2)
         self.logger.log("final", self.step_state.step, train_seconds=train_s, wall_seconds=wall, **record)
         self.checkpoint(best=best, finished=True)
         model_path = None
         if self.env.is_main:
-            acc = {} if chosen is None else {"val_top1": f"{chosen['top1']:.4f}", "val_top5": f"{chosen['top5']:.4f}"}
+            acc = {} if chosen is None else {f"val_{k}": f"{v:.4f}" for k, v in _accuracy(chosen).items()}
             model_path = final_model.save(self.out / MODEL_FILE, weights=best, steps=str(self.step_state.step), **acc)
         self.logger.close()
         if self.env.is_main:
@@ -486,8 +516,8 @@ class TrainingRun:
             out_dir=self.out,
             model_path=model_path,
             checkpoint_path=self.ckpt_path,
-            val_top1=None if chosen is None else chosen["top1"],
-            val_top5=None if chosen is None else chosen["top5"],
+            val_top1=None if chosen is None else chosen.get("top1"),
+            val_top5=None if chosen is None else chosen.get("top5"),
             best_weights=best,
             steps=self.step_state.step,
             epochs=record["epoch"],
@@ -500,7 +530,7 @@ class TrainingRun:
         )
 
     def _report(self, best: str, res_raw: dict | None, res_ema: dict | None, epochs: float) -> None:
-        if res_raw is not None:
+        if res_raw is not None and "top1" in res_raw:
             ema_txt = f", EMA weights {res_ema['top1']:.2%}" if res_ema is not None else ""
             print(f"validation top-1: raw weights {res_raw['top1']:.2%}{ema_txt} -> kept the {best} weights")
         print(

@@ -12,6 +12,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
@@ -24,6 +25,10 @@ from .distributed import DistEnv, all_ranks_true
 from .ema import ModelEma
 from .logging import RunLogger
 from .schedule import WarmupCosine, apply_lr
+
+# (what the model returned, the targets) -> the loss to minimise: classification's cross-entropy by default; an
+# objective whose module computes its own loss (masked-autoencoder pretraining) returns it from the output
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class TrainingDiverged(RuntimeError):
@@ -175,6 +180,7 @@ def train_one_epoch(
     hooks: EpochHooks | None = None,
     env: DistEnv | None = None,
     defer_checks: bool | None = None,
+    loss_fn: LossFn | None = None,
 ) -> dict[str, float]:
     """One pass over `loader` (or until `hooks.should_stop`), one optimizer step per `grad_accum` batches.
 
@@ -183,9 +189,12 @@ def train_one_epoch(
     every rank (the ranks must run the same backward passes, or their gradient all-reduces mismatch and hang).
     `defer_checks` (default: `defers_checks(...)`, i.e. one process on a GPU with fused AdamW) runs the guard on
     the device instead (DeviceGuard: no host sync per step; its docstring lists what differs).
+    `loss_fn(model(x), y)` gives the loss (default: cross-entropy with `label_smoothing`, `compute_loss`).
     Returns {"loss": mean loss, "images": images, "seconds": wall time}.
     """
     hooks = hooks or EpochHooks()
+    if loss_fn is None:
+        loss_fn = partial(compute_loss, label_smoothing=label_smoothing)
     distributed = env is not None and env.distributed
     if defer_checks is None:
         defer_checks = defers_checks(optimizer, device, distributed)
@@ -207,8 +216,8 @@ def train_one_epoch(
         for x, y in micro:
             x, y = to_device(x, device), to_device(y, device)
             with autocast(precision, device):
-                logits = model(x)  # (B, K)
-            loss = compute_loss(logits, y, label_smoothing) / grad_accum
+                out = model(x)  # logits (B, K), or what the objective's module returns
+            loss = loss_fn(out, y) / grad_accum
             # several ranks: one rank's NaN must skip backward on every rank, decided before it (a collective);
             # one process: backward runs anyway and the single check below catches the NaN it leaves
             if distributed and not all_ranks_true(torch.isfinite(loss.detach()), env):

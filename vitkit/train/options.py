@@ -93,9 +93,11 @@ def _field_flag(config_class: type, name: str, option: Option, target: str) -> F
     return Flag(target, option, _value_type(typing.get_type_hints(config_class)[name]), default)
 
 
-def training_flags() -> list[Flag]:
-    """Every training option that has a flag, in --help order: TrainConfig's fields, then the nested ones."""
-    flags = [_field_flag(TrainConfig, n, o, n) for n, o in options_of(TrainConfig).items() if o.flag != ""]
+def training_flags(config_class: type[TrainConfig] = TrainConfig) -> list[Flag]:
+    """Every training option that has a flag, in --help order: the fields of `config_class` (TrainConfig or a
+    subclass with more options), then the nested ones."""
+    options = options_of(config_class).items()
+    flags = [_field_flag(config_class, n, o, n) for n, o in options if o.flag != ""]
     flags.append(RANDAUGMENT)
     for target, option in NESTED_OPTIONS.items():
         config, name = target.split(".")
@@ -147,14 +149,16 @@ def add_training_arguments(
     exclude: Collection[str] = (),
     required: Collection[str] = (),
     shown_defaults: Mapping[str, Any] | None = None,
+    config_class: type[TrainConfig] = TrainConfig,
 ) -> None:
     """Add `--recipe` and the flags of every training option but those in `exclude` (targets: "model",
     "model_kwargs.stem"). `required`: targets the verb cannot do without; `shown_defaults`: the verb's own
-    defaults where they differ from TrainConfig's (shown in --help only)."""
+    defaults where they differ from TrainConfig's (shown in --help only); `config_class`: the verb's options
+    (TrainConfig or a subclass)."""
     parser.add_argument("--recipe", help="YAML recipe (a path or a name from vitkit/recipes); flags override it")
     groups: dict[str, Any] = {"augment": parser.add_argument_group("augmentation")}
     shown = dict(shown_defaults or {})
-    for flag in training_flags():
+    for flag in training_flags(config_class):
         if flag.target in exclude:
             continue
         container = groups.get(flag.target.split(".")[0], parser)
@@ -167,11 +171,11 @@ def add_training_arguments(
         _add_flag(container, parser, flag, default, flag.target in required)
 
 
-def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+def overrides_from_args(args: argparse.Namespace, config_class: type[TrainConfig] = TrainConfig) -> dict[str, Any]:
     """The `build_config` keywords the given flags set (`augment` and `model_kwargs` as dicts), flags not given
     left out."""
     out: dict[str, Any] = {"augment": {}, "model_kwargs": {}}
-    for flag in training_flags():
+    for flag in training_flags(config_class):
         value = getattr(args, flag.dest, None)
         if value is None:
             continue
@@ -183,9 +187,12 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def config_from_args(args: argparse.Namespace, **fixed: Any) -> TrainConfig:
-    """The TrainConfig the flags describe: defaults < --recipe < flags < `fixed` (what the verb decides)."""
-    return build_config(getattr(args, "recipe", None), **{**overrides_from_args(args), **fixed})
+def config_from_args(
+    args: argparse.Namespace, config_class: type[TrainConfig] = TrainConfig, **fixed: Any
+) -> TrainConfig:
+    """The config the flags describe: defaults < --recipe < flags < `fixed` (what the verb decides)."""
+    overrides = {**overrides_from_args(args, config_class), **fixed}
+    return build_config(getattr(args, "recipe", None), config_class=config_class, **overrides)
 
 
 __all__ = ["Flag", "training_flags", "add_training_arguments", "overrides_from_args", "config_from_args"]

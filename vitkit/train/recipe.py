@@ -214,8 +214,13 @@ def options_of(config_class: type) -> dict[str, Option]:
     return {f.name: f.metadata["option"] for f in dataclasses.fields(config_class) if "option" in f.metadata}
 
 
+def resumable_options(config_class: type) -> frozenset[str]:
+    """The options of `config_class` that may change when a run is resumed (the continuation stays exact)."""
+    return frozenset(name for name, opt in options_of(config_class).items() if opt.resumable)
+
+
 # Options that may change when a run is resumed; any other difference would break the exact continuation.
-RESUMABLE: frozenset[str] = frozenset(name for name, opt in options_of(TrainConfig).items() if opt.resumable)
+RESUMABLE: frozenset[str] = resumable_options(TrainConfig)
 
 
 def merge_resumed(cfg: TrainConfig, stored: TrainConfig, where: Path) -> TrainConfig:
@@ -226,17 +231,18 @@ def merge_resumed(cfg: TrainConfig, stored: TrainConfig, where: Path) -> TrainCo
             folder alone, whatever its settings were").
     """
     mine, theirs = cfg.to_dict(), stored.to_dict()
-    clash = {k: (theirs[k], mine[k]) for k in mine if k not in RESUMABLE and mine[k] != theirs[k]}
+    resumable = resumable_options(type(cfg))
+    clash = {k: (theirs[k], mine[k]) for k in mine if k not in resumable and mine[k] != theirs[k]}
     if clash and cfg.data:
         detail = ", ".join(f"{k}: run has {a!r}, now {b!r}" for k, (a, b) in clash.items())
         raise ValueError(
             f"'{where}' belongs to a run with other settings ({detail}); resume with the same settings, "
             "or pass a new --out to start another run"
         )
-    changes = {k: mine[k] for k in RESUMABLE if mine[k] != theirs[k]}
+    changes = {k: mine[k] for k in resumable if mine[k] != theirs[k]}
     if cfg.epochs is None and cfg.minutes is None:  # nothing said: keep the run's own length
         changes.pop("epochs", None), changes.pop("minutes", None)
-    return TrainConfig.from_dict(dict(theirs, **changes))
+    return type(cfg).from_dict(dict(theirs, **changes))
 
 
 def find_recipe(name_or_path: str | Path) -> Path:
@@ -251,8 +257,8 @@ def find_recipe(name_or_path: str | Path) -> Path:
     raise FileNotFoundError(f"recipe '{name_or_path}' not found; pass a YAML file or one of: {have}")
 
 
-def load_recipe(name_or_path: str | Path) -> dict[str, Any]:
-    """The mapping in a recipe YAML file (validated against TrainConfig's fields)."""
+def load_recipe(name_or_path: str | Path, config_class: type[TrainConfig] = TrainConfig) -> dict[str, Any]:
+    """The mapping in a recipe YAML file (validated against the fields of `config_class`)."""
     path = find_recipe(name_or_path)
     try:
         d = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
@@ -260,13 +266,18 @@ def load_recipe(name_or_path: str | Path) -> dict[str, Any]:
         raise ValueError(f"recipe '{path}' is not valid YAML: {e}") from e
     if not isinstance(d, dict):
         raise ValueError(f"recipe '{path}' must be a mapping of training options, got {type(d).__name__}")
-    TrainConfig.from_dict(dict(d, augment=AugmentConfig(**d.get("augment", {}))))  # fail early on unknown keys
+    config_class.from_dict(dict(d, augment=AugmentConfig(**d.get("augment", {}))))  # fail early on unknown keys
     return d
 
 
-def build_config(recipe: str | Path | None = None, **overrides: Any) -> TrainConfig:
-    """defaults < recipe < overrides. Overrides that are None are ignored; `augment` overrides merge by key."""
-    d: dict[str, Any] = load_recipe(recipe) if recipe else {}
+def build_config(
+    recipe: str | Path | None = None, *, config_class: type[TrainConfig] = TrainConfig, **overrides: Any
+) -> TrainConfig:
+    """defaults < recipe < overrides. Overrides that are None are ignored; `augment` overrides merge by key.
+
+    config_class: TrainConfig, or a subclass with more options (vitkit/pretrain's PretrainConfig).
+    """
+    d: dict[str, Any] = load_recipe(recipe, config_class) if recipe else {}
     aug = dict(d.pop("augment", {}) or {})
     aug.update({k: v for k, v in (overrides.pop("augment", None) or {}).items() if v is not None})
     kwargs = dict(d.pop("model_kwargs", {}) or {})
@@ -276,4 +287,4 @@ def build_config(recipe: str | Path | None = None, **overrides: Any) -> TrainCon
         d.pop("minutes", None)  # a flag picks the stopping rule: --epochs beats a recipe's minutes ...
     if "minutes" in overrides and overrides["minutes"] is not None:
         d.pop("epochs", None)  # ... and --minutes beats a recipe's epochs
-    return TrainConfig.from_dict(dict(d, augment=AugmentConfig(**aug), model_kwargs=kwargs))
+    return config_class.from_dict(dict(d, augment=AugmentConfig(**aug), model_kwargs=kwargs))
