@@ -194,3 +194,46 @@ def test_train_and_eval_transforms_shapes_and_types():
     assert x.shape == (3, 3, 16, 16) and torch.equal(y, mask.long())  # masks scored at their own size
     gray = SegTrainTransform(pre, in_chans=3)(image[:, :1], mask)[0]  # one-channel data for an RGB model
     assert gray.shape == (3, 3, 16, 16)
+
+
+# --------------------------------------------------------------------------------- the benchmark's canvases
+
+
+def _heads_benchmark():
+    """benchmarks/heads.py as a module (it imports its sibling `machine`, so its folder goes on sys.path)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(bench))
+    try:
+        spec = importlib.util.spec_from_file_location("heads_under_test", bench / "heads.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(bench))
+
+
+def test_benchmark_canvases_label_exactly_the_pasted_photos(tmp_path):
+    heads = _heads_benchmark()
+    colours = np.array([[10 + 40 * i, 255, 3] for i in range(6)], np.uint8)  # one flat colour per photo
+    photos = np.broadcast_to(colours[:, None, None, :], (6, 32, 32, 3)).copy()
+    labels = np.array([0, 1, 2, 3, 4, 5])
+    n = heads.write_canvases(tmp_path / "c", photos, labels, [f"class{i}" for i in range(10)], seed=0)
+    ds = _load(tmp_path / "c", tmp_path)
+    assert len(ds) == n and 3 <= n <= 6 and ds.classes[0] == "background" and len(ds.classes) == 11
+    assert ds.images.shape[1:] == (heads.CANVAS, heads.CANVAS, 3)
+    for label in np.unique(ds.masks[ds.masks > 0]):
+        assert (ds.images[ds.masks == label] == colours[label - 1]).all()  # the mask is where that photo shows
+    assert 0.02 < (ds.masks > 0).mean() < 0.6
+
+
+def test_benchmark_archive_split_is_stratified_disjoint_and_shuffled():
+    heads = _heads_benchmark()
+    labels = np.repeat(np.arange(10), 50)  # stored class by class, as an ImageFolder archive is
+    classifier, pasted = heads.archive_split(labels, seed=0)
+    assert len(pasted) == 100 and not set(classifier) & set(pasted)
+    assert np.bincount(labels[pasted], minlength=10).tolist() == [10] * 10
+    assert len(set(labels[pasted[:20]])) >= 5  # a prefix already mixes the classes
