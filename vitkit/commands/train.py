@@ -46,6 +46,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if res.val_top1 is not None:
         print(f"val top-1 {res.val_top1:.2%}, top-5 {res.val_top5:.2%} ({res.best_weights} weights)")
+    elif res.val_summary:  # another task's numbers (multilabel: mAP and F1)
+        shown = ", ".join(f"{k} {v:.2%}" for k, v in res.val_summary.items())
+        print(f"val {shown} ({res.best_weights} weights)")
     print(f"metrics: {res.out_dir / 'metrics.jsonl'} (plot: vitkit plot {res.out_dir})")
     print(f"model: {res.model_path}")
     return 0

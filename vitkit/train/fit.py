@@ -18,7 +18,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -35,6 +35,7 @@ from .build import (
     describe,
     load_run_data,
     make_loaders,
+    make_task,
     model_from_meta,
     wrap_model,
 )
@@ -57,6 +58,9 @@ from .logging import RunLogger
 from .loop import EpochHooks, LossFn, StepState, evaluate, train_one_epoch
 from .recipe import TrainConfig, merge_resumed
 from .schedule import WarmupCosine
+
+if TYPE_CHECKING:
+    from ..tasks import Task
 
 MODEL_FILE = "model.safetensors"
 
@@ -83,6 +87,7 @@ class FitResult:
     finished: bool
     val_raw: dict | None = None
     val_ema: dict | None = None
+    val_summary: dict[str, float] | None = None  # the task's numbers of the kept weights (e.g. {"map", "f1"})
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -122,27 +127,29 @@ def _reduce_eval(res: dict, env: DistEnv) -> dict:
     }
 
 
-def _accuracy(res: dict) -> dict[str, float]:
-    """The top-1 / top-5 of an evaluation result (none for an objective that measures no accuracy)."""
-    return {k: res[k] for k in ("top1", "top5") if k in res}
+def _accuracy(res: dict, task: Task) -> dict[str, float]:
+    """The task's headline numbers of an evaluation result (classification: top-1 / top-5; multi-label: mAP, F1);
+    none for an objective that measures none of them."""
+    return task.summary(res) if task.headline in res else {}
 
 
-def val_record(res: dict) -> dict[str, float]:
-    """An evaluation result as `val_*` fields of a metrics record: accuracy where measured, and the loss."""
-    return {f"val_{k}": res[k] for k in ("top1", "top5", "loss") if k in res}
+def val_record(res: dict, task: Task) -> dict[str, float]:
+    """An evaluation result as `val_*` fields of a metrics record: the task's numbers where measured, the loss."""
+    return {f"val_{k}": v for k, v in {**_accuracy(res, task), **{k: res[k] for k in ("loss",) if k in res}}.items()}
 
 
-def _val_summary(record: dict) -> str:
-    if "val_top1" in record:
-        return f", val top-1 {record['val_top1']:.2%}"
+def _val_summary(record: dict, headline: str = "top1") -> str:
+    if f"val_{headline}" in record:
+        return f", val {'top-1' if headline == 'top1' else headline} {record[f'val_{headline}']:.2%}"
     return f", val loss {record['val_loss']:.4f}" if "val_loss" in record else ""
 
 
-def pick_weights(res_raw: dict | None, res_ema: dict | None, has_ema: bool) -> str:
-    """ "ema" or "raw": the better on validation; without validation data the EMA, the usual safer pick."""
-    if res_raw is None:
+def pick_weights(res_raw: dict | None, res_ema: dict | None, has_ema: bool, key: str = "top1") -> str:
+    """ "ema" or "raw": the better on validation by `key` (higher is better: the task's headline); without
+    validation data (or that number) the EMA, the usual safer pick."""
+    if res_raw is None or key not in res_raw:
         return "ema" if has_ema else "raw"
-    return "ema" if res_ema is not None and res_ema["top1"] >= res_raw["top1"] else "raw"
+    return "ema" if res_ema is not None and res_ema[key] >= res_raw[key] else "raw"
 
 
 class BudgetClock:
@@ -215,11 +222,14 @@ class TrainingRun:
         if self.env.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
         self.data = self.load_data()
-        self.core = build_or_restore_model(cfg, self.data, state)
+        self.task = make_task(cfg, self.data)  # what the model learns: its head, loss and metrics (vitkit/tasks)
+        if self.loss_fn is None:  # the task's loss, unless the objective brings its own
+            self.loss_fn = self.task.loss
+        self.core = build_or_restore_model(cfg, self.data, state, self.task)
         if self.env.is_main:
             describe(self.data, self.core)
         self.model, self.optimizer, self.ema = wrap_model(cfg, self.trainee(), self.env)
-        self.loader, self.val_loader = make_loaders(cfg, self.data, self.core, self.env)
+        self.loader, self.val_loader = make_loaders(cfg, self.data, self.core, self.env, self.task)
         self.steps_per_epoch = len(self.loader) // cfg.grad_accum
         # the run's length in epochs; None under --minutes, where the schedule is re-laid once the pace is measured
         self.epochs = cfg.epochs if cfg.epochs is not None else (None if cfg.minutes else 10.0)
@@ -336,9 +346,15 @@ class TrainingRun:
         stance = torch.compiler.set_stance("force_eager") if self.cfg.compile else contextlib.nullcontext()
         with stance:
             res = evaluate(
-                which, self.val_loader, self.data.num_classes, device=self.env.device, precision=self.cfg.precision
+                which,
+                self.val_loader,
+                self.data.num_classes,
+                device=self.env.device,
+                precision=self.cfg.precision,
+                task=self.task,
             )
-        return res if self.cfg.fsdp else _reduce_eval(res, self.env)
+        # FSDP, and tasks whose numbers need every image at once, evaluate everything on every rank
+        return res if self.cfg.fsdp or not self.task.shards_eval else _reduce_eval(res, self.env)
 
     def should_stop(self, step: int) -> bool:
         if self.cfg.stop_after_steps is not None and step >= self.cfg.stop_after_steps:
@@ -428,10 +444,11 @@ class TrainingRun:
             res = self.evaluate(self.model)
             if self.cfg.minutes:  # reserve room for the final evaluation(s) and the save
                 self.clock.reserve = (time.perf_counter() - t_eval) * (2 if self.ema is not None else 1) + 5.0
-            record.update(val_record(res))
-            self.val_history = {**_accuracy(res), "step": self.step_state.step}
+            record.update(val_record(res, self.task))
+            self.val_history = {**_accuracy(res, self.task), "step": self.step_state.step}
         self.logger.log("val", self.step_state.step, **record)
-        self.say(f"epoch {self.loader.epoch}: loss {stats['loss']:.4f}, {ips:.0f} img/s" + _val_summary(record))
+        summary = _val_summary(record, self.task.headline)
+        self.say(f"epoch {self.loader.epoch}: loss {stats['loss']:.4f}, {ips:.0f} img/s" + summary)
         # every epoch, or (checkpoint_seconds) once the last write is that old: rank 0's clock decides for all ranks
         stale = time.perf_counter() - self.last_save >= self.cfg.checkpoint_seconds
         if bool(from_main(float(stale), self.env)):
@@ -486,28 +503,28 @@ class TrainingRun:
         }
         for tag, res in (("raw", res_raw), ("ema", res_ema)):
             if res is not None:
-                record.update({f"{tag}_{k}": v for k, v in _accuracy(res).items()})
+                record.update({f"{tag}_{k}": v for k, v in _accuracy(res, self.task).items()})
         if chosen is not None:
-            record.update(val_record(chosen))
+            record.update(val_record(chosen, self.task))
         return record
 
     def finish(self) -> FitResult:
         """Evaluate the raw and the EMA weights, keep the better, write the last checkpoint and model.safetensors."""
         res_raw = self.evaluate(self.model)
         res_ema = self.evaluate(self.ema.module) if self.ema is not None else None
-        best = pick_weights(res_raw, res_ema, self.ema is not None)
+        best = pick_weights(res_raw, res_ema, self.ema is not None, self.task.headline)
         chosen = res_ema if best == "ema" else res_raw
         final_model = self._final_model(best)
         record = self._final_record(best, res_raw, res_ema, chosen)
         if chosen is not None:
-            self.val_history = {**_accuracy(chosen), "step": self.step_state.step, "weights": best}
+            self.val_history = {**_accuracy(chosen, self.task), "step": self.step_state.step, "weights": best}
         wall = round(self.clock.elapsed, 2)
         train_s = round(self.step_state.train_seconds, 2)
         self.logger.log("final", self.step_state.step, train_seconds=train_s, wall_seconds=wall, **record)
         self.checkpoint(best=best, finished=True)
         model_path = None
         if self.env.is_main:
-            acc = {} if chosen is None else {f"val_{k}": f"{v:.4f}" for k, v in _accuracy(chosen).items()}
+            acc = {} if chosen is None else {f"val_{k}": f"{v:.4f}" for k, v in _accuracy(chosen, self.task).items()}
             model_path = final_model.save(self.out / MODEL_FILE, weights=best, steps=str(self.step_state.step), **acc)
         self.logger.close()
         if self.env.is_main:
@@ -527,12 +544,15 @@ class TrainingRun:
             finished=True,
             val_raw=res_raw,
             val_ema=res_ema,
+            val_summary=None if chosen is None else _accuracy(chosen, self.task),
         )
 
     def _report(self, best: str, res_raw: dict | None, res_ema: dict | None, epochs: float) -> None:
-        if res_raw is not None and "top1" in res_raw:
-            ema_txt = f", EMA weights {res_ema['top1']:.2%}" if res_ema is not None else ""
-            print(f"validation top-1: raw weights {res_raw['top1']:.2%}{ema_txt} -> kept the {best} weights")
+        key = self.task.headline
+        if res_raw is not None and key in res_raw:
+            name = "top-1" if key == "top1" else key
+            ema_txt = f", EMA weights {res_ema[key]:.2%}" if res_ema is not None else ""
+            print(f"validation {name}: raw weights {res_raw[key]:.2%}{ema_txt} -> kept the {best} weights")
         print(
             f"trained {self.step_state.step} steps ({epochs:.2f} epochs) in {self.step_state.train_seconds:.0f} s "
             f"({self._images_per_second():.0f} img/s)"
