@@ -132,9 +132,8 @@ class Attention(nn.Module):
         else:  # heads folded into the batch, (B*heads, N, hd); the 1/√d scale rides on the matmul
             q3, k3, v3 = q.reshape(B * H, Q, hd), k.reshape(B * H, N, hd), v.reshape(B * H, N, hd)
             attn = torch.baddbmm(q3.new_zeros(()), q3, k3.transpose(1, 2), beta=0.0, alpha=self.scale)
-            attn = attn.softmax(dim=-1)  # (B*heads, Q, N)
-            o = torch.bmm(self.attn_drop(attn), v3).view(B, H, Q, hd)
-            attn = attn.view(B, H, Q, N)
+            attn = attn.softmax(dim=-1).view(B, H, Q, N)  # the returned map is on the path: gradients reach it
+            o = torch.bmm(self.attn_drop(attn).view(B * H, Q, N), v3).view(B, H, Q, hd)
         return o.transpose(1, 2).reshape(B, Q, H * hd), (attn if need_weights else None)
 
 
