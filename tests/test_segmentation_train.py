@@ -82,6 +82,7 @@ def test_cli_train_and_finetune_from_a_classifier(data, tmp_path):
     tuned = tmp_path / "tuned"
     r = run_vitkit(["finetune", "--from", str(source), *common, "--seg-head", "pyramid", "--out", str(tuned)])
     assert r.returncode == 0, r.stderr[-2000:]
+    assert "finetune: validation miou " in r.stdout
     init = load_model(tuned / "init.safetensors")  # the classifier's encoder, a new 3-class start
     encoder = {k: v for k, v in classifier.state_dict().items() if not k.startswith("head")}
     assert all(torch.equal(init.state_dict()[k], v) for k, v in encoder.items())

@@ -50,6 +50,10 @@ def run(args: argparse.Namespace) -> int:
         **explicit,
         **train_options,
     )
+    if res.val_top1 is None and res.details.get("val"):  # another task's numbers (segmentation: miou, pixel_acc)
+        shown = ", ".join(f"{k} {v:.2%}" for k, v in res.details["val"].items())
+        print(f"{res.mode}: validation {shown}; model: {res.model_path}")
+        return 0
     acc = "n/a" if res.val_top1 is None else f"{res.val_top1:.2%}"
     print(f"{res.mode}: validation top-1 {acc}; model: {res.model_path}")
     return 0

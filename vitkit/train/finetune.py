@@ -96,7 +96,8 @@ def finetune(
     init = model.save(out / "init.safetensors", finetuned_from=str(source))  # zero head; fit loads it as is
     cfg = build_config(recipe, data=data, model=str(init), out=str(out), layer_decay=layer_decay, **train_options)
     res = fit(cfg)
-    return FinetuneResult(res.model_path or res.checkpoint_path, res.val_top1, "finetune", {"fit": str(res.out_dir)})
+    details = {"fit": str(res.out_dir), "val": res.val_summary}  # the task's numbers (segmentation: mIoU)
+    return FinetuneResult(res.model_path or res.checkpoint_path, res.val_top1, "finetune", details)
 
 
 def _with_finetune_defaults(
