@@ -263,3 +263,18 @@ def test_a_classifier_refuses_a_threshold(tmp_path):
     path = tiny_model(labels=list("abcde")).save(tmp_path / "m.safetensors")
     with pytest.raises(ValueError, match="threshold applies to multi-label models"):
         Predictor(path, threshold=0.5)
+
+
+def test_an_exported_onnx_file_keeps_the_task(trained, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from vitkit import from_pretrained
+    from vitkit.infer.export import export_onnx
+    from vitkit.infer.predict import Predictor
+
+    res, _ = trained
+    onnx_path = export_onnx(from_pretrained(res.model_path), tmp_path / "m.onnx").path
+    path = write_png(tmp_path / "q.png", mosaic(np.random.default_rng(3))[0])
+    from_onnx = Predictor(onnx_path, backend="onnxruntime").predict_one(path)
+    from_torch = Predictor(res.model_path, precision="fp32").predict_one(path)
+    assert from_onnx.threshold == 0.4 and from_onnx.labels == from_torch.labels

@@ -149,3 +149,23 @@ def test_balanced_sampler_refuses_multilabel_targets():
     cfg = TrainConfig(data="x.csv", task="multilabel", sampler="balanced")
     with pytest.raises(ValueError, match="--sampler balanced"):
         MultilabelTask.for_training(cfg, np.zeros((4, 3), np.int64), 3)
+
+
+def test_a_class_balanced_run_resumes_exactly(tmp_path, single_thread):
+    """--class-weights balanced and --sampler balanced through the trainer: stopping and resuming gives the same
+    weights as one uninterrupted run (the weighted draws follow (seed, epoch) like the plain shuffle)."""
+    from safetensors.torch import load_file
+
+    from tests.conftest import tiny_digits_config
+    from vitkit.train import fit
+    from vitkit.train.fit import TrainingRun
+
+    options = dict(epochs=1, class_weights="balanced", sampler="balanced", val_split=0.5)
+    whole = fit(tiny_digits_config(tmp_path / "whole", **options))
+    fit(tiny_digits_config(tmp_path / "paused", stop_after_steps=7, **options))
+    resumed = fit(tiny_digits_config(tmp_path / "paused", **options))
+    assert resumed.steps == whole.steps
+    a, b = load_file(whole.model_path), load_file(resumed.model_path)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    run = TrainingRun(tiny_digits_config(tmp_path / "wiring", **options), None)  # the options reached the run
+    assert run.loader.probs is not None and len(set(run.task.class_weights)) > 1
