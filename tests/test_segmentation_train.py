@@ -89,3 +89,28 @@ def test_cli_train_and_finetune_from_a_classifier(data, tmp_path):
     model = load_model(tuned / "model.safetensors")
     assert isinstance(model, SegmentationViT) and model.task["head"] == "pyramid"
     assert model.labels == list(SHAPE_CLASSES)
+
+
+def test_a_paused_run_resumes_and_keeps_its_head_with_ema_weights(data, tmp_path, single_thread):
+    from vitkit.train import TrainConfig, fit
+    from vitkit.train.checkpoint import model_from_checkpoint
+
+    base = dict(
+        data=str(data),
+        task="segment",
+        seg_head="pyramid",
+        out=str(tmp_path / "run"),
+        model="vit_cifar_patch4_32",
+        model_kwargs=TINY,
+        epochs=2,
+        batch_size=16,
+        ema_decay=0.9,
+        cache_dir=str(tmp_path / "cache"),
+        progress=False,
+    )
+    paused = fit(TrainConfig(**base, stop_after_steps=3))
+    assert paused.model_path is None and paused.steps == 3
+    done = fit(TrainConfig(**base))  # the same run, resumed from its last.ckpt
+    assert done.finished and done.steps > 3 and "miou" in done.val_raw and "miou" in done.val_ema
+    for model in (load_model(done.model_path), model_from_checkpoint(done.checkpoint_path)):
+        assert isinstance(model, SegmentationViT) and model.task["head"] == "pyramid"

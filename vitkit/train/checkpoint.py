@@ -18,7 +18,7 @@ import torch
 
 from ..config import PreprocessConfig, ViTConfig
 from ..files import atomic_write_bytes
-from ..model.serialization import CheckpointError
+from ..model.serialization import CheckpointError, apply_task
 from ..model.vit import VisionTransformer
 
 CKPT_FORMAT = "vitkit-train"
@@ -85,8 +85,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def model_meta(model: VisionTransformer) -> dict[str, Any]:
-    """What rebuilding the model needs besides the weights: config, preprocessing, labels."""
-    return {"config": model.cfg.to_dict(), "preprocess": model.preprocess.to_dict(), "labels": model.labels}
+    """What rebuilding the model needs besides the weights: config, preprocessing, labels, and its task (whose head
+    may not be the linear one: a segmentation decoder is rebuilt from it before its weights load)."""
+    meta = {"config": model.cfg.to_dict(), "preprocess": model.preprocess.to_dict(), "labels": model.labels}
+    return {**meta, "task": getattr(model, "task", None)}
 
 
 def model_from_checkpoint(path: str | Path, use_ema: bool | None = None) -> VisionTransformer:
@@ -100,6 +102,7 @@ def model_from_checkpoint(path: str | Path, use_ema: bool | None = None) -> Visi
     model = VisionTransformer(
         ViTConfig.from_dict(meta["config"]), PreprocessConfig.from_dict(meta["preprocess"]), meta["labels"]
     )
+    apply_task(model, meta.get("task"))  # a checkpoint written before tasks existed has none: a classifier
     if use_ema is None:
         use_ema = state.get("best_weights") == "ema"
     if use_ema and state.get("ema") is None:
