@@ -278,3 +278,28 @@ def test_an_exported_onnx_file_keeps_the_task(trained, tmp_path):
     from_onnx = Predictor(onnx_path, backend="onnxruntime").predict_one(path)
     from_torch = Predictor(res.model_path, precision="fp32").predict_one(path)
     assert from_onnx.threshold == 0.4 and from_onnx.labels == from_torch.labels
+
+
+def test_a_resumed_multilabel_run_with_ema_saves_a_multilabel_model(trained, tmp_path):
+    from vitkit import from_pretrained
+    from vitkit.train import TrainConfig, fit
+
+    _, root = trained
+    cfg = dict(
+        data=str(root / "data"),
+        task="multilabel",
+        threshold=0.3,
+        out=str(tmp_path / "run"),
+        model="vit_cifar_patch4_32",
+        model_kwargs=dict(patch_size=8, embed_dim=16, depth=1, num_heads=2),
+        epochs=1,
+        batch_size=16,
+        ema_decay=0.9,
+        cache_dir=str(root / "cache"),
+        progress=False,
+        threads=1,
+    )
+    fit(TrainConfig(**cfg, stop_after_steps=3))
+    res = fit(TrainConfig(**cfg))  # resumes from the checkpoint
+    assert from_pretrained(res.model_path).task == {"name": "multilabel", "threshold": 0.3}
+    assert set(res.val_summary) == {"map", "f1"}
