@@ -182,3 +182,21 @@ def test_flip_tta_mirrors_a_class_map_back():
     want.update(averaged, y)
     got = evaluate_batches(model, [(x, y)], 3, precision="fp32", tta=True, task=SegmentTask())
     assert got["loss"] == pytest.approx(want.result()["loss"], rel=1e-5)
+
+
+def test_a_fresh_process_loads_a_segmentation_file_by_name_alone(ckpt, tmp_path):
+    """`vitkit.from_pretrained` (and every verb built on it, `export` among them) rebuilds the decoder without the
+    caller importing vitkit.tasks; a plain classifier still loads without the task stack."""
+    from .conftest import run_python
+
+    classifier = tiny_model(labels=["a", "b", "c", "d", "e"]).save(tmp_path / "cls.safetensors")
+    code = (
+        "import sys, vitkit\n"
+        f"c = vitkit.from_pretrained({str(classifier)!r})\n"
+        "print('tasks after a classifier:', 'vitkit.tasks' in sys.modules)\n"
+        f"m = vitkit.from_pretrained({str(ckpt)!r})\n"
+        "print(type(m).__name__, m.task['head'])\n"
+    )
+    r = run_python(["-c", code])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "tasks after a classifier: False" in r.stdout and "SegmentationViT linear" in r.stdout

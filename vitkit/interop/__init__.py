@@ -8,7 +8,7 @@ from typing import Any
 from ..config import ViTConfig
 from ..model import VisionTransformer, load_model
 from ..model import create_model as _create_random_model
-from ..model.serialization import WEIGHTS_FILE, CheckpointError, apply_task
+from ..model.serialization import WEIGHTS_FILE, CheckpointError, apply_task, read_metadata
 from . import folders  # noqa: F401  (registers save_pretrained's formats: vitkit, hf, timm)
 from .report import LoadReport
 
@@ -70,6 +70,7 @@ def load_with_report(
     path, origin = locate(source, **hub)
     if _reading(detect_format, path) == "vitkit":
         path = path / WEIGHTS_FILE if path.is_dir() else path  # a save_pretrained folder holds one vitkit file
+        _register_task_heads(path)
         model = load_model(path)
         report = LoadReport(str(path), "vitkit", origin=origin)
         report.mapped = [(k, k) for k in model.state_dict()]
@@ -111,6 +112,17 @@ def create_model(
         raise ValueError("pretrained=True needs a name or a path to load weights from, not a ViTConfig")
     hub = dict(revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only)
     return from_pretrained(name, strict=strict, **hub, **overrides)
+
+
+def _register_task_heads(path: Path) -> None:
+    """Import vitkit.tasks when the file records a task: a task with its own head (a segmentation decoder)
+    registers the builder that loading needs. Plain classifiers load without it (it brings the data stack)."""
+    try:
+        has_task = "task" in read_metadata(path)
+    except CheckpointError:
+        return  # load_model names the problem
+    if has_task:
+        from .. import tasks  # noqa: F401
 
 
 def _reading(read: Any, path: Path) -> Any:
