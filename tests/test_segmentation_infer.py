@@ -105,6 +105,9 @@ def test_segment_endpoint_answers_png_overlay_and_json(ckpt):
         r = client.post("/segment", files={"file": ("n.txt", b"hello there", "text/plain")})
         assert r.status_code == 415 and "not an image" in r.json()["detail"]
         assert client.post("/segment?format=gif", files=files).status_code == 422
+        big = {"file": ("big.png", png_bytes(np.zeros((2100, 2000, 3), np.uint8)), "image/png")}
+        r = client.post("/segment?format=json", files=big)  # 4.2 MP: too large a mask for JSON, fine as a PNG
+        assert r.status_code == 413 and "format=png" in r.json()["detail"]
         health = client.get("/healthz").json()
         assert health["model"]["task"]["name"] == "segment"
 

@@ -41,6 +41,9 @@ PAGE_CSP = (
 )
 
 CLASS_HELP = "grad-rollout: the class the map explains, by name or index (default: the top class)"
+# A JSON mask is a list of rows of ints: ~4 bytes a pixel on the wire and ~30 in Python objects while it is built,
+# so larger pictures are refused in JSON (the PNG mask holds the same indices in a fraction of that)
+MAX_JSON_MASK_PIXELS = 4_000_000
 SEGMENT_FORMAT_HELP = (
     "png: the mask as a palette PNG of class indices; overlay: the class colours over the image (PNG); json: the "
     "mask as rows of class indices and each class's share. PNG answers list the classes in X-Vitkit-Classes"
@@ -202,6 +205,12 @@ def create_app(
             rgb, x = await run_in_threadpool(prepare)
         except ImageDecodeError as e:
             raise HTTPException(decode_error_status(e), str(e)) from None
+        if format == "json" and rgb.shape[0] * rgb.shape[1] > MAX_JSON_MASK_PIXELS:
+            raise HTTPException(
+                413,
+                f"'{name}' is {rgb.shape[1]}x{rgb.shape[0]}: over {MAX_JSON_MASK_PIXELS:,} pixels, its mask is too "
+                "large for JSON; ask for format=png (the same class indices as a palette PNG)",
+            )
         logits = await submit("predict", x)  # (K, h, w): batched with /predict's requests
 
         def render() -> tuple[Any, bytes | None]:
