@@ -6,7 +6,9 @@ is sampled bilinearly, the mask by nearest neighbour, so every output pixel keep
 Where a zoomed-out crop reaches past the image, the image is black and the mask says "ignore" (255).
 
 torchvision's v2 transforms move a `tv_tensors.Mask` with its image too, but draw one set of parameters per call:
-a batch would take a Python loop over its images; the grid does the whole batch in two `grid_sample` calls.
+a batch takes a Python loop over its images, which on a GPU (where the trainer runs augmentation) is a few small
+kernel launches per image; the grid does the whole batch in two `grid_sample` calls wherever the batch lives. On the
+CPU either costs little next to a training step.
 
 Evaluation: the whole image resized to the input size (no center crop: every pixel of the mask is scored), the
 mask left at its own resolution; the metrics upsample the logits to it (`vitkit.tasks.segment`).
@@ -64,7 +66,7 @@ def sample_mask(mask: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     The labels are shifted up by one before sampling, so the zero that grid_sample gives outside the image is told
     apart from class 0 and becomes the ignore value.
     """
-    shifted = (mask.long() + 1).float()[:, None]  # (B, 1, H, W): 1..256, exact in float32
+    shifted = (mask.to(torch.float32) + 1)[:, None]  # (B, 1, H, W): 1..256, exact in float32
     out = F.grid_sample(shifted, grid, mode="nearest", padding_mode="zeros", align_corners=False)[:, 0].long()
     return torch.where(out == 0, IGNORE_INDEX, out - 1)
 
