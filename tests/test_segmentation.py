@@ -52,6 +52,24 @@ def test_pyramid_layers_spread_through_the_depth():
     assert pyramid_layers(2) == (0, 1)  # fewer blocks than levels: each block once
 
 
+def test_decoder_widths_and_malformed_heads():
+    from vitkit.tasks.segment import make_segmenter, pyramid_width
+
+    assert [pyramid_width(d) for d in (32, 100, 192, 384, 768)] == [32, 32, 64, 128, 128]
+    model = tiny_model(img_size=32, patch_size=4, embed_dim=32, depth=2, num_classes=3)
+    make_segmenter(model, {"name": "segment", "head": "pyramid", "layers": [0, 1], "width": 36})  # 36: 4 groups
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3, 32, 32)
+    for bad, message in [
+        ({"head": "unet"}, "unknown segmentation head 'unet'"),
+        ({"head": "linear", "layers": [5]}, "outside the model's 2 blocks"),
+        ({"head": "pyramid", "layers": [0, 1], "width": "wide"}, "malformed segmentation head"),
+        ({"head": "pyramid", "layers": [0, 1], "width": 10**9}, "width 1000000000 is outside"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            make_segmenter(tiny_model(img_size=32, patch_size=4, embed_dim=32, depth=2), {"name": "segment", **bad})
+
+
 def test_a_head_over_an_avg_pool_encoder_normalises_with_fc_norm():
     model = seg_model(global_pool="avg", class_token=False)  # norm is Identity there, fc_norm the LayerNorm
     assert model.final_norm() is model.fc_norm

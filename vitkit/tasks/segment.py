@@ -22,6 +22,7 @@ and pixel accuracy.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -39,6 +40,7 @@ from ..model.vit import VisionTransformer
 
 HEADS = ("linear", "pyramid")
 PYRAMID_LEVELS = 4
+MAX_WIDTH = 4096  # a recorded decoder width beyond this is a damaged file, not a model
 
 
 # ----------------------------------------------------------------------------------------------------- heads
@@ -52,9 +54,9 @@ def pyramid_layers(depth: int, levels: int = PYRAMID_LEVELS) -> tuple[int, ...]:
 
 
 def pyramid_width(embed_dim: int) -> int:
-    """The decoder's channel count: a third of the encoder's width, between 32 and 128 (light next to the encoder:
-    its 3x3 conv at twice the grid costs under a tenth of a ViT-Ti/4 encoder at 64 px)."""
-    return int(min(128, max(32, embed_dim // 3)))
+    """The decoder's channel count: a third of the encoder's width in multiples of 8 (its GroupNorm's groups),
+    between 32 and 128, so that the decoder stays light next to the encoder."""
+    return int(min(128, max(32, embed_dim // 3 // 8 * 8)))
 
 
 class LinearDecoder(nn.Module):
@@ -78,7 +80,7 @@ class PyramidDecoder(nn.Module):
         self.project = nn.ModuleList(nn.Conv2d(embed_dim, width, kernel_size=1) for _ in range(levels))
         self.fuse = nn.Sequential(
             nn.Conv2d(width, width, kernel_size=3, padding=1, bias=False),
-            nn.GroupNorm(min(8, width), width),  # batch-size independent: one image at a time predicts as trained
+            nn.GroupNorm(math.gcd(8, width), width),  # batch-size independent: one image predicts as a batch does
             nn.GELU(),
         )
         self.classify = nn.Conv2d(width, num_classes, kernel_size=1)
@@ -145,13 +147,20 @@ def make_segmenter(model: VisionTransformer, task: dict[str, Any]) -> None:
     Registered as the "segment" task's head builder: loading a checkpoint calls it on the model's skeleton before
     the weights load, and `SegmentTask.attach` on a model about to be trained.
     """
-    head = task.get("head", "linear")
-    layers = tuple(int(i) for i in task.get("layers") or (len(model.blocks) - 1,))
     depth = len(model.blocks)
+    head = task.get("head", "linear")
+    try:
+        layers = tuple(int(i) for i in task.get("layers") or (depth - 1,))
+        width = int(task.get("width") or pyramid_width(model.cfg.embed_dim))
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"malformed segmentation head {task!r}: layers must be block indices, width an integer"
+        ) from None
     if not layers or any(not 0 <= i < depth for i in layers):
         raise ValueError(f"segmentation head layers {layers} are outside the model's {depth} blocks")
+    if not 1 <= width <= MAX_WIDTH:
+        raise ValueError(f"segmentation head width {width} is outside 1..{MAX_WIDTH}")
     ref = next(model.parameters())
-    width = int(task.get("width") or pyramid_width(model.cfg.embed_dim))
     decoder = build_decoder(head, model.cfg.embed_dim, model.cfg.num_classes, layers, width)
     model.head = decoder.to(device=ref.device, dtype=ref.dtype)
     model.__class__ = SegmentationViT  # same modules and weights, the per-pixel forward
