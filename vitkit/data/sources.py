@@ -6,6 +6,9 @@ A spec is one of:
   * a `.csv` of `path,label` rows (paths relative to the CSV; header optional; labels as names or ints),
   * `digits` (scikit-learn's 8x8 digits), `cifar10` / `cifar100` (torchvision's downloader; `:test` for the test split).
 
+Where labels are not needed (`unlabelled_ok=True`, pretraining), a folder or archive whose images lie directly in
+its top folder is read too: all its images, as the one class `UNLABELLED`.
+
 Every image file goes through `decode_image`, so odd formats convert and broken files are skipped and named in
 `ImageArrayDataset.skipped` instead of stopping the run. Decoded arrays are written once to a `.npy` memmap in the
 cache folder, keyed by the source's path, sizes and modification times, so a second load never decodes again.
@@ -28,6 +31,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +47,7 @@ IMAGE_EXTENSIONS = frozenset(
 )
 CACHE_FORMAT_VERSION = 1  # bump when the cached layout or decoding rules change
 DECODE_CHUNK = 512  # images per task sent to a decoder process
+UNLABELLED = "(unlabelled)"  # the one class of a folder or archive without class folders, read with unlabelled_ok
 
 
 class DataSourceError(ValueError):
@@ -92,6 +97,7 @@ def load_source(
     image_size: int | tuple[int, int] | None = None,
     progress: bool = True,
     classes: Sequence[str] | None = None,
+    unlabelled_ok: bool = False,
 ) -> ImageArrayDataset:
     """Load a dataset from `spec` (folder, tar, CSV, `digits`, `cifar10`, `cifar100`) as a uint8 array.
 
@@ -102,6 +108,8 @@ def load_source(
         progress: show a progress bar while decoding.
         classes: class names to map labels onto (e.g. the training set's, for a `--val-data`); a label not among
             them is a DataSourceError.
+        unlabelled_ok: the caller does not use labels: a folder or archive with its images directly in the top
+            folder (no class folders) is read as the one class `UNLABELLED` instead of refused.
 
     Returns:
         ImageArrayDataset with images (N, H, W, 3) uint8 (digits: (N, 8, 8, 1)), labels (N,) int64.
@@ -117,9 +125,11 @@ def load_source(
     if not path.exists() and name.lower().split(":")[0] in _BUILTINS:
         ds = _BUILTINS[name.lower().split(":")[0]](name.lower(), cache_root, size)
     elif path.is_dir():
-        ds = _load_cached(path, "folder", cache_root, size, progress, _folder_listing)
+        ds = _load_cached(
+            path, "folder", cache_root, size, progress, partial(_folder_listing, unlabelled_ok=unlabelled_ok)
+        )
     elif path.is_file() and _is_tar(path):
-        ds = _load_cached(path, "tar", cache_root, size, progress, _tar_listing)
+        ds = _load_cached(path, "tar", cache_root, size, progress, partial(_tar_listing, unlabelled_ok=unlabelled_ok))
     elif path.is_file() and path.suffix.lower() == ".csv":
         ds = _load_cached(path, "csv", cache_root, size, progress, _csv_listing)
     elif not path.exists():
@@ -132,6 +142,8 @@ def load_source(
             f"data source '{spec}' is not a folder, a .tar/.tar.gz/.tgz archive or a .csv file; "
             "pass one of those (or digits / cifar10 / cifar100)"
         )
+    if ds.classes == [UNLABELLED] and not unlabelled_ok:  # decoded (and cached) by an earlier unlabelled read
+        raise DataSourceError(_no_class_folders(ds.source))
     if classes is not None:
         ds = align_classes(ds, classes)
     ds.load_seconds = time.perf_counter() - start
@@ -240,18 +252,25 @@ def _class_of_paths(rel_paths: list[tuple[str, ...]], where: str) -> tuple[list[
             break
     if all(len(p) == len(common) for p in parents):  # all images in one folder: that folder is the only class
         if not common:
-            raise DataSourceError(
-                f"{where}: images lie directly in the top folder; put them in one subfolder per class "
-                "(root/<class>/img.jpg) or use a CSV of path,label"
-            )
+            raise DataSourceError(_no_class_folders(where))
         common = common[:-1]
     depth = len(common)
     names = [p[depth] if len(p) > depth else None for p in parents]
     return names, sorted({n for n in names if n is not None})
 
 
-def _labels_from_folders(names: list[str], parts: list[tuple[str, ...]], where: str):
-    """Label entries by their class folder; warn about images lying above the class level."""
+def _no_class_folders(where: str) -> str:
+    return (
+        f"{where}: images lie directly in the top folder; put them in one subfolder per class "
+        "(root/<class>/img.jpg) or use a CSV of path,label"
+    )
+
+
+def _labels_from_folders(names: list[str], parts: list[tuple[str, ...]], where: str, unlabelled_ok: bool = False):
+    """Label entries by their class folder; warn about images lying above the class level. With `unlabelled_ok`,
+    images directly in the top folder are all of the one class UNLABELLED."""
+    if unlabelled_ok and parts and all(len(p) == 1 for p in parts):
+        return [0] * len(names), [UNLABELLED]
     folders, classes = _class_of_paths(parts, where)
     index = {c: i for i, c in enumerate(classes)}
     loose = [n for n, c in zip(names, folders) if c is None]
@@ -274,11 +293,11 @@ def _walk_files(root: Path) -> Iterable[Path]:
             yield Path(dirpath) / f
 
 
-def _folder_listing(root: Path) -> _Listing:
+def _folder_listing(root: Path, unlabelled_ok: bool = False) -> _Listing:
     where = f"image folder '{root}'"
     files = [p for p in _walk_files(root) if _is_image_name(p.relative_to(root).as_posix())]
     names = [p.relative_to(root).as_posix() for p in files]
-    labels, classes = _labels_from_folders(names, [p.relative_to(root).parts for p in files], where)
+    labels, classes = _labels_from_folders(names, [p.relative_to(root).parts for p in files], where, unlabelled_ok)
     return _Listing(f"image folder {root}", list(zip(names, files)), lambda: (labels, classes), len(files))
 
 
@@ -287,7 +306,7 @@ def _is_tar(path: Path) -> bool:
     return n.endswith((".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz"))
 
 
-def _tar_listing(path: Path) -> _Listing:
+def _tar_listing(path: Path, unlabelled_ok: bool = False) -> _Listing:
     where = f"archive '{path}'"
     names: list[str] = []
     parts: list[tuple[str, ...]] = []
@@ -307,7 +326,7 @@ def _tar_listing(path: Path) -> _Listing:
         except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
             raise DataSourceError(f"{where} could not be read ({e}); check that the file is a complete tar") from None
 
-    return _Listing(f"tar archive {path}", stream(), lambda: _labels_from_folders(names, parts, where))
+    return _Listing(f"tar archive {path}", stream(), lambda: _labels_from_folders(names, parts, where, unlabelled_ok))
 
 
 _HEADER_WORDS = {"path", "file", "filename", "file_name", "image", "img", "filepath", "image_path", "name"}

@@ -1,0 +1,50 @@
+"""vitkit pretrain: learn an encoder from images alone (masked autoencoder), to fine-tune on few labels later.
+
+The flags are generated from the pretraining options (vitkit/pretrain/config.py, vitkit/train/options.py): the
+training flags `vitkit train` has, less those about labels, plus the masked autoencoder's (docs/pretraining.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+HELP = "pretrain a ViT on images without labels as a masked autoencoder (MAE): an encoder for finetune --from"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..pretrain.config import NOT_FOR_PRETRAINING, PretrainConfig
+    from ..train.options import add_training_arguments
+
+    add_training_arguments(p, exclude=NOT_FOR_PRETRAINING, required=("data",), config_class=PretrainConfig)
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        default=None,
+        help="continue the run in --out (automatic when --out holds last.ckpt)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..model.serialization import CheckpointError
+    from ..pretrain import PretrainConfig, pretrain
+    from ..train.loop import TrainingDiverged
+    from ..train.options import config_from_args
+
+    cfg = config_from_args(args, PretrainConfig)
+    try:
+        res = pretrain(cfg, resume=args.resume)
+    except (TrainingDiverged, CheckpointError) as e:
+        print(f"vitkit pretrain: error: {e}", file=sys.stderr)
+        return 1
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+        return 0
+    if res.model_path is None:
+        print(f"checkpoint: {res.checkpoint_path}")
+        return 0
+    if res.val_raw is not None:
+        print(f"validation reconstruction loss {res.val_raw['loss']:.4f} (masked patches)")
+    print(f"reconstructions: {res.out_dir / 'reconstruction.png'} (metrics: vitkit plot {res.out_dir})")
+    print(f"encoder: {res.model_path} (next: vitkit finetune --from {res.model_path} --data LABELLED)")
+    return 0
