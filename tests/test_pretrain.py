@@ -216,6 +216,12 @@ def test_pretrain_cli_then_plot(tmp_path):
     r = run_vitkit(["plot", str(out)])
     assert r.returncode == 0, r.stderr
     assert (out / "curves.png").is_file() and (out / "reconstruction.png").is_file()
+    image = write_png(tmp_path / "noise.png", noise_rgb(8, 8))
+    r = run_vitkit(["explain", str(out / "model.safetensors"), image, "--out", str(tmp_path / "maps")])
+    assert r.returncode == 0, r.stderr  # a headless encoder: attention maps, no class
+    assert (tmp_path / "maps" / "noise_attention.png").is_file()
+    r = run_vitkit(["predict", str(out / "model.safetensors"), image])
+    assert r.returncode == 1 and "no head" in r.stderr  # nothing to predict: says what to do instead
 
 
 def test_pretrain_flags():

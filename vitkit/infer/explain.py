@@ -57,6 +57,8 @@ class Explanation:
 
     @property
     def title(self) -> str:
+        if not self.prediction.labels:  # a headless encoder (e.g. pretrained): attention, no class
+            return "(no head: attention only)"
         return f"{self.prediction.labels[0]} ({self.prediction.probs[0]:.1%})"
 
 

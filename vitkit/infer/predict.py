@@ -184,11 +184,20 @@ class Predictor:
         return self.run(batch)
 
     def top_k(self, logits: torch.Tensor, names: Sequence[str], k: int = 5) -> list[Prediction]:
-        """(B, classes) logits -> one Prediction per row: the k most probable classes with softmax probabilities."""
+        """(B, classes) logits -> one Prediction per row: the k most probable classes with softmax probabilities.
+        A headless encoder (num_classes 0, as `vitkit pretrain` saves) has no classes: its Predictions are empty."""
+        if not self.model.cfg.num_classes:
+            return [Prediction(name, [], [], []) for name in names]
         return top_k_predictions(logits, names, self.labels, k)
 
     def format(self, logits: torch.Tensor, names: Sequence[str], topk: int = 5) -> list:
         """(B, classes) outputs -> one prediction per row in the task's format (top-k; labels above a threshold)."""
+        if not self.model.cfg.num_classes:
+            raise ValueError(
+                "this model has no head (num_classes 0: an encoder, e.g. from `vitkit pretrain`), so it predicts "
+                "nothing; `vitkit embed` gives its features, `vitkit explain` its attention, `vitkit finetune --from` "
+                "gives it a head"
+            )
         return self.task.predictions(logits, names, self.labels, topk)
 
     def predict(
