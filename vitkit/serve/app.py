@@ -67,6 +67,62 @@ def upload_name(file: UploadFile) -> str:
     return re.sub(r"[^\w.\- ]", "_", name)[:80] or "upload"
 
 
+class ServeState:
+    """What every route shares: the Predictor, the micro-batching worker, cached explainers, the segmenter."""
+
+    def __init__(self, predictor: Predictor, max_batch: int, max_queue: int):
+        self.predictor = predictor
+        self.explainers: dict[tuple, Explainer] = {}
+        self.figure_lock = threading.Lock()  # matplotlib is not thread-safe; the plain PIL overlays need no lock
+        self.batcher = Batcher(self.handler_for, max_batch=max_batch, max_queue=max_queue)
+        self.segmenter = Segmenter(predictor) if predictor.task.name == "segment" else None  # POST /segment
+
+    def render_figure(self, expl: Explanation, size: int) -> bytes:
+        with self.figure_lock:
+            return figure_png(expl, size)
+
+    def explainer_for(self, method: str, layer: int, head: str, discard: float, target: int | None) -> Explainer:
+        key = (method, layer, head, discard, target)
+        if key not in self.explainers:
+            self.explainers[key] = Explainer(self.predictor, method, layer, parse_head(head), discard, target=target)
+        return self.explainers[key]
+
+    def handler_for(self, kind: Hashable):
+        """The batch function for one kind of request: "predict", or ("explain", explainer key)."""
+        if kind == "predict":
+            return lambda items: list(self.predictor.logits(torch.stack(items)))  # (B, classes) -> B rows
+        explainer = self.explainers[kind[1]]
+
+        def explain_batch(items: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+            logits, heat = explainer.maps(torch.stack(items))  # (B, classes), (B, [heads,] gh, gw)
+            return list(zip(logits, heat))
+
+        return explain_batch
+
+    async def decode(self, file: UploadFile, prepare) -> tuple[str, Any]:
+        """Upload -> (name, prepare(decoded RGB)); decoding runs off the event loop, a bad image is 400/413/415."""
+        name = upload_name(file)
+        data = await file.read()
+        try:
+            return name, await run_in_threadpool(lambda: prepare(self.predictor.decode(data, name)))
+        except ImageDecodeError as e:
+            raise HTTPException(decode_error_status(e), str(e)) from None
+
+    async def load(self, file: UploadFile, with_crop: bool = False) -> tuple[str, torch.Tensor, Any]:
+        """Upload -> (name, model input (C, h, w), display crop or None)."""
+        p = self.predictor
+        name, (x, crop) = await self.decode(file, lambda rgb: (p.prepare(rgb), p.crop(rgb) if with_crop else None))
+        return name, x, crop
+
+    async def submit(self, kind: Hashable, x: torch.Tensor) -> Any:
+        try:
+            return await self.batcher.submit(kind, x)
+        except QueueFull as e:
+            raise HTTPException(503, str(e), headers={"Retry-After": "1"}) from None
+        except (ValueError, RuntimeError) as e:
+            raise HTTPException(500, f"the model failed on this request: {e}") from None
+
+
 def create_app(
     predictor: Predictor,
     max_upload_bytes: int = 20 * MiB,
@@ -75,75 +131,42 @@ def create_app(
     max_queue: int = 256,
 ) -> FastAPI:
     """Build the ASGI app around an already loaded Predictor (one model in memory)."""
-    explainers: dict[tuple, Explainer] = {}
-    figure_lock = threading.Lock()  # matplotlib is not thread-safe; the plain PIL overlays need no lock
-
-    def render_figure(expl: Explanation, size: int) -> bytes:
-        with figure_lock:
-            return figure_png(expl, size)
-
-    def explainer_for(method: str, layer: int, head: str, discard: float, target: int | None) -> Explainer:
-        key = (method, layer, head, discard, target)
-        if key not in explainers:
-            explainers[key] = Explainer(predictor, method, layer, parse_head(head), discard, target=target)
-        return explainers[key]
-
-    def predict_batch(items: list[torch.Tensor]) -> list[torch.Tensor]:
-        return list(predictor.logits(torch.stack(items)))  # (B, classes) -> B rows
-
-    def handler_for(kind: Hashable):
-        if kind == "predict":
-            return predict_batch
-        explainer = explainers[kind[1]]
-
-        def explain_batch(items: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-            logits, heat = explainer.maps(torch.stack(items))  # (B, classes), (B, [heads,] gh, gw)
-            return list(zip(logits, heat))
-
-        return explain_batch
-
-    batcher = Batcher(handler_for, max_batch=max_batch, max_queue=max_queue)
-    segmenter = Segmenter(predictor) if predictor.task.name == "segment" else None  # POST /segment
+    state = ServeState(predictor, max_batch, max_queue)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
-        await batcher.start()
+        await state.batcher.start()
         yield
-        await batcher.stop()
+        await state.batcher.stop()
 
     app = FastAPI(title="vitkit", summary="Vision Transformer predictions and attention maps", lifespan=lifespan)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_upload_bytes)
     app.state.predictor = predictor
-    app.state.batcher = batcher
+    app.state.batcher = state.batcher
+    add_predict_route(app, state, topk)
+    add_explain_route(app, state)
+    add_segment_route(app, state)
     page = resources.files("vitkit.serve").joinpath("static/index.html").read_text(encoding="utf-8")
 
-    async def load(file: UploadFile, with_crop: bool = False) -> tuple[str, torch.Tensor, Any]:
-        """Upload -> (name, model input (C, h, w), display crop or None); decoding runs off the event loop."""
-        name = upload_name(file)
-        data = await file.read()
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok", "model": predictor.describe(), "labels": predictor.labels, **state.batcher.stats()}
 
-        def work():
-            rgb = predictor.decode(data, name)
-            return predictor.prepare(rgb), (predictor.crop(rgb) if with_crop else None)
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index() -> HTMLResponse:
+        headers = {"Content-Security-Policy": PAGE_CSP, "X-Content-Type-Options": "nosniff"}
+        return HTMLResponse(page, headers=headers)
 
-        try:
-            x, crop = await run_in_threadpool(work)
-        except ImageDecodeError as e:
-            raise HTTPException(decode_error_status(e), str(e)) from None
-        return name, x, crop
+    return app
 
-    async def submit(kind: Hashable, x: torch.Tensor) -> Any:
-        try:
-            return await batcher.submit(kind, x)
-        except QueueFull as e:
-            raise HTTPException(503, str(e), headers={"Retry-After": "1"}) from None
-        except (ValueError, RuntimeError) as e:
-            raise HTTPException(500, f"the model failed on this request: {e}") from None
+
+def add_predict_route(app: FastAPI, state: ServeState, default_topk: int) -> None:
+    predictor = state.predictor
 
     @app.post("/predict")
     async def predict(
         file: UploadFile = File(..., description="an image file"),
-        topk: int = Query(topk, ge=1, le=1000, description="how many classes to return"),
+        topk: int = Query(default_topk, ge=1, le=1000, description="how many classes to return"),
         threshold: float | None = Query(None, gt=0, lt=1, description=THRESHOLD_HELP),
     ) -> dict[str, Any]:
         task = predictor.task
@@ -151,9 +174,13 @@ def create_app(
             if not hasattr(task, "threshold"):
                 raise HTTPException(422, f"threshold applies to multi-label models; this is a '{task.name}' model")
             task = dataclasses.replace(task, threshold=threshold)
-        name, x, _ = await load(file)
-        logits = await submit("predict", x)
+        name, x, _ = await state.load(file)
+        logits = await state.submit("predict", x)
         return task.predictions(logits[None], [name], predictor.labels, topk)[0].to_dict()
+
+
+def add_explain_route(app: FastAPI, state: ServeState) -> None:
+    predictor = state.predictor
 
     @app.post("/explain", response_class=Response, responses={200: {"content": {"image/png": {}}}})
     async def explain(
@@ -168,20 +195,24 @@ def create_app(
     ) -> Response:
         try:
             index = parse_class(target, predictor.labels)
-            explainer = explainer_for(method, layer, head, discard, index)
+            explainer = state.explainer_for(method, layer, head, discard, index)
         except ValueError as e:
             raise HTTPException(422, str(e)) from None
-        name, x, crop = await load(file, with_crop=True)
-        logits, heat = await submit(("explain", (method, layer, head, discard, index)), x)
+        name, x, crop = await state.load(file, with_crop=True)
+        logits, heat = await state.submit(("explain", (method, layer, head, discard, index)), x)
         pred = predictor.top_k(logits[None], [name], 5)[0]
         expl = Explanation(name, crop, heat.numpy(), explainer.description, pred)
-        png = await run_in_threadpool(render_figure if figure else overlay_png, expl, size)
+        png = await run_in_threadpool(state.render_figure if figure else overlay_png, expl, size)
         headers = {
             "X-Vitkit-Map": quote(explainer.description, safe=" ,;:()-"),
             "X-Vitkit-Top": quote(f"{pred.labels[0]} {pred.probs[0]:.4f}", safe=" "),
             "Cache-Control": "no-store",
         }
         return Response(png, media_type="image/png", headers=headers)
+
+
+def add_segment_route(app: FastAPI, state: ServeState) -> None:
+    predictor, segmenter = state.predictor, state.segmenter
 
     @app.post(
         "/segment",
@@ -194,24 +225,14 @@ def create_app(
     ) -> Response:
         if segmenter is None:
             raise HTTPException(422, f"/segment needs a segmentation model; this is a '{predictor.task.name}' model")
-        name = upload_name(file)
-        data = await file.read()
-
-        def prepare():
-            rgb = predictor.decode(data, name)
-            return rgb, segmenter.prepare(rgb)
-
-        try:
-            rgb, x = await run_in_threadpool(prepare)
-        except ImageDecodeError as e:
-            raise HTTPException(decode_error_status(e), str(e)) from None
+        name, (rgb, x) = await state.decode(file, lambda rgb: (rgb, segmenter.prepare(rgb)))
         if format == "json" and rgb.shape[0] * rgb.shape[1] > MAX_JSON_MASK_PIXELS:
             raise HTTPException(
                 413,
                 f"'{name}' is {rgb.shape[1]}x{rgb.shape[0]}: over {MAX_JSON_MASK_PIXELS:,} pixels, its mask is too "
                 "large for JSON; ask for format=png (the same class indices as a palette PNG)",
             )
-        logits = await submit("predict", x)  # (K, h, w): batched with /predict's requests
+        logits = await state.submit("predict", x)  # (K, h, w): batched with /predict's requests
 
         def render() -> tuple[Any, bytes | None]:
             pred = segmenter.predictions(logits[None], [name], [rgb.shape[:2]])[0]  # the mask at the upload's size
@@ -225,17 +246,6 @@ def create_app(
         classes = json.dumps(pred.coverage(), separators=(",", ":"))
         headers = {"X-Vitkit-Classes": quote(classes, safe=""), "Cache-Control": "no-store"}
         return Response(png, media_type="image/png", headers=headers)
-
-    @app.get("/healthz")
-    async def healthz() -> dict[str, Any]:
-        return {"status": "ok", "model": predictor.describe(), "labels": predictor.labels, **batcher.stats()}
-
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def index() -> HTMLResponse:
-        headers = {"Content-Security-Policy": PAGE_CSP, "X-Content-Type-Options": "nosniff"}
-        return HTMLResponse(page, headers=headers)
-
-    return app
 
 
 def serve(
