@@ -103,6 +103,18 @@ def test_decoder_predicts_every_patch_from_the_visible_tokens_only(model_kwargs)
     assert mae.decoder.mask_token.grad.abs().sum() > 0  # ... and the decoder's stand-in for hidden patches
 
 
+def test_grad_checkpointing_gives_the_same_gradients():
+    mae = MaskedAutoencoder(tiny_model(num_classes=0), decoder_dim=16, decoder_depth=1, decoder_heads=2)
+    x = torch.randn(2, 3, 32, 32)
+    grads = []
+    for checkpointing in (False, True):
+        mae.zero_grad()
+        mae.set_grad_checkpointing(checkpointing)
+        mae(x, generator=torch.Generator().manual_seed(0)).backward()
+        grads.append(mae.encoder.blocks[0].mlp.fc1.weight.grad.clone())
+    assert mae.encoder.grad_checkpointing and torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
 def test_reconstruction_keeps_the_visible_patches():
     mae = MaskedAutoencoder(tiny_model(num_classes=0), decoder_dim=16, decoder_depth=1, decoder_heads=2)
     x = torch.randn(2, 3, 32, 32)
