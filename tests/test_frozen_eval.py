@@ -99,3 +99,35 @@ def test_cli_knn_and_probe_json(tmp_path, digits_model):
     # untrained features still carry the digits: twice chance (10 %) and more
     assert 0.2 < result["knn_top1"] <= 1 and 0.2 < result["probe_top1"] <= 1
     assert np.isclose(result["queries"] / 1797, 0.1, atol=0.01)
+
+
+def test_pretraining_logs_knn_every_n_epochs_and_trains_the_same(tmp_path, single_thread):
+    from vitkit.pretrain import pretrain
+    from vitkit.train.checkpoint import load_checkpoint
+    from vitkit.train.logging import read_metrics
+
+    from .test_pretrain import tiny_pretrain_config
+
+    with_knn = pretrain(tiny_pretrain_config(tmp_path / "knn", epochs=2, knn_every=1))
+    records = [r for r in read_metrics(with_knn.out_dir) if r["kind"] == "knn"]
+    assert [r["final"] for r in records] == [False, True]  # epoch 1, then the end of the run (1.95 epochs)
+    assert records[0]["epoch"] == 1
+    assert all(0.1 < r["knn_top1"] <= 1 and r["k"] == 20 for r in records)
+    # the k-NN reads the encoder and draws no random number: the run trains exactly as without it
+    without = pretrain(tiny_pretrain_config(tmp_path / "plain", epochs=2))
+    a, b = load_checkpoint(with_knn.checkpoint_path), load_checkpoint(without.checkpoint_path)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_knn_every_on_unlabelled_images_asks_for_knn_data(tmp_path):
+    from vitkit.pretrain import pretrain
+
+    from .conftest import noise_rgb, write_png
+    from .test_pretrain import tiny_pretrain_config
+
+    folder = tmp_path / "flat"  # images with no class folders: pretraining data, but nothing for a k-NN to score
+    folder.mkdir()
+    for i in range(8):
+        write_png(folder / f"{i}.png", noise_rgb(16, 16, seed=i))
+    with pytest.raises(ValueError, match="--knn-data"):
+        pretrain(tiny_pretrain_config(tmp_path / "run", data=str(folder), knn_every=1))

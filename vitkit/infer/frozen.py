@@ -170,8 +170,8 @@ def frozen_eval(
 class FrozenEvalEvery:
     """k-NN accuracy on a labelled source every `every` epochs, for a training loop (e.g. MAE pretraining).
 
-    The source is loaded once, on the first evaluation. Call it at each epoch end: it returns the report's dict
-    on the epochs it runs, else None.
+    The source is loaded once, on the first evaluation. Call it at each epoch end (and with force=True at the end
+    of the run): it returns the report's dict on the epochs it runs, else None.
 
     Args:
         data: any `--data` spec with labels (folder of class folders, tar, csv, digits, cifar10 ...).
@@ -198,8 +198,9 @@ class FrozenEvalEvery:
     def due(self, epoch: int) -> bool:
         return self.every > 0 and epoch > 0 and epoch % self.every == 0
 
-    def __call__(self, model: nn.Module, epoch: int) -> dict[str, Any] | None:
-        if not self.due(epoch):
+    def __call__(self, model: nn.Module, epoch: int, force: bool = False) -> dict[str, Any] | None:
+        """The report's dict when `epoch` is due (or `force`: e.g. at the end of the run), else None."""
+        if not (self.due(epoch) or (force and self.every > 0)):
             return None
         if self._data is None:
             self._data = load_source(self.spec, cache_dir=self.cache_dir, progress=False)

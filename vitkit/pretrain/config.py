@@ -43,6 +43,16 @@ class PretrainConfig(TrainConfig):
     recon_every: int = option(
         1, help="draw reconstruction.png every N epochs (and always at the end; 0: only at the end)", resumable=True
     )
+    # resumable: the k-NN reads the encoder and draws nothing from the RNGs a resumed run depends on
+    knn_every: int = option(
+        0,
+        help="k-NN accuracy (cosine, k=20) of the encoder's frozen features every N epochs, logged as `knn` "
+        "records (0: off; docs/training.md)",
+        resumable=True,
+    )
+    knn_data: str | None = option(
+        None, help="labelled images for --knn-every (default: --data, when it has class folders)", resumable=True
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -18,6 +18,7 @@ import torch
 
 from ..data.preprocess import to_device
 from ..data.sources import ImageArrayDataset, load_source, stratified_split
+from ..infer.frozen import FrozenEvalEvery
 from ..train.build import RunData, model_from_meta
 from ..train.checkpoint import LAST, load_checkpoint
 from ..train.distributed import DistEnv, all_reduce_sum, unwrap
@@ -62,7 +63,10 @@ class PretrainingRun(TrainingRun):
     loss_fn = staticmethod(_own_loss)
 
     def load_data(self) -> RunData:
-        return load_pretraining_data(self.cfg, self.env)
+        data = load_pretraining_data(self.cfg, self.env)
+        if self.cfg.knn_every and not self.cfg.knn_data and len(data.ds.classes) < 2:  # refused now, not after epoch 1
+            raise ValueError(f"--knn-every needs labelled images: '{self.cfg.data}' has no classes; pass --knn-data")
+        return data
 
     def trainee(self) -> MaskedAutoencoder:
         """The encoder (the run's `core`, saved as model.safetensors) with a decoder for the pixels."""
@@ -106,8 +110,32 @@ class PretrainingRun(TrainingRun):
         every = self.cfg.recon_every
         if every and self.loader.epoch % every == 0:
             self.draw_reconstructions()
+        self.knn_accuracy()
+
+    def knn_accuracy(self, final: bool = False) -> dict | None:
+        """--knn-every: the k-NN accuracy of the encoder's frozen features (rank 0), logged as a `knn` record; at
+        the end of the run (`final`) once more unless the last epoch end just measured these weights."""
+        if not self.env.is_main or not self.cfg.knn_every:
+            return None
+        if not hasattr(self, "knn"):
+            spec = self.cfg.knn_data or self.cfg.data
+            self.knn = FrozenEvalEvery(
+                spec, self.cfg.knn_every, cache_dir=self.cfg.cache_dir, precision=self.cfg.precision
+            )
+            self.knn_step = -1
+        step = self.step_state.step
+        if final and self.knn_step == step:
+            return None
+        res = self.knn(self.core, self.loader.epoch, force=final)
+        if res is not None:
+            self.knn_step = step
+            epoch = round(step / max(self.steps_per_epoch, 1), 2)
+            self.logger.log("knn", step, epoch=epoch, final=final, **res)
+            self.say(f"epoch {epoch:g}: k-NN (k={res['k']}) top-1 {res['knn_top1']:.2%} on {res['queries']} images")
+        return res
 
     def finish(self) -> FitResult:
+        self.knn_accuracy(final=True)  # before the trainer's finish closes the log
         result = super().finish()
         self.draw_reconstructions()
         return result
