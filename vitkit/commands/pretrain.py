@@ -7,8 +7,6 @@ training flags `vitkit train` has, less those about labels, plus the masked auto
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 HELP = "pretrain a ViT on images without labels as a masked autoencoder (MAE): an encoder for finetune --from"
 
@@ -27,22 +25,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..model.serialization import CheckpointError
     from ..pretrain import PretrainConfig, pretrain
-    from ..train.loop import TrainingDiverged
     from ..train.options import config_from_args
+    from . import run_training_job
 
     cfg = config_from_args(args, PretrainConfig)
-    try:
-        res = pretrain(cfg, resume=args.resume)
-    except (TrainingDiverged, CheckpointError) as e:
-        print(f"vitkit pretrain: error: {e}", file=sys.stderr)
-        return 1
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
-        return 0
-    if res.model_path is None:
-        print(f"checkpoint: {res.checkpoint_path}")
-        return 0
+    res = run_training_job("pretrain", lambda: pretrain(cfg, resume=args.resume))
+    if isinstance(res, int):
+        return res
     if res.val_raw is not None:
         print(f"validation reconstruction loss {res.val_raw['loss']:.4f} (masked patches)")
     print(f"reconstructions: {res.out_dir / 'reconstruction.png'} (metrics: vitkit plot {res.out_dir})")

@@ -6,7 +6,6 @@ The flags are generated from the training options (vitkit/train/recipe.py, vitki
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 HELP = "train a ViT on an image folder / archive / CSV / built-in set; resumable, logged, budgeted"
@@ -25,25 +24,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..model.serialization import CheckpointError
     from ..train import fit
-    from ..train.loop import TrainingDiverged
     from ..train.options import config_from_args
+    from . import run_training_job
 
     cfg = config_from_args(args)
     if not args.out and args.resume:
         print("vitkit train: --resume continues the run in --out; pass --out RUN_DIR", file=sys.stderr)
         return 2
-    try:
-        res = fit(cfg, resume=args.resume)
-    except (TrainingDiverged, CheckpointError) as e:
-        print(f"vitkit train: error: {e}", file=sys.stderr)
-        return 1
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
-        return 0
-    if res.model_path is None:
-        print(f"checkpoint: {res.checkpoint_path}")
-        return 0
+    res = run_training_job("train", lambda: fit(cfg, resume=args.resume))
+    if isinstance(res, int):
+        return res
     if res.val_top1 is not None:
         print(f"val top-1 {res.val_top1:.2%}, top-5 {res.val_top5:.2%} ({res.best_weights} weights)")
     elif res.val_summary:  # another task's numbers (multilabel: mAP and F1)
