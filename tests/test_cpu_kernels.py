@@ -32,7 +32,7 @@ def ext():
         pytest.skip(f"the CPU kernels cannot be built here: {reason}")
     cpu_kernels.build()  # a no-op once `make setup` / `vitkit kernels build` has built it
     mod = cpu_kernels.kernel()
-    if mod is None and IN_CI:
+    if mod is None and IN_CI and not cpu_kernels.unsupported_here():  # a damaged library, not this CPU
         pytest.fail(f"built but not loaded: {cpu_kernels.status()}")
     if mod is None:
         pytest.skip(cpu_kernels.status())

@@ -57,6 +57,7 @@ MAX_TOKENS = 320
 
 _module: ModuleType | None = None
 _probed = False
+_no_brgemm = False  # the library loaded, but oneDNN's bf16 brgemm is unavailable on this CPU (no AMX / old oneDNN)
 _enabled = os.environ.get("VITKIT_CPU_KERNELS", "1") != "0"
 
 
@@ -132,7 +133,7 @@ def build(verbose: bool = False) -> Path:
 
 def kernel() -> ModuleType | None:
     """The built kernel, loaded once; None when it is off, not built here, or the CPU cannot run it. Never builds."""
-    global _module, _probed
+    global _module, _probed, _no_brgemm
     if not _enabled:
         return None
     if not _probed:
@@ -144,7 +145,8 @@ def kernel() -> ModuleType | None:
                 spec = importlib.util.spec_from_file_location(module_name(), path, loader=loader)
                 mod = importlib.util.module_from_spec(spec)
                 loader.exec_module(mod)
-                _module = mod if mod.brgemm_available() else None
+                _no_brgemm = not mod.brgemm_available()
+                _module = None if _no_brgemm else mod
             except (ImportError, OSError) as e:  # a damaged or foreign library: say so once, keep SDPA
                 warnings.warn(f"vitkit: not using {path} ({e}); rebuild with `vitkit kernels build`", stacklevel=2)
     return _module
@@ -278,6 +280,13 @@ def layer_norm(x: torch.Tensor, shape, weight: torch.Tensor | None, bias: torch.
     if weight.dtype != torch.float32 or bias.dtype != torch.float32:  # bf16 weights (low_precision_inference)
         return torch.nn.functional.layer_norm(x, shape, weight, bias, eps)
     return mod.layer_norm(x, weight, bias, eps)
+
+
+def unsupported_here() -> bool:
+    """Whether the kernels are off for a reason of this machine, not of the build: a CPU without AVX-512 BF16, or
+    a library that loads but finds no bf16 brgemm in oneDNN. A damaged library is not such a reason."""
+    kernel()
+    return not cpu_supported() or _no_brgemm
 
 
 def status() -> str:
