@@ -7,6 +7,16 @@ CHECKPOINT_HELP = (
 )
 
 
+def add_resume_argument(p) -> None:
+    """`--resume` of the verbs that run a training job (train, pretrain)."""
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        default=None,
+        help="continue the run in --out (automatic when --out holds last.ckpt)",
+    )
+
+
 def run_training_job(verb: str, job):
     """Run `job()` (fit / pretrain) for `vitkit VERB`: the result where this process should report it, else an
     exit code: 1 with one error line for a diverged run or a checkpoint problem, 0 on ranks other than 0 and for a

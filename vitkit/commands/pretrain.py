@@ -14,14 +14,10 @@ HELP = "pretrain a ViT on images without labels as a masked autoencoder (MAE): a
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..pretrain.config import NOT_FOR_PRETRAINING, PretrainConfig
     from ..train.options import add_training_arguments
+    from . import add_resume_argument
 
     add_training_arguments(p, exclude=NOT_FOR_PRETRAINING, required=("data",), config_class=PretrainConfig)
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        default=None,
-        help="continue the run in --out (automatic when --out holds last.ckpt)",
-    )
+    add_resume_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:

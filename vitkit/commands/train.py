@@ -13,14 +13,10 @@ HELP = "train a ViT on an image folder / archive / CSV / built-in set; resumable
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..train.options import add_training_arguments
+    from . import add_resume_argument
 
     add_training_arguments(p)
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        default=None,
-        help="continue the run in --out (automatic when --out holds last.ckpt)",
-    )
+    add_resume_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
