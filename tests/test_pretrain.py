@@ -12,7 +12,7 @@ from PIL import Image
 import vitkit
 from vitkit.data.sources import UNLABELLED, DataSourceError, load_source
 from vitkit.pretrain import MaskedAutoencoder, PretrainConfig, pretrain
-from vitkit.pretrain.mae import masked_patch_loss, patchify, random_masking, unpatchify, visible_count
+from vitkit.pretrain.mae import hide_pixels, masked_patch_loss, patchify, random_masking, unpatchify, visible_count
 from vitkit.train.checkpoint import load_checkpoint
 
 from .conftest import noise_rgb, run_vitkit, tiny_model, write_png
@@ -92,8 +92,8 @@ def test_decoder_predicts_every_patch_from_the_visible_tokens_only(model_kwargs)
     seen = []
     encoder.blocks[0].register_forward_hook(lambda m, args, out: seen.append(args[0].shape))
     x = torch.randn(3, 3, 32, 32)
-    keep, _ = random_masking(3, mae.num_patches, 0.75, torch.Generator().manual_seed(0))
-    pred = mae.predict(x, keep)
+    keep, hidden = random_masking(3, mae.num_patches, 0.75, torch.Generator().manual_seed(0))
+    pred = mae.predict(x, keep, hidden)
     assert pred.shape == (3, 16, 8 * 8 * 3)
     assert seen == [(3, encoder.num_prefix_tokens + 4, 32)]  # the encoder ran on the 4 visible patches
     loss = mae(x)
@@ -101,6 +101,19 @@ def test_decoder_predicts_every_patch_from_the_visible_tokens_only(model_kwargs)
     loss.backward()
     assert encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0  # the loss reaches the encoder ...
     assert mae.decoder.mask_token.grad.abs().sum() > 0  # ... and the decoder's stand-in for hidden patches
+
+
+@pytest.mark.parametrize("stem", ["patch", "conv"])
+def test_hidden_pixels_cannot_reach_the_prediction(stem):
+    # a conv tokenizer's receptive field spans neighbouring patches: the hidden ones must be zeroed before it
+    mae = MaskedAutoencoder(tiny_model(num_classes=0, stem=stem), decoder_dim=16, decoder_depth=1, decoder_heads=2)
+    mae.eval()
+    x = torch.randn(2, 3, 32, 32)
+    keep, hidden = random_masking(2, mae.num_patches, 0.75, torch.Generator().manual_seed(0))
+    pixels_hidden = unpatchify(hidden.unsqueeze(-1).expand(-1, -1, 8 * 8 * 3).float(), (8, 8), (4, 4), 3).bool()
+    changed = torch.where(pixels_hidden, torch.randn_like(x) * 5, x)  # only the hidden patches' pixels differ
+    assert torch.allclose(mae.predict(x, keep, hidden), mae.predict(changed, keep, hidden), atol=1e-5)
+    assert hide_pixels(x, hidden, (8, 8))[pixels_hidden].abs().max() == 0
 
 
 def test_grad_checkpointing_gives_the_same_gradients():

@@ -63,6 +63,19 @@ def unpatchify(patches: torch.Tensor, patch_size: tuple[int, int], grid: tuple[i
     return x.permute(0, 5, 1, 3, 2, 4).reshape(B, chans, h * ph, w * pw)
 
 
+def hide_pixels(images: torch.Tensor, hidden: torch.Tensor, patch_size: tuple[int, int]) -> torch.Tensor:
+    """Zero the pixels of the hidden patches: images (B, C, H, W), hidden (B, h*w) bool -> (B, C, H, W).
+
+    A convolutional tokenizer sees past its own patch: its receptive field reaches into the neighbours, so a
+    visible token would carry the hidden pixels next to it and the decoder could copy them back. Zeroed (the
+    dataset mean, in normalised pixels) they carry nothing, as the masked convolutions of ConvMAE and SparK do.
+    """
+    B, C, H, W = images.shape
+    ph, pw = patch_size
+    seen = (~hidden).to(images.dtype).reshape(B, 1, H // ph, 1, W // pw, 1)
+    return (images.reshape(B, C, H // ph, ph, W // pw, pw) * seen).reshape(B, C, H, W)
+
+
 def patch_stats(target: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     """Each patch's pixel mean and std (B, N, 1): what `norm_pix_loss` normalises the target by."""
     return target.mean(dim=-1, keepdim=True), (target.var(dim=-1, keepdim=True) + eps).sqrt()
@@ -150,6 +163,7 @@ class MaskedAutoencoder(nn.Module):
         if norm_pix_loss and patch_pixels < 2:
             raise ValueError("norm_pix_loss needs at least two pixels per patch; use a larger patch or turn it off")
         self.decoder = MaeDecoder(self.grid, cfg.embed_dim, patch_pixels, decoder_dim, decoder_depth, decoder_heads)
+        self.stem_sees_neighbours = cfg.stem == "conv"  # a conv tokenizer needs the hidden pixels zeroed first
         # the pooling and head of the encoder see no gradient here; frozen, they stay out of the optimizer and
         # out of DDP's unused-parameter check (fine-tuning trains them)
         for part in (encoder.fc_norm, encoder.attn_pool, encoder.head):
@@ -160,15 +174,17 @@ class MaskedAutoencoder(nn.Module):
     def num_patches(self) -> int:
         return self.grid[0] * self.grid[1]
 
-    def predict(self, images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """Pixels of every patch (B, N, P) predicted from the patches in `keep` (B, K) alone."""
+    def predict(self, images: torch.Tensor, keep: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """Pixels of every patch (B, N, P) predicted from the patches in `keep` (B, K) alone (hidden: (B, N))."""
+        if self.stem_sees_neighbours:
+            images = hide_pixels(images, hidden, self.patch_size)
         tokens = self.encoder.forward_features(images, keep=keep)  # (B, prefix + K, D): only the visible patches
         return self.decoder(tokens, keep, self.encoder.num_prefix_tokens)
 
     def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Normalised images (B, C, H, W) -> the loss on the hidden patches (fp32 scalar)."""
         keep, hidden = random_masking(images.shape[0], self.num_patches, self.mask_ratio, generator, images.device)
-        pred = self.predict(images, keep)
+        pred = self.predict(images, keep, hidden)
         return masked_patch_loss(pred, patchify(images, self.patch_size), hidden, self.norm_pix_loss)
 
     @torch.no_grad()
@@ -184,7 +200,7 @@ class MaskedAutoencoder(nn.Module):
         The raw prediction shows what the model alone says.
         """
         keep, hidden = random_masking(images.shape[0], self.num_patches, self.mask_ratio, generator, images.device)
-        raw = self.predict(images, keep).float()  # (B, N, P)
+        raw = self.predict(images, keep, hidden).float()  # (B, N, P)
         target = patchify(images.float(), self.patch_size)
         pred = raw
         if self.norm_pix_loss:
