@@ -5,13 +5,16 @@ the labels above the threshold (and the top-k) for a multi-label model), `POST /
 `POST /segment` (segmentation models: field `file` -> the mask as a palette PNG, the overlay PNG, or JSON),
 `GET /healthz` (model and queue state), `GET /` (the web page). Bad input never takes the server down:
 too large -> 413, not an image -> 415, undecodable -> 400, too many pixels (decompression bomb) -> 413,
-missing field or bad option -> 422, queue full -> 503.
+missing field or bad option -> 422, queue full -> 503. A server can also say no: no or a wrong API key -> 401
+(auth.py), over the client's rate -> 429, over the request timeout -> 504 (limits.py); every request is logged
+as one JSON line (accesslog.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
 import threading
 from collections.abc import Hashable
@@ -30,8 +33,10 @@ from ..data.decode import ImageDecodeError
 from ..infer.explain import Explainer, Explanation, figure_png, overlay_png, parse_class, parse_head
 from ..infer.predict import Predictor
 from ..infer.segment import Segmenter, mask_png, segment_overlay_png
+from .accesslog import AccessLogMiddleware, open_access_log
+from .auth import BearerAuthMiddleware, check_bind
 from .batcher import Batcher, QueueFull
-from .limits import BodyLimitMiddleware
+from .limits import BodyLimitMiddleware, RateLimitMiddleware, TimeoutMiddleware
 
 MiB = 1024 * 1024
 DEFAULT_MAX_PIXELS = 40_000_000  # refuse images over 40 MP before decoding them (decompression bombs)
@@ -129,8 +134,17 @@ def create_app(
     max_batch: int = 8,
     topk: int = 5,
     max_queue: int = 256,
+    *,
+    api_key: str | None = None,
+    rate_limit: float | None = None,
+    request_timeout: float | None = None,
+    access_log: logging.Handler | None = None,
 ) -> FastAPI:
-    """Build the ASGI app around an already loaded Predictor (one model in memory)."""
+    """Build the ASGI app around an already loaded Predictor (one model in memory).
+
+    `api_key`: every path but /healthz and the page needs `Authorization: Bearer <key>`; `rate_limit`: requests a
+    second per client address; `request_timeout`: seconds; `access_log`: where the JSON request lines go.
+    """
     state = ServeState(predictor, max_batch, max_queue)
 
     @asynccontextmanager
@@ -140,7 +154,7 @@ def create_app(
         await state.batcher.stop()
 
     app = FastAPI(title="vitkit", summary="Vision Transformer predictions and attention maps", lifespan=lifespan)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=max_upload_bytes)
+    add_guards(app, max_upload_bytes, api_key, rate_limit, request_timeout, access_log)
     app.state.predictor = predictor
     app.state.batcher = state.batcher
     add_predict_route(app, state, topk)
@@ -158,6 +172,27 @@ def create_app(
         return HTMLResponse(page, headers=headers)
 
     return app
+
+
+def add_guards(
+    app: FastAPI,
+    max_upload_bytes: int,
+    api_key: str | None,
+    rate_limit: float | None,
+    request_timeout: float | None,
+    access_log: logging.Handler | None,
+) -> None:
+    """The middleware every request passes, outermost first: access log (sees every answer, the refusals too),
+    rate limit (before the key check, so guessing keys is throttled as well), key check, timeout, body limit."""
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_upload_bytes)  # each one added wraps those before it
+    if request_timeout is not None:
+        app.add_middleware(TimeoutMiddleware, seconds=request_timeout)
+    if api_key is not None:
+        app.add_middleware(BearerAuthMiddleware, key=api_key)
+    if rate_limit is not None:
+        app.add_middleware(RateLimitMiddleware, rate=rate_limit)
+    if access_log is not None:
+        app.add_middleware(AccessLogMiddleware, handler=access_log, redact=[api_key] if api_key else [])
 
 
 def add_predict_route(app: FastAPI, state: ServeState, default_topk: int) -> None:
@@ -259,26 +294,53 @@ def serve(
     log_level: str = "info",
     access_log: bool = True,
     backend: str = "torch",
+    *,
+    api_key: str | None = None,
+    insecure: bool = False,
+    rate_limit: float | None = None,
+    request_timeout: float | None = None,
+    access_log_path: str | Path | None = None,
 ) -> None:
-    """Load the checkpoint once and serve it with uvicorn until interrupted."""
+    """Load the checkpoint once and serve it with uvicorn until interrupted.
+
+    Beyond loopback without `api_key` it refuses to start (ValueError) unless `insecure`. `access_log`: one JSON
+    line per request to `access_log_path`, else stderr (uvicorn's own access lines are off either way).
+    """
     import uvicorn
 
+    check_bind(host, api_key is not None, insecure)  # before the model loads: a refusal costs nothing
+    log = open_access_log(access_log_path) if access_log else None
     predictor = Predictor(checkpoint, backend=backend, max_pixels=max_pixels)
     if backend == "torch-compile":  # compile before the first request: batch 1 (specialised) and a dynamic batch
         print("vitkit serve: compiling the model (batch 1 and a dynamic batch) before listening ...")
         h, w = predictor.preprocess.input_size
         for n in (1, 2):
             predictor.run(torch.zeros(n, predictor.model.cfg.in_chans, h, w))
-    app = create_app(predictor, int(max_upload_mb * MiB), max_batch, topk)
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: listening on {host}, reachable from other machines; there is no authentication")
-    print(f"vitkit serve: {checkpoint} on http://{host}:{port}/ (max upload {max_upload_mb} MiB, batch {max_batch})")
-    uvicorn.run(
-        app,
-        host=host,
-        port=port,
-        log_level=log_level,
-        access_log=access_log,
-        limit_concurrency=128,  # beyond this uvicorn answers 503 instead of piling up connections
-        timeout_keep_alive=5,
+    app = create_app(
+        predictor,
+        int(max_upload_mb * MiB),
+        max_batch,
+        topk,
+        api_key=api_key,
+        rate_limit=rate_limit,
+        request_timeout=request_timeout,
+        access_log=log,
     )
+    guards = ", API key required" if api_key else ""
+    guards += f", {rate_limit:g} requests/s per client" if rate_limit else ""
+    guards += f", timeout {request_timeout:g} s" if request_timeout else ""
+    print(f"vitkit serve: {checkpoint} on http://{host}:{port}/ (max upload {max_upload_mb} MiB, batch {max_batch}"
+          f"{guards})")  # fmt: skip
+    try:
+        uvicorn.run(
+            app,
+            host=host,
+            port=port,
+            log_level=log_level,
+            access_log=False,  # the JSON lines of AccessLogMiddleware replace uvicorn's
+            limit_concurrency=128,  # beyond this uvicorn answers 503 instead of piling up connections
+            timeout_keep_alive=5,
+        )
+    finally:
+        if log is not None:
+            log.close()
