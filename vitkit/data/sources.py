@@ -4,7 +4,9 @@ A spec is one of:
   * a directory in ImageFolder layout (`root/<class>/.../img.jpg`; the class level is found automatically),
   * a `.tar` / `.tar.gz` / `.tgz` of such a directory, read in place with `tarfile` (never unpacked to disk),
   * a `.csv` of `path,label` rows (paths relative to the CSV; header optional; labels as names or ints),
-  * `digits` (scikit-learn's 8x8 digits), `cifar10` / `cifar100` (torchvision's downloader; `:test` for the test split).
+  * `digits` (scikit-learn's 8x8 digits), `cifar10` / `cifar100` (torchvision's downloader; `:test` for the test split),
+  * WebDataset tar shards (`shards/train-{000000..000099}.tar`, a glob, or one tar of image + cls members: shards.py),
+  * a Hugging Face dataset: `hf:NAME[:SPLIT]`, a `save_to_disk` folder or parquet files (hf_datasets.py).
 
 Where labels are not needed (`unlabelled_ok=True`, pretraining), a folder or archive whose images lie directly in
 its top folder is read too: all its images, as the one class `UNLABELLED`.
@@ -39,19 +41,19 @@ from PIL import Image
 
 from ..files import atomic_write, atomic_write_bytes
 from .decode import ImageDecodeError, decode_image
+from .hf_datasets import hf_listing, is_hf_spec, open_hf
+from .listing import IMAGE_EXTENSIONS, DataSourceError  # noqa: F401  (IMAGE_EXTENSIONS: read from here too)
+from .listing import Listing as _Listing
+from .listing import class_of_paths as _class_of_paths
+from .listing import is_image_name as _is_image_name
+from .listing import no_class_folders as _no_class_folders
+from .shards import CLASSES_FILE, expand_shards, is_shard_pattern, load_shard_index, looks_like_shard, shard_listing
 
 log = logging.getLogger("vitkit.data")
 
-IMAGE_EXTENSIONS = frozenset(
-    ".jpg .jpeg .jpe .jfif .png .bmp .gif .tif .tiff .webp .ppm .pgm .pbm .pnm .tga .ico".split()
-)
 CACHE_FORMAT_VERSION = 1  # bump when the cached layout or decoding rules change
 DECODE_CHUNK = 512  # images per task sent to a decoder process
 UNLABELLED = "(unlabelled)"  # the one class of a folder or archive without class folders, read with unlabelled_ok
-
-
-class DataSourceError(ValueError):
-    """The data could not be used (empty, wrong labels, unreachable download); the message says what to do."""
 
 
 @dataclass
@@ -124,6 +126,10 @@ def load_source(
     path = Path(name).expanduser()
     if not path.exists() and name.lower().split(":")[0] in _BUILTINS:
         ds = _BUILTINS[name.lower().split(":")[0]](name.lower(), cache_root, size)
+    elif is_hf_spec(name):
+        ds = _load_hf(name, cache_root, size, progress)
+    elif is_shard_pattern(name) or (path.is_file() and _is_tar(path) and looks_like_shard(path)):
+        ds = _load_shards(name, cache_root, size, progress)
     elif path.is_dir():
         ds = _load_cached(
             path, "folder", cache_root, size, progress, partial(_folder_listing, unlabelled_ok=unlabelled_ok)
@@ -135,7 +141,8 @@ def load_source(
     elif not path.exists():
         raise DataSourceError(
             f"data source '{spec}' does not exist; pass an image folder (root/<class>/img.jpg), a .tar/.tar.gz of "
-            f"one, a .csv of path,label rows, or one of: {', '.join(sorted(_BUILTINS))}"
+            f"one, a .csv of path,label rows, tar shards ('shards/train-{{000000..000099}}.tar'), a Hugging Face "
+            f"dataset (hf:NAME, a save_to_disk folder, .parquet files), or one of: {', '.join(sorted(_BUILTINS))}"
         )
     else:
         raise DataSourceError(
@@ -148,6 +155,29 @@ def load_source(
         ds = align_classes(ds, classes)
     ds.load_seconds = time.perf_counter() - start
     return ds
+
+
+def _load_shards(spec: str, cache_root: Path, size: tuple[int, int] | None, progress: bool) -> ImageArrayDataset:
+    """Tar shards through the decode cache; the samples the shard index left out are named in `skipped` too."""
+    shards = expand_shards(spec)
+    index = load_shard_index(shards, cache_root, progress)
+    sidecar = shards[0].parent / CLASSES_FILE
+    files = shards + ([sidecar] if sidecar.is_file() else [])
+    ds = _load_cached(shards[0], "shards", cache_root, size, progress, lambda _: shard_listing(index), files=files)
+    ds.skipped = list(index.skipped) + [s for s in ds.skipped if s not in index.skipped]
+    return ds
+
+
+def _load_hf(spec: str, cache_root: Path, size: tuple[int, int] | None, progress: bool) -> ImageArrayDataset:
+    """A Hugging Face dataset through the decode cache, keyed by the Arrow files its rows live in."""
+    images = open_hf(spec, cache_root, progress)
+    if not images.files:
+        raise DataSourceError(
+            f"{images.description}: the dataset is in memory only; save_to_disk it and pass the folder"
+        )
+    return _load_cached(
+        images.files[0], "hf", cache_root, size, progress, lambda _: hf_listing(images), files=images.files
+    )
 
 
 def align_classes(ds: ImageArrayDataset, classes: Sequence[str]) -> ImageArrayDataset:
@@ -216,54 +246,6 @@ def stratified_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndar
 
 # ----------------------------------------------------------------------------------------------- listing sources
 # A listing streams (name, bytes-or-path) in a fixed order and, once the stream is spent, labels what it streamed.
-
-
-@dataclass
-class _Listing:
-    description: str
-    stream: Iterable[tuple[str, bytes | Path]]  # read lazily, so a tar is inflated while earlier chunks decode
-    label: Callable[[], tuple[list[int | None], list[str]]]  # after the stream: a label per entry (None: not a
-    # sample, e.g. an image above the class folders) and the class names
-    total: int | None = None  # number of entries when known up front (progress bar)
-
-
-def _is_image_name(name: str) -> bool:
-    parts = name.replace("\\", "/").split("/")
-    if any(p.startswith(".") or p == "__MACOSX" for p in parts if p):
-        return False  # hidden files and macOS resource forks
-    return Path(parts[-1]).suffix.lower() in IMAGE_EXTENSIONS
-
-
-def _class_of_paths(rel_paths: list[tuple[str, ...]], where: str) -> tuple[list[str | None], list[str]]:
-    """Find the class level: the first folder below the deepest folder shared by all images.
-
-    `rel_paths` are the images' path components (file name last). Images lying above the class level get None.
-    """
-    if not rel_paths:
-        raise DataSourceError(f"{where}: no image files found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
-    parents = [p[:-1] for p in rel_paths]
-    common = list(parents[0])
-    for p in parents[1:]:
-        n = 0
-        while n < min(len(common), len(p)) and common[n] == p[n]:
-            n += 1
-        del common[n:]
-        if not common:
-            break
-    if all(len(p) == len(common) for p in parents):  # all images in one folder: that folder is the only class
-        if not common:
-            raise DataSourceError(_no_class_folders(where))
-        common = common[:-1]
-    depth = len(common)
-    names = [p[depth] if len(p) > depth else None for p in parents]
-    return names, sorted({n for n in names if n is not None})
-
-
-def _no_class_folders(where: str) -> str:
-    return (
-        f"{where}: images lie directly in the top folder; put them in one subfolder per class "
-        "(root/<class>/img.jpg) or use a CSV of path,label"
-    )
 
 
 def _labels_from_folders(names: list[str], parts: list[tuple[str, ...]], where: str, unlabelled_ok: bool = False):
