@@ -1,7 +1,9 @@
 """The web page in a real browser: Playwright drives Debian's Chromium against `vitkit serve` on loopback.
 
 Uploads an image through the file input and checks that the top-k bars and the attention overlay appear, then
-that a non-image gives a readable error and the page recovers. The screenshot goes to runs/browser/ (printed).
+that a non-image gives a readable error and the page recovers; against a server with an API key, that the page asks
+for the key on the first 401, asks again when it is refused, and keeps it for the tab. The screenshot goes to
+runs/browser/ (printed).
 Without /usr/bin/chromium the test is skipped with the install command, except in CI (CI=true), where it fails.
 """
 
@@ -204,5 +206,46 @@ def test_page_shows_the_segmentation_overlay(sync_playwright, segment_server_url
             page.screenshot(path=str(shot), full_page=True)
             print(f"\nbrowser screenshot: {shot}")
             assert errors == [], errors
+        finally:
+            browser.close()
+
+
+API_KEY = "browser-test-key_0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def keyed_server_url(tmp_path_factory):
+    pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install 'vitkit[serve]'")
+    from vitkit.serve import create_app
+
+    model = tiny_model("vit_small_patch16_224", labels=["house", "tree", "sun", "lake", "mountain"])
+    path = model.save(tmp_path_factory.mktemp("browser-key") / "tiny.safetensors")
+    with running_server(create_app(Predictor(path), api_key=API_KEY)) as url:
+        yield url
+
+
+def test_page_asks_for_the_key_once_and_keeps_it_for_the_tab(sync_playwright, keyed_server_url, tmp_path):
+    image = scene(tmp_path / "house.png")
+    done = "() => document.getElementById('status').textContent === 'Done.'"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=LAUNCH_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(keyed_server_url + "/")
+            page.set_input_files("#file", str(image))
+            page.wait_for_selector("#key-dialog[open]")  # /predict and /explain were refused: one dialog for both
+            page.fill("#key", "not-the-key")
+            page.click("#key-dialog button[value=ok]")
+            page.wait_for_function("() => document.getElementById('key-note').textContent.includes('refused')")
+            page.fill("#key", API_KEY)
+            page.click("#key-dialog button[value=ok]")
+            page.wait_for_function(done, timeout=30_000)
+            assert page.locator("#bars .bar-row").count() == 5 and not page.is_visible("#key-dialog")
+            assert page.evaluate("() => sessionStorage.getItem('vitkit-api-key')") == API_KEY
+
+            page.reload()  # the same tab: the key is still there, no dialog
+            page.set_input_files("#file", str(image))
+            page.wait_for_function(done, timeout=30_000)
+            assert not page.is_visible("#key-dialog") and page.locator("#bars .bar-row").count() == 5
         finally:
             browser.close()
