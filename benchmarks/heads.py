@@ -1,33 +1,44 @@
 """Task heads on real pixels: each head trained from scratch and fine-tuned from a classification checkpoint at the same
 CPU budget, on sets built from the CIFAR-10 archive.
 
-    .venv/bin/python benchmarks/heads.py --task segment --minutes 10            # both heads, ~45 min on 2 cores
-    ... --heads pyramid --from runs/cifar10_budget/model.safetensors           # a classifier you already have
+    .venv/bin/python benchmarks/heads.py --task all --minutes 10 --out benchmarks/results/heads.jsonl
+    .venv/bin/python benchmarks/heads.py --task multilabel --quick     # every step with tiny sizes, ~1 min on 2 cores
+    ... --heads pyramid --from runs/cifar10_budget/model.safetensors   # a classifier you already have
+
+The archive is split once, stratified by class and seeded: 40,000 photos for the classifier and 10,000 set aside for
+the task sets (each set's training and validation images from separate photos), so the classifier never saw a photo
+of a task set. The classifier (`--from`, or by default one trained here on its photos for `--pretrain-minutes` at
+32 px with `vitkit train`'s defaults) is trained once and reused: by every task of `--task all`, and by a later run
+with the same settings (its file and settings are kept in WORK/classifier).
 
 Segmentation (`--task segment`): 64 x 64 canvases with a texture (two random colour gratings and noise), on which
-one or two CIFAR-10 photos are pasted at random positions and sizes (20 to 44 px), each through an ellipse inscribed
-in its square; the mask labels each pasted pixel with its photo's class (1-10) and the canvas with 0 (background):
-11 classes. The archive is split once, stratified by class and seeded: 40,000 photos for the classifier, 10,000 for
-the canvases (a training set of canvases and a separate validation set, each photo used once), so the classifier
-never saw a pasted photo.
+one or two photos are pasted at random positions and sizes (20 to 44 px), each through an ellipse inscribed in its
+square; the mask labels each pasted pixel with its photo's class (1-10) and the canvas with 0 (background): 11
+classes. Runs per head (`--heads linear,pyramid`). Reported: mIoU and pixel accuracy.
 
-Runs, per head (`--heads linear,pyramid`): `vitkit train --task segment --seg-head H --minutes M` from a fresh ViT
-(the default preset for 64 px: patch 4, D=192, depth 9), and `vitkit finetune --from CLS --task segment --seg-head H
---img-size 64 --minutes M` from the classification checkpoint `--from` (default: one trained here on its 40,000
-photos for `--pretrain-minutes`, at 32 px, the recipe's defaults). The same data, budget, seed and augmentation
-(random scale 0.5-2, crop, flip) for both. Reported: the validation set's mIoU and pixel accuracy of each run
-(`vitkit evaluate --json`'s numbers), with the machine and the command; `--out FILE` appends the record to a
-JSON Lines file (benchmarks/results/).
+Multi-label (`--task multilabel`): 64 x 64 mosaics, a 2 x 2 grid of 32-px cells holding one to four photos in random
+cells (the other cells textured like the canvases); an image's labels are the set of its photos' classes, written as
+a folder of images plus `labels.csv` (`path,labels`), as `vitkit train --task multilabel --data FOLDER` reads it.
+Reported: mAP, micro F1 and macro F1 at the 0.5 threshold.
+
+Runs: `vitkit train --task T --minutes M` from a fresh ViT (the default preset for 64 px: patch 4, D=192, depth 9)
+and `vitkit finetune --from CLS --task T --img-size 64 --minutes M` from the classifier: the same data, budget, seed
+and augmentation for both, each in a fresh run folder. Each is judged on its validation set with `vitkit evaluate
+--json`'s numbers, and the record carries every run's wall seconds (the training verb, data loading included, and the
+evaluation). `--out FILE` appends one record per task to a JSON Lines file (benchmarks/results/).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import platform
+import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +46,18 @@ from machine import DEFAULT_CIFAR10, append_record, cpu_model  # benchmarks/mach
 from PIL import Image
 
 CANVAS = 64  # px: a 16 x 16 patch grid for the patch-4 preset
-PASTED_SHARE = 0.2  # of the archive's photos, per class: pasted on canvases; the rest train the classifier
-SET_VERSION = 2  # bump when the canvases change: a built set is reused only when its stamp matches
+PASTED_SHARE = 0.2  # of the archive's photos, per class: set aside for the task sets; the rest train the classifier
+SET_VERSION = 3  # bump when the canvases change: a built set is reused only when its stamp matches
+MOSAIC_GRID = 2  # cells a side: 2 x 2 cells of 32-px photos make a 64-px mosaic
+MOSAIC_VERSION = 1  # bump when the mosaics change
+TASKS = ("segment", "multilabel")
+METRICS = {"segment": ("miou", "pixel_acc"), "multilabel": ("map", "f1", "f1_macro")}  # evaluate --json's keys
+HEADLINE = {"segment": "miou", "multilabel": "map"}
+
+# Sizes of a full run, and of `--quick` (every step end to end in about a minute on 2 cores: the numbers mean
+# nothing, the run shows that the sets, the classifier, both arms and the record work). A flag given wins.
+FULL = {"minutes": 10.0, "pretrain_minutes": 10.0, "classifier_photos": 40_000, "photos": 10_000, "val_photos": 1500}
+QUICK = {"minutes": 0.1, "pretrain_minutes": 0.1, "classifier_photos": 300, "photos": 200, "val_photos": 80}
 
 
 # ------------------------------------------------------------------------------------------- segmentation set
@@ -86,9 +107,51 @@ def write_canvases(folder: Path, photos: np.ndarray, labels: np.ndarray, classes
     return n
 
 
+# --------------------------------------------------------------------------------------------- multi-label set
+
+
+def mosaic(photos: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
+    """(CANVAS, CANVAS, 3) uint8: a textured canvas with each photo in its own random cell of the grid."""
+    cell = CANVAS // MOSAIC_GRID
+    if len(photos) > MOSAIC_GRID**2 or any(p.shape != (cell, cell, 3) for p in photos):
+        raise ValueError(f"a mosaic holds at most {MOSAIC_GRID**2} RGB photos of {cell} x {cell} px")
+    image = textured_canvas(rng)
+    for photo, c in zip(photos, rng.choice(MOSAIC_GRID**2, size=len(photos), replace=False)):
+        top, left = (cell * int(v) for v in divmod(int(c), MOSAIC_GRID))
+        image[top : top + cell, left : left + cell] = photo
+    return image
+
+
+def write_mosaics(folder: Path, photos: np.ndarray, labels: np.ndarray, classes: list[str], seed: int) -> int:
+    """folder/images/*.png and folder/labels.csv (`path,labels`: the classes of the photos shown, `;`-separated);
+    one to four photos per mosaic, each photo once."""
+    rng = np.random.default_rng(seed)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    order = rng.permutation(len(photos))
+    rows: list[tuple[str, str]] = []
+    i = 0
+    while i < len(order):
+        chosen = order[i : i + int(rng.integers(1, MOSAIC_GRID**2 + 1))]
+        name = f"images/{len(rows):05d}.png"
+        Image.fromarray(mosaic([photos[j] for j in chosen], rng)).save(folder / name)
+        rows.append((name, ";".join(sorted({classes[int(labels[j])] for j in chosen}))))
+        i += len(chosen)
+    with (folder / "labels.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([("path", "labels"), *rows])
+    return len(rows)
+
+
+# --------------------------------------------------------------------------------------------------- the sets
+
+WRITERS: dict[str, tuple[Callable[..., int], int]] = {
+    "segment": (write_canvases, SET_VERSION),
+    "multilabel": (write_mosaics, MOSAIC_VERSION),
+}
+
+
 def archive_split(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(the classifier's photos, the photos to paste): a stratified, seeded split of the archive, each part in a
-    seeded random order (the archive is stored class by class, so a prefix of it would hold a few classes only)."""
+    """(the classifier's photos, the photos of the task sets): a stratified, seeded split of the archive, each part
+    in a seeded random order (the archive is stored class by class, so a prefix of it would hold a few classes)."""
     from vitkit.data.sources import stratified_split
 
     rng = np.random.default_rng(seed)
@@ -96,27 +159,36 @@ def archive_split(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray
     return rng.permutation(classifier), rng.permutation(pasted)
 
 
-def build_segmentation_sets(
-    archive: str, work: Path, photos_used: int, val_photos: int, seed: int
+def task_photo_split(labels: np.ndarray, photos_used: int, val_photos: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training, validation) archive indices of a task set: `photos_used` of the photos `archive_split` sets aside,
+    taken in its random order (not the archive's, which is class by class: a validation part cut from its end
+    would hold the last classes only), `val_photos` of them for validation."""
+    chosen = archive_split(labels, seed)[1][:photos_used]
+    return chosen[: len(chosen) - val_photos], chosen[len(chosen) - val_photos :]
+
+
+def build_sets(
+    task: str, archive: str, work: Path, photos_used: int, val_photos: int, seed: int
 ) -> tuple[Path, Path, int, int]:
-    """(train folder, validation folder, canvases in each) from `photos_used` of the photos `archive_split` sets
-    aside for pasting, `val_photos` of them on the validation canvases; reused when built before alike."""
+    """(train folder, validation folder, images in each) of `task` from `photos_used` of the photos `archive_split`
+    sets aside, `val_photos` of them in the validation images; reused when built before alike."""
     from vitkit.data.sources import load_source
 
-    stamp = {"version": SET_VERSION, "archive": str(Path(archive).resolve()), "photos": photos_used, "seed": seed}
+    write, version = WRITERS[task]
+    stamp = {"version": version, "archive": str(Path(archive).resolve()), "photos": photos_used, "seed": seed}
     stamp["val_photos"] = val_photos
-    root = work / "segment-set"
+    root = work / f"{task}-set"
     done = root / "stamp.json"
     if done.is_file() and json.loads(done.read_text()).get("settings") == stamp:
-        counts = json.loads(done.read_text())["canvases"]
+        counts = json.loads(done.read_text())["images"]
         return root / "train", root / "val", counts[0], counts[1]
+    shutil.rmtree(root, ignore_errors=True)  # another set's files would mix with the new one's
     ds = load_source(archive, progress=False)
-    chosen = np.sort(archive_split(ds.labels, seed)[1][:photos_used])
-    photos, labels = np.asarray(ds.images[chosen]), np.asarray(ds.labels[chosen])
-    n_train = len(photos) - val_photos
-    train = write_canvases(root / "train", photos[:n_train], labels[:n_train], ds.classes, seed)
-    val = write_canvases(root / "val", photos[n_train:], labels[n_train:], ds.classes, seed + 1)
-    done.write_text(json.dumps({"settings": stamp, "canvases": [train, val]}))
+    split = task_photo_split(ds.labels, photos_used, val_photos, seed)
+    train_idx, val_idx = (np.sort(i) for i in split)  # read in archive order; the writers shuffle the photos
+    train = write(root / "train", np.asarray(ds.images[train_idx]), ds.labels[train_idx], ds.classes, seed)
+    val = write(root / "val", np.asarray(ds.images[val_idx]), ds.labels[val_idx], ds.classes, seed + 1)
+    done.write_text(json.dumps({"settings": stamp, "images": [train, val]}))
     return root / "train", root / "val", train, val
 
 
@@ -139,23 +211,48 @@ def write_classifier_folder(archive: str, folder: Path, limit: int, seed: int) -
     return folder
 
 
-def pretrain_classifier(archive: str, work: Path, minutes: float, photos: int, seed: int, quiet: bool) -> Path:
-    """A CIFAR-10 classifier trained on `photos` of its share of the archive for `minutes`, with `vitkit train`'s
-    defaults."""
+def reusable_classifier(folder: Path, settings: dict) -> dict | None:
+    """The record of a classifier trained in `folder` with these settings, when its model file is still there."""
+    stamp = folder / "benchmark.json"
+    if not stamp.is_file():
+        return None
+    record = json.loads(stamp.read_text())
+    return record if record.get("settings") == settings and Path(record["path"]).is_file() else None
+
+
+def pretrain_classifier(archive: str, work: Path, minutes: float, photos: int, seed: int, quiet: bool) -> dict:
+    """{"path", "seconds", "val_top1", "origin" (trained or reused)}: a CIFAR-10 classifier trained on `photos` of
+    its share of the archive for `minutes` with `vitkit train`'s defaults, or the one a run with the same settings
+    left in WORK/classifier."""
     from vitkit.train import build_config, fit
 
+    out = work / "classifier"
+    settings = {"archive": str(Path(archive).resolve()), "minutes": minutes, "photos": photos, "seed": seed}
+    kept = reusable_classifier(out, settings)
+    if kept is not None:
+        print(f"classifier: reusing {kept['path']} (val top-1 {kept['val_top1']:.2%}, trained in {kept['seconds']} s)")
+        return {**{k: kept[k] for k in ("path", "seconds", "val_top1")}, "origin": "reused"}
+    t = time.perf_counter()
     folder = write_classifier_folder(archive, work / f"classifier-photos-{photos}-seed{seed}", photos, seed)
-    cfg = build_config(data=str(folder), out=str(work / "classifier"), minutes=minutes, seed=seed, progress=not quiet)
+    cfg = build_config(data=str(folder), out=str(fresh(out)), minutes=minutes, seed=seed, progress=not quiet)
     res = fit(cfg)
+    record = {"path": str(res.model_path), "seconds": round(time.perf_counter() - t, 1), "val_top1": res.val_top1}
+    (out / "benchmark.json").write_text(json.dumps({"settings": settings, **record}))
     print(f"classifier: val top-1 {res.val_top1:.2%} after {res.steps} steps ({minutes:g} min) -> {res.model_path}")
-    return Path(res.model_path)
+    return {**record, "origin": "trained"}
 
 
 # ----------------------------------------------------------------------------------------------------- runs
 
 
-def judge(model_path: Path, val: Path) -> dict:
-    """mIoU and pixel accuracy of a saved segmentation model on the validation canvases (`vitkit evaluate`'s)."""
+def fresh(folder: Path) -> Path:
+    """`folder`, emptied: a run folder of an earlier benchmark would be resumed (its budget already spent)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    return folder
+
+
+def judge(model_path: Path, val: Path, keys: tuple[str, ...]) -> dict:
+    """The validation numbers `keys` of a saved model (`vitkit evaluate --json`'s), read as its task reads data."""
     from vitkit.infer.evaluate import evaluate_model
     from vitkit.model.loading import load_model
     from vitkit.tasks import task_of
@@ -164,44 +261,51 @@ def judge(model_path: Path, val: Path) -> dict:
     task = task_of(model)
     ds = task.read(str(val), progress=False, classes=model.labels)
     res = evaluate_model(model, ds, task=task).result
-    return {"miou": round(res["miou"], 4), "pixel_acc": round(res["pixel_acc"], 4)}
+    return {k: round(res[k], 4) for k in keys}
 
 
-def run_segment(args: argparse.Namespace, work: Path, classifier: Path) -> list[dict]:
-    """Each head from scratch and fine-tuned from `classifier` at the same budget; their validation numbers."""
+def scratch_and_finetuned(
+    args: argparse.Namespace, task: str, train: Path, val: Path, classifier: str, name: str, **options: object
+) -> dict:
+    """One row: `task` trained from scratch and fine-tuned from `classifier` at the same budget, both judged on
+    `val`, with each run's wall seconds (training verb, evaluation)."""
     from vitkit.train import build_config, fit
     from vitkit.train.finetune import finetune
 
-    train, val, n_train, n_val = build_segmentation_sets(args.data, work, args.photos, args.val_photos, args.seed)
-    print(f"segmentation set: {n_train} training / {n_val} validation canvases of {CANVAS} px, 11 classes ({train})")
-    common = dict(task="segment", val_data=str(val), minutes=args.minutes, seed=args.seed, progress=not args.quiet)
-    rows = []
-    for head in args.heads:
-        t = time.perf_counter()
-        cfg = build_config(data=str(train), out=str(work / f"segment-{head}-scratch"), seg_head=head, **common)
-        scratch = judge(Path(fit(cfg).model_path), val)
-        scratch_s = time.perf_counter() - t
-        t = time.perf_counter()
-        res = finetune(
-            str(classifier),
-            str(train),
-            out=work / f"segment-{head}-finetuned",
-            img_size=CANVAS,
-            seg_head=head,
-            **common,
-        )
-        tuned = judge(Path(res.model_path), val)
-        rows.append(
-            {
-                "head": head,
-                "scratch": scratch,
-                "finetuned": tuned,
-                "gain_miou": round(tuned["miou"] - scratch["miou"], 4),
-                "seconds": {"scratch": round(scratch_s, 1), "finetuned": round(time.perf_counter() - t, 1)},
-            }
-        )
-        print(f"  {head}: from scratch mIoU {scratch['miou']:.4f}, fine-tuned {tuned['miou']:.4f}")
-    return rows
+    common = dict(task=task, val_data=str(val), minutes=args.minutes, seed=args.seed, progress=not args.quiet)
+    work, keys = Path(args.work), METRICS[task]
+    t = time.perf_counter()
+    cfg = build_config(data=str(train), out=str(fresh(work / f"{task}-{name}-scratch")), **common, **options)
+    scratch_path = Path(fit(cfg).model_path)
+    seconds = {"scratch": {"train": round(time.perf_counter() - t, 1)}}
+    t = time.perf_counter()
+    scratch = judge(scratch_path, val, keys)
+    seconds["scratch"]["evaluate"] = round(time.perf_counter() - t, 1)
+    t = time.perf_counter()
+    out = fresh(work / f"{task}-{name}-finetuned")
+    tuned_path = Path(finetune(classifier, str(train), out=out, img_size=CANVAS, **common, **options).model_path)
+    seconds["finetuned"] = {"train": round(time.perf_counter() - t, 1)}
+    t = time.perf_counter()
+    tuned = judge(tuned_path, val, keys)
+    seconds["finetuned"]["evaluate"] = round(time.perf_counter() - t, 1)
+    key = HEADLINE[task]
+    print(f"  {name}: from scratch {key} {scratch[key]:.4f}, fine-tuned {tuned[key]:.4f}")
+    gain = round(tuned[key] - scratch[key], 4)
+    return {"head": name, "scratch": scratch, "finetuned": tuned, f"gain_{key}": gain, "seconds": seconds}
+
+
+def run_task(args: argparse.Namespace, task: str, classifier: str) -> tuple[dict, list[dict]]:
+    """(the set's sizes and build seconds, one row per head) of `task`."""
+    t = time.perf_counter()
+    train, val, n_train, n_val = build_sets(task, args.data, Path(args.work), args.photos, args.val_photos, args.seed)
+    built = {"train_images": n_train, "val_images": n_val, "seconds": round(time.perf_counter() - t, 1)}
+    what = "canvases, 11 classes" if task == "segment" else "mosaics, 10 labels"
+    print(f"{task} set: {n_train} training / {n_val} validation {what} of {CANVAS} px ({train})")
+    if task == "segment":
+        rows = [scratch_and_finetuned(args, task, train, val, classifier, h, seg_head=h) for h in args.heads]
+    else:
+        rows = [scratch_and_finetuned(args, task, train, val, classifier, "linear")]
+    return built, rows
 
 
 def machine() -> str:
@@ -215,59 +319,95 @@ def machine() -> str:
     )
 
 
-def print_table(rows: list[dict], minutes: float) -> None:
-    print(f"\n{minutes:g} min of training each:")
-    print("| head | from scratch mIoU | fine-tuned mIoU | gain | pixel acc. scratch / fine-tuned |")
+def print_table(task: str, rows: list[dict], minutes: float) -> None:
+    print(f"\n{task}, {minutes:g} min of training each:")
+    if task == "segment":
+        print("| head | from scratch mIoU | fine-tuned mIoU | gain | pixel acc. scratch / fine-tuned |")
+        print("| --- | --- | --- | --- | --- |")
+        for r in rows:
+            s, f = r["scratch"], r["finetuned"]
+            print(
+                f"| {r['head']} | {s['miou']:.4f} | {f['miou']:.4f} | {r['gain_miou']:+.4f} | "
+                f"{s['pixel_acc']:.4f} / {f['pixel_acc']:.4f} |"
+            )
+        return
+    print("| head | from scratch mAP | fine-tuned mAP | gain | F1 (micro) scratch / fine-tuned |")
     print("| --- | --- | --- | --- | --- |")
     for r in rows:
         s, f = r["scratch"], r["finetuned"]
-        print(
-            f"| {r['head']} | {s['miou']:.4f} | {f['miou']:.4f} | {r['gain_miou']:+.4f} | "
-            f"{s['pixel_acc']:.4f} / {f['pixel_acc']:.4f} |"
-        )
+        gain = r["gain_map"]
+        print(f"| {r['head']} | {s['map']:.4f} | {f['map']:.4f} | {gain:+.4f} | {s['f1']:.4f} / {f['f1']:.4f} |")
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options, with the sizes of `--quick` or of a full run where no flag gives them; bad sizes exit with
+    a message saying which."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--task", choices=(*TASKS, "all"), default="segment", help="which task's heads to measure")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, seconds of budget: checks every step, ~1 min")
+    p.add_argument("--minutes", type=float, help="training budget of every run, scratch and fine-tune (default 10)")
+    p.add_argument("--heads", default="linear,pyramid", help="segmentation heads, comma-separated")
+    p.add_argument("--from", dest="source", help="a classification checkpoint to fine-tune (default: train one)")
+    p.add_argument("--pretrain-minutes", type=float, help="the classifier's budget when trained here (default 10)")
+    p.add_argument("--classifier-photos", type=int, help="photos the classifier trains on (default: all its 40,000)")
+    p.add_argument("--data", default=DEFAULT_CIFAR10, help=f"CIFAR-10 train archive (default {DEFAULT_CIFAR10})")
+    p.add_argument("--photos", type=int, help="photos in a task set (default: all the 10,000 set aside)")
+    p.add_argument("--val-photos", type=int, help="of those, the photos in the validation images (default 1500)")
+    p.add_argument("--work", help="where the sets, the runs and the models go (default runs/bench-heads[-quick])")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--out", help="append the records to this JSON Lines file (e.g. benchmarks/results/heads.jsonl)")
+    args = p.parse_args(argv)
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.work = args.work or ("runs/bench-heads-quick" if args.quick else "runs/bench-heads")
+    args.heads = [h.strip() for h in args.heads.split(",") if h.strip()]
+    args.tasks = list(TASKS) if args.task == "all" else [args.task]
+    if not 0 < args.val_photos < args.photos <= FULL["photos"]:
+        p.error(f"need 0 < --val-photos < --photos <= {FULL['photos']}, got {args.val_photos} and {args.photos}")
+    if not 0 < args.classifier_photos <= FULL["classifier_photos"]:
+        p.error(f"--classifier-photos must be in 1..{FULL['classifier_photos']}, got {args.classifier_photos}")
+    if args.minutes <= 0 or args.pretrain_minutes <= 0:
+        p.error(f"budgets must be positive, got --minutes {args.minutes}, --pretrain-minutes {args.pretrain_minutes}")
+    bad_heads = sorted(set(args.heads) - {"linear", "pyramid"})
+    if "segment" in args.tasks and (bad_heads or not args.heads):
+        p.error(f"--heads takes linear and/or pyramid, got {bad_heads or 'none'}")
+    if args.source and not Path(args.source).is_file():
+        p.error(f"--from '{args.source}' is not a file (a classification .safetensors)")
+    return args
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--task", choices=("segment",), default="segment", help="which task's heads to measure")
-    p.add_argument("--minutes", type=float, default=10.0, help="training budget of every run (scratch and fine-tune)")
-    p.add_argument("--heads", default="linear,pyramid", help="segmentation heads, comma-separated")
-    p.add_argument("--from", dest="source", help="a classification checkpoint to fine-tune (default: train one)")
-    p.add_argument("--pretrain-minutes", type=float, default=10.0, help="the classifier's budget when trained here")
-    p.add_argument(
-        "--classifier-photos", type=int, default=40_000, help="photos the classifier trains on (at most its 40,000)"
-    )
-    p.add_argument("--data", default=DEFAULT_CIFAR10, help=f"CIFAR-10 train archive (default {DEFAULT_CIFAR10})")
-    p.add_argument(
-        "--photos", type=int, default=10_000, help="photos pasted on canvases (at most the 10,000 set aside)"
-    )
-    p.add_argument("--val-photos", type=int, default=1500, help="of those, the photos on the validation canvases")
-    p.add_argument("--work", default="runs/bench-heads", help="where the sets, the runs and the models go")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--out", help="append the record to this JSON Lines file (e.g. benchmarks/results/heads.jsonl)")
-    args = p.parse_args()
-    args.heads = [h.strip() for h in args.heads.split(",") if h.strip()]
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
+    args = parse_args()
+    Path(args.work).mkdir(parents=True, exist_ok=True)
     print(f"machine: {machine()}")
     print(f"command: {' '.join([sys.executable, *sys.argv])}")
-    classifier = Path(args.source) if args.source else pretrain_classifier(
-        args.data, work, args.pretrain_minutes, args.classifier_photos, args.seed, args.quiet
-    )  # fmt: skip
-    rows = run_segment(args, work, classifier)
-    print_table(rows, args.minutes)
-    figures = {
-        "task": args.task,
-        "minutes": args.minutes,
-        "classifier": str(classifier),
-        "pretrain_minutes": None if args.source else args.pretrain_minutes,
-        "machine": machine(),
-        "rows": rows,
-    }
-    print(json.dumps(figures))
-    if args.out:
-        append_record(args.out, "heads", figures)
+    if args.source:
+        classifier = {"path": args.source, "seconds": None, "val_top1": None, "origin": "given"}
+    else:
+        classifier = pretrain_classifier(
+            args.data, Path(args.work), args.pretrain_minutes, args.classifier_photos, args.seed, args.quiet
+        )
+    for task in args.tasks:
+        built, rows = run_task(args, task, classifier["path"])
+        print_table(task, rows, args.minutes)
+        figures = {
+            "task": task,
+            "quick": args.quick,
+            "minutes": args.minutes,
+            "classifier": classifier,
+            "pretrain_minutes": None if args.source else args.pretrain_minutes,
+            "set": built,
+            "machine": machine(),
+            "rows": rows,
+        }
+        print(json.dumps(figures))
+        if args.out:
+            append_record(args.out, "heads", figures)
     return 0
 
 
