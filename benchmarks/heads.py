@@ -264,6 +264,15 @@ def judge(model_path: Path, val: Path, keys: tuple[str, ...]) -> dict:
     return {k: round(res[k], 4) for k in keys}
 
 
+def judged_run(train: Callable[[], Path], val: Path, keys: tuple[str, ...]) -> tuple[dict, dict]:
+    """(the validation numbers, {"train": s, "evaluate": s}) of one run; `train` trains and returns the model file."""
+    t = time.perf_counter()
+    model_path = train()
+    trained = time.perf_counter()
+    numbers = judge(model_path, val, keys)
+    return numbers, {"train": round(trained - t, 1), "evaluate": round(time.perf_counter() - trained, 1)}
+
+
 def scratch_and_finetuned(
     args: argparse.Namespace, task: str, train: Path, val: Path, classifier: str, name: str, **options: object
 ) -> dict:
@@ -274,24 +283,26 @@ def scratch_and_finetuned(
 
     common = dict(task=task, val_data=str(val), minutes=args.minutes, seed=args.seed, progress=not args.quiet)
     work, keys = Path(args.work), METRICS[task]
-    t = time.perf_counter()
-    cfg = build_config(data=str(train), out=str(fresh(work / f"{task}-{name}-scratch")), **common, **options)
-    scratch_path = Path(fit(cfg).model_path)
-    seconds = {"scratch": {"train": round(time.perf_counter() - t, 1)}}
-    t = time.perf_counter()
-    scratch = judge(scratch_path, val, keys)
-    seconds["scratch"]["evaluate"] = round(time.perf_counter() - t, 1)
-    t = time.perf_counter()
-    out = fresh(work / f"{task}-{name}-finetuned")
-    tuned_path = Path(finetune(classifier, str(train), out=out, img_size=CANVAS, **common, **options).model_path)
-    seconds["finetuned"] = {"train": round(time.perf_counter() - t, 1)}
-    t = time.perf_counter()
-    tuned = judge(tuned_path, val, keys)
-    seconds["finetuned"]["evaluate"] = round(time.perf_counter() - t, 1)
+
+    def from_scratch() -> Path:
+        out = fresh(work / f"{task}-{name}-scratch")
+        return Path(fit(build_config(data=str(train), out=str(out), **common, **options)).model_path)
+
+    def fine_tuned() -> Path:
+        out = fresh(work / f"{task}-{name}-finetuned")
+        return Path(finetune(classifier, str(train), out=out, img_size=CANVAS, **common, **options).model_path)
+
+    scratch, scratch_s = judged_run(from_scratch, val, keys)
+    tuned, tuned_s = judged_run(fine_tuned, val, keys)
     key = HEADLINE[task]
     print(f"  {name}: from scratch {key} {scratch[key]:.4f}, fine-tuned {tuned[key]:.4f}")
-    gain = round(tuned[key] - scratch[key], 4)
-    return {"head": name, "scratch": scratch, "finetuned": tuned, f"gain_{key}": gain, "seconds": seconds}
+    return {
+        "head": name,
+        "scratch": scratch,
+        "finetuned": tuned,
+        f"gain_{key}": round(tuned[key] - scratch[key], 4),
+        "seconds": {"scratch": scratch_s, "finetuned": tuned_s},
+    }
 
 
 def run_task(args: argparse.Namespace, task: str, classifier: str) -> tuple[dict, list[dict]]:
