@@ -1,5 +1,6 @@
 """vitkit: Vision Transformers that train, fine-tune, explain and serve, fast on the machine you have."""
 
+from . import quant  # noqa: F401  (registers the int8 structure with the checkpoint loader)
 from .config import PreprocessConfig, ViTConfig, config_from_name, list_models
 from .interop import create_model, from_pretrained  # create_model with pretrained=True loads weights by name
 from .model import VisionTransformer

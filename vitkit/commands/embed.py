@@ -21,7 +21,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--patch", action="store_true", help="patch-token features instead of the pooled vector")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument(
+        "--precision",
+        choices=["bf16", "fp32", "int8"],
+        default="bf16",
+        help="int8: block linears in int8, quantized on load (dynamic activations)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

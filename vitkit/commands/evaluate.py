@@ -24,7 +24,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of that split (default 0, as `vitkit train`)")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument(
+        "--precision",
+        choices=("bf16", "fp32", "int8"),
+        default="bf16",
+        help="int8: the block linears in int8, scored beside bf16 (a float checkpoint: quantized here, calibrated "
+        "on --calib or dynamic; a `vitkit quantize` output runs as it is)",
+    )
+    p.add_argument("--calib", help="--precision int8: calibration images (any --data spec; default: dynamic)")
+    p.add_argument("--calib-images", type=int, default=256, help="images drawn from --calib (default 256)")
     p.add_argument("--cache-dir", help="decode cache folder")
     p.add_argument("--confusion", help="where to write the confusion-matrix PNG (default: next to the checkpoint)")
     p.add_argument("--json", action="store_true", help="print one JSON object (top1, top5, per_class) last")
@@ -65,6 +73,7 @@ def load_any(path: str):
 def run(args: argparse.Namespace) -> int:
     from ..infer.evaluate import TaskReport, evaluate_model
     from ..optional import available, require
+    from ..quant import is_quantized
     from ..tasks import task_of
 
     if args.retrieval:
@@ -91,28 +100,78 @@ def run(args: argparse.Namespace) -> int:
     if not plot:  # the default plot is a nicety: the numbers below are the result
         print("confusion-matrix plot skipped: matplotlib is not installed (pip install matplotlib)")
         png = None
+    int8 = args.precision == "int8" or is_quantized(model)
+    reference = None  # int8: the float model's bf16 report, beside the int8 one
+    if int8 and not is_quantized(model):
+        reference = evaluate_model(model, ds, indices, batch_size=args.batch_size, precision="bf16", tta=args.tta,
+                                   task=task)  # fmt: skip
+        model = quantized_for_evaluation(model, args)
     report = evaluate_model(
         model,
         ds,
         indices,
         batch_size=args.batch_size,
-        precision=args.precision,
+        precision="int8" if int8 else args.precision,
         confusion_png=png,
         tta=args.tta,
         task=task,
     )
     if ds.skipped:
         print(f"skipped {len(ds.skipped)} unreadable file(s), e.g. {ds.skipped[0][0]}: {ds.skipped[0][1]}")
-    print(f"{ckpt} on {ds.source}: {report.n} images")
+    print(f"{ckpt} on {ds.source}: {report.n} images" + (f", {describe_int8(model)}" if int8 else ""))
     if isinstance(report, TaskReport):
         print_task_report(report)
     else:
         print_classification(report)
+    if int8:
+        print_int8_comparison(report, reference)
     if report.confusion_png is not None:
         print(f"confusion matrix: {report.confusion_png}")
     if args.json:
-        print(json.dumps(report.to_dict()))
+        result = report.to_dict()
+        if int8:
+            result |= {"precision": "int8", "quantization": model.quantization}
+            result["bf16"] = None if reference is None else reference.to_dict()
+        print(json.dumps(result))
     return 0
+
+
+def quantized_for_evaluation(model, args: argparse.Namespace):
+    """The int8 copy `evaluate --precision int8` scores: calibrated on --calib images drawn outside the --val-split
+    part (so no scored image set a grid), or with dynamic activations without --calib."""
+    from ..quant import quantize_calibrated, quantize_model
+
+    if not args.calib:
+        return quantize_model(model)
+    return quantize_calibrated(
+        model, args.calib, args.calib_images, val_split=args.val_split, seed=args.seed, cache_dir=args.cache_dir,
+        progress=not args.json,
+    )  # fmt: skip
+
+
+def describe_int8(model) -> str:
+    calib = model.quantization.get("calibration")
+    if calib:
+        return f"int8 (activations calibrated on {calib['images']} images of {calib['source']})"
+    return f"int8 ({model.quantization['activations']} activations)"
+
+
+def print_int8_comparison(report, reference) -> None:
+    """int8 against bf16: top-1 (a classifier) or every single number (other tasks), and the difference."""
+    from ..infer.evaluate import TaskReport
+
+    if reference is None:
+        print("bf16: not scored (this file holds int8 weights only; evaluate the float checkpoint it was quantized "
+              "from with --precision int8 --calib ... to see both)")  # fmt: skip
+        return
+    if isinstance(report, TaskReport):
+        ours, theirs = report.result, reference.result
+        keys = [k for k, v in ours.items() if isinstance(v, float)]
+        print("bf16: " + "   ".join(f"{k} {theirs[k]:.4f}" for k in keys))
+        print("int8 - bf16: " + "   ".join(f"{k} {ours[k] - theirs[k]:+.4f}" for k in keys))
+        return
+    print(f"top-1 int8 {report.top1:.2%}   bf16 {reference.top1:.2%}   difference "
+          f"{100 * (report.top1 - reference.top1):+.2f} points")  # fmt: skip
 
 
 def print_classification(report) -> None:

@@ -22,7 +22,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="torch",
         help="inference engine: torch (default), torch-compile (compiled on first use), onnxruntime (.onnx files)",
     )
-    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="torch backend arithmetic")
+    p.add_argument(
+        "--precision",
+        choices=("bf16", "fp32", "int8"),
+        default="bf16",
+        help="torch backend arithmetic; int8: block linears in int8, quantized on load (dynamic activations; "
+        "`vitkit quantize` writes a calibrated, faster file)",
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--input-size", type=int, nargs="+", metavar="H [W]", help="input size (dynamic-size models)")
     p.add_argument(

@@ -43,6 +43,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="torch (default) or torch-compile: compiled before listening (~15 s), faster at small batches",
     )
     p.add_argument(
+        "--precision",
+        choices=("bf16", "fp32", "int8"),
+        default="bf16",
+        help="arithmetic (default bf16); int8: block linears in int8, quantized on load (dynamic activations; a "
+        "`vitkit quantize` output is served in int8 with its calibrated grids whatever this says)",
+    )
+    p.add_argument(
         "--api-key-file",
         metavar="FILE",
         help="require 'Authorization: Bearer <key>' on every endpoint but /healthz, the key read from FILE "
@@ -99,5 +106,6 @@ def run(args: argparse.Namespace) -> int:
         rate_limit=args.rate_limit,
         request_timeout=args.request_timeout,
         access_log_path=args.access_log,
+        precision=args.precision,
     )
     return 0

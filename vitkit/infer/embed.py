@@ -6,7 +6,6 @@ k-NN / logistic-regression probe) starts from. Images go through the checkpoint'
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,8 @@ import torch
 from ..data.decode import ImageDecodeError, decode_image
 from ..data.preprocess import preprocess_image
 from ..model import VisionTransformer
+from .precision import autocast as precision_autocast
+from .precision import check_precision, model_for
 from .predict import Failure, _name_of, trim_extreme_aspect
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -80,7 +81,7 @@ def embed_all(
         images: paths or (H, W, 3) uint8 arrays.
         names: how to call each image in the result (default: its path, or `<image i>` for an array).
         patch: patch-token features (M, h*w, D) instead of pooled ones (M, D).
-        precision: "bf16" (fast on CPUs with AMX, ~3 significant digits) or "fp32".
+        precision: "bf16" (fast on CPUs with AMX, ~3 significant digits), "fp32" or "int8" (infer/precision.py).
     """
     return _embed(model, images, names, patch, batch_size, precision, errors="collect")
 
@@ -98,7 +99,7 @@ def embed_images(
         images: paths or (H, W, 3) uint8 arrays; a file that cannot be decoded raises ImageDecodeError naming it
             (`embed_all` skips it instead).
         patch: return patch-token features (N, h*w, D) instead of pooled ones (N, D).
-        precision: "bf16" (fast on CPUs with AMX, ~3 significant digits) or "fp32".
+        precision: "bf16" (fast on CPUs with AMX, ~3 significant digits), "fp32" or "int8" (infer/precision.py).
 
     Returns:
         float32 array, one row per image in input order.
@@ -116,12 +117,11 @@ def _embed(
     errors: str,
 ) -> Embeddings:
     """Decode, preprocess and embed in batches; a bad image raises (errors="raise") or becomes a Failure."""
-    if precision not in ("bf16", "fp32"):
-        raise ValueError(f"precision must be 'bf16' or 'fp32', got {precision!r}")
-    model = load_model(model)
+    check_precision(precision)
+    model, bf16 = model_for(load_model(model), precision)
     device = next(model.parameters()).device
     pre, chans = model.preprocess, model.cfg.in_chans
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    autocast = precision_autocast(device, bf16)
     names = list(names) if names is not None else [_name_of(im, i) for i, im in enumerate(images)]
     out = Embeddings(np.zeros(0, np.float32), [], [])
     pending: list[torch.Tensor] = []
@@ -165,10 +165,10 @@ def embed_array(
     """
     from ..data.transforms import build_eval_transform
 
-    model = model.eval()
+    model, bf16 = model_for(model.eval(), precision)
     device = next(model.parameters()).device
     tf = build_eval_transform(model.preprocess, model.cfg.in_chans)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    autocast = precision_autocast(device, bf16)
     chunks = []
     for start in range(0, len(images), batch_size):
         # a copy: the decode cache is a read-only memmap, and torch warns on tensors over non-writable memory

@@ -8,7 +8,6 @@ classifier; mAP, per-class AP and F1 for multi-label), and a confusion-matrix PN
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from ..data.loader import BatchLoader
 from ..data.sources import ImageArrayDataset
 from ..data.transforms import build_eval_transform
 from ..tasks import ClassifyTask, Task, task_of
+from .precision import autocast, model_for
 
 
 @torch.no_grad()
@@ -48,9 +48,10 @@ def evaluate_batches(
     """
     device = torch.device(device)
     metrics = (task or ClassifyTask(topk=topk)).metrics(num_classes)
-    was_training = model.training
+    original, was_training = model, model.training
     model.eval()
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    model, bf16 = model_for(model, precision)  # precision "int8" of a float model: a quantized copy
+    amp = autocast(device, bf16)
     for x, y in batches:
         x, y = x.to(device), y.to(device)
         with amp:
@@ -61,7 +62,7 @@ def evaluate_batches(
                     mirrored = mirrored.flip(-1)
                 logits = (logits + mirrored) / 2
         metrics.update(logits, y)
-    model.train(was_training)
+    original.train(was_training)
     return metrics.result()
 
 

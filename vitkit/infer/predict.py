@@ -35,6 +35,7 @@ from ..model import VisionTransformer
 from ..tasks import task_of
 from ..tasks.classify import Prediction, top_k_predictions
 from .onnx_backend import is_onnx_file, model_from_onnx, onnxruntime_backend
+from .precision import effective_precision, model_for
 
 Backend = Callable[[torch.Tensor], torch.Tensor]  # (B, C, H, W) float32 -> (B, classes) float32 logits
 BackendFactory = Callable[..., Backend]  # factory(model, checkpoint=Path | None, **options) -> Backend
@@ -55,7 +56,9 @@ def available_backends() -> list[str]:
 def torch_backend(
     model: VisionTransformer, checkpoint: Path | None = None, precision: str = "bf16", compile: bool = False
 ) -> Backend:
-    """Run the model itself: bf16 autocast (precision="bf16") or plain fp32, always under inference_mode.
+    """Run the model itself: bf16 autocast (precision="bf16"), plain fp32, or int8 block linears with the rest under
+    bf16 autocast (precision="int8", or any model `vitkit quantize` wrote: vitkit/infer/precision.py), always under
+    inference_mode.
 
     eval mode + inference_mode + bf16 autocast on the CPU is exactly what engages the model's fast path
     (`vitkit.fast`); fp32 runs the ordinary, exact ops.
@@ -66,8 +69,9 @@ def torch_backend(
     `benchmarks/inference_fast_path.py --compiled` measures it against the eager fast path: faster at batch 1,
     no gain at batch 32. The weights must not change afterwards (they are frozen into the graph).
     """
-    if precision not in ("bf16", "fp32"):
-        raise ValueError(f"precision must be 'bf16' or 'fp32', got {precision!r}")
+    if compile and effective_precision(model, precision) == "int8":
+        raise ValueError("int8 models run eagerly (their plans call oneDNN directly); use --backend torch")
+    model, bf16 = model_for(model, precision)
     model.eval()
     device = next(model.parameters()).device
     forward = model
@@ -82,7 +86,7 @@ def torch_backend(
 
     def run(batch: torch.Tensor) -> torch.Tensor:
         with frozen(), torch.inference_mode():
-            with torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16"):
+            with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
                 return forward(batch.to(device)).float()  # (B, classes)
 
     return run
@@ -114,7 +118,7 @@ class Predictor:
             dynamic_img_size=True (or the same size).
         max_pixels: images with more pixels are refused before decoding (decompression bombs).
         threshold: a multi-label model's probability threshold instead of the one its checkpoint records.
-        **backend_options: passed to the backend factory (torch: precision="bf16" | "fp32").
+        **backend_options: passed to the backend factory (torch: precision="bf16" | "fp32" | "int8").
     """
 
     def __init__(

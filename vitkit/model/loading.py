@@ -14,8 +14,10 @@ from safetensors import safe_open
 from .serialization import (
     MAX_BUFFER_ELEMENTS,
     CheckpointError,
+    apply_quantization,
     apply_task,
     parse_metadata,
+    parse_quantization,
     parse_task,
     read_metadata,
     unbuilt_head_hint,
@@ -37,6 +39,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Vi
     meta = read_metadata(path)
     cfg, pre, labels = parse_metadata(meta, path)
     task = parse_task(meta, path)  # a task with its own head (segmentation) rebuilds it before the weights load
+    quantization = parse_quantization(meta, path)  # an int8 model (vitkit.quant): its int8 layers, likewise
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             file_specs = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
@@ -45,7 +48,9 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Vi
     with torch.device("meta"):
         skeleton = VisionTransformer(cfg, preprocess=pre, labels=labels)  # (no memory: shapes only)
         apply_task(skeleton, task)
-    buffer_elements = sum(b.numel() for b in skeleton.buffers())
+        apply_quantization(skeleton, quantization, path)
+    saved = skeleton.state_dict().keys()  # persistent buffers (int8 weights) are the file's own tensors, checked below
+    buffer_elements = sum(b.numel() for name, b in skeleton.named_buffers() if name not in saved)
     if buffer_elements > MAX_BUFFER_ELEMENTS:
         raise CheckpointError(f"'{path}': its config needs {buffer_elements:,} buffer elements; refused")
     expected = {k: (tuple(v.shape), v.dtype) for k, v in skeleton.state_dict().items()}
@@ -64,6 +69,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Vi
         )
     model = VisionTransformer(cfg, preprocess=pre, labels=labels)
     apply_task(model, task)
+    apply_quantization(model, quantization, path)
     state: dict[str, torch.Tensor] = {}
     try:
         with safe_open(str(path), framework="pt", device=str(map_location)) as f:

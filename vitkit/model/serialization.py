@@ -56,6 +56,9 @@ def build_metadata(model: SavableModel, **extra: str) -> dict[str, str]:
     task = getattr(model, "task", None)  # set by vitkit.tasks; a model without one is a plain classifier
     if task:
         meta["task"] = json.dumps(task)
+    quantization = getattr(model, "quantization", None)  # set by vitkit.quant on an int8 model
+    if quantization:
+        meta["quantization"] = json.dumps(quantization)
     meta.update({k: str(v) for k, v in extra.items()})
     return meta
 
@@ -276,3 +279,43 @@ def unbuilt_head_hint(task: dict[str, Any] | None) -> str:
     if task is None or task["name"] in TASK_HEADS:
         return ""
     return f" (the file is a '{task['name']}' model: if its head is built by vitkit.tasks, import vitkit.tasks first)"
+
+
+# ---------------------------------------------------------------------------------------------- quantization
+# An int8 model (vitkit.quant) records how it was quantized as `quantization`, a JSON object such as {"scheme":
+# "int8", "activations": "static", ...}; its block linears hold int8 weights and scales where a float model holds
+# float weights. Loading such a file rebuilds those layers before the weights load, through the builder that
+# vitkit.quant registers when it is imported (`import vitkit` imports it), as vitkit.tasks registers task heads.
+QuantizedBuilder = Callable[[Any, dict[str, Any]], None]  # (model, quantization record) -> None: int8 layers in place
+QUANTIZED_STRUCTURES: dict[str, QuantizedBuilder] = {}
+
+
+def register_quantized_structure(scheme: str, builder: QuantizedBuilder) -> None:
+    """Make loading a file quantized with `scheme` call `builder(model, record)` before its weights load."""
+    QUANTIZED_STRUCTURES[scheme] = builder
+
+
+def parse_quantization(meta: dict[str, str], path: str | Path = "<memory>") -> dict[str, Any] | None:
+    """The `quantization` record of vitkit metadata (None: a float model), checked for shape."""
+    if "quantization" not in meta:
+        return None
+    record = _json_object(meta, "quantization", path)
+    if not isinstance(record, dict) or not isinstance(record.get("scheme"), str):
+        raise CheckpointError(f"'{path}': metadata 'quantization' must be a JSON object with a 'scheme'")
+    return record
+
+
+def apply_quantization(model: Any, record: dict[str, Any] | None, path: str | Path = "<memory>") -> None:
+    """Give `model` the quantized layers `record` describes (nothing for a float model); errors name the file."""
+    if record is None:
+        return
+    builder = QUANTIZED_STRUCTURES.get(record["scheme"])
+    if builder is None:
+        known = ", ".join(sorted(QUANTIZED_STRUCTURES)) or "none"
+        raise CheckpointError(
+            f"'{path}' holds a model quantized as {record['scheme']!r}, which this vitkit cannot load (known: {known})"
+        )
+    try:
+        builder(model, record)
+    except (CheckpointError, ImportError) as e:  # a malformed record; kernels this PyTorch lacks
+        raise type(e)(f"'{path}': {e}") from None

@@ -300,17 +300,19 @@ def serve(
     rate_limit: float | None = None,
     request_timeout: float | None = None,
     access_log_path: str | Path | None = None,
+    precision: str = "bf16",
 ) -> None:
     """Load the checkpoint once and serve it with uvicorn until interrupted.
 
     Beyond loopback without `api_key` it refuses to start (ValueError) unless `insecure`. `access_log`: one JSON
     line per request to `access_log_path`, else stderr (uvicorn's own access lines are off either way).
+    `precision`: the torch backend's ("bf16", "fp32", "int8": vitkit/infer/precision.py).
     """
     import uvicorn
 
     check_bind(host, api_key is not None, insecure)  # before the model loads: a refusal costs nothing
     log = open_access_log(access_log_path) if access_log else None
-    predictor = Predictor(checkpoint, backend=backend, max_pixels=max_pixels)
+    predictor = Predictor(checkpoint, backend=backend, max_pixels=max_pixels, precision=precision)
     if backend == "torch-compile":  # compile before the first request: batch 1 (specialised) and a dynamic batch
         print("vitkit serve: compiling the model (batch 1 and a dynamic batch) before listening ...")
         h, w = predictor.preprocess.input_size
