@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[plot,digits,serve,onnx,dev,kernels]'
+	$(PY) -m pip install -q -e '.[plot,digits,serve,onnx,dev,kernels,stream]'
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -141,6 +141,7 @@ RESUMABLE_CHANGES = {
     "log_every": {"log_every": 20},
     "eval_every": {"eval_every": 2},
     "cache_dir": {"cache_dir": "other-cache"},
+    "workers": {"workers": 2},
     "threads": {"threads": 2},
     "max_bad_steps": {"max_bad_steps": 9},
     "grad_checkpointing": {"grad_checkpointing": True},

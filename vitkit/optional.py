@@ -14,6 +14,7 @@ from types import ModuleType
 # import name -> what to `pip install`
 PIP_NAMES = {"matplotlib": "matplotlib", "sklearn": "scikit-learn", "faiss": "faiss-cpu"}
 EXTRAS = {"matplotlib": "plot", "sklearn": "digits", "faiss": "retrieval"}  # import name -> the extra that brings it
+EXTRAS.update(datasets="stream", braceexpand="stream")
 
 
 def require(module: str, feature: str) -> ModuleType:

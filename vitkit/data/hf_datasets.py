@@ -107,7 +107,7 @@ def _load_hub(spec: str) -> tuple[Any, str]:
     try:
         dataset = ds.load_dataset(name, split=split, revision=revision or None)
     except Exception as e:  # offline, not found, gated, no such split, a broken download: one line, how to fix it
-        offline = any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in _OFFLINE_VARS)
+        offline = _offline(ds)
         where = "only the datasets cache is read (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set); " if offline else ""
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise DataSourceError(
@@ -119,6 +119,12 @@ def _load_hub(spec: str) -> tuple[Any, str]:
 
 
 _OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+
+
+def _offline(ds: Any) -> bool:
+    """Offline as `datasets` read it at import, or as the environment says now (the model hub's rule)."""
+    read_at_import = any(bool(getattr(ds.config, v, False)) for v in _OFFLINE_VARS)
+    return read_at_import or any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in _OFFLINE_VARS)
 
 
 def _load_saved(path: Path, split: str | None) -> tuple[Any, str]:

@@ -233,6 +233,14 @@ def _identity(batch):
     return batch
 
 
+def _dataloader(dataset: Dataset, workers: int, seed: int, **kw) -> DataLoader:
+    """A DataLoader of whole batches. Its own generator: a new iterator draws a seed for its workers, which from
+    torch's global RNG would shift the augmentation draws of the training process by when the iterator started
+    (a resumed run starts it elsewhere)."""
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_identity, generator=generator, **kw)
+
+
 def _apply(transform: Callable | None, pairs: bool, x: torch.Tensor, y: torch.Tensor):
     if transform is None:
         return x, y
@@ -282,7 +290,7 @@ class RandomAccessLoader(BatchLoader):
         firsts = [g * self.batch_size for g in range(self.rank, self._global_batches(), self.world_size)]
         items = _DecodedBatches(self.ds, batches, firsts, self.op, (self.seed, self.epoch))
         order = range(self.batch_index, len(batches))
-        loader = DataLoader(items, batch_size=None, sampler=order, num_workers=self.workers, collate_fn=_identity)
+        loader = _dataloader(items, self.workers, self.seed, sampler=order)
         for x, y, skipped in loader:
             self.skips.add(skipped)
             x, y = _apply(self.transform, self._pairs, x, y)
@@ -563,7 +571,7 @@ class ShardLoader:
         stream = ShardStream(
             self.plan, self.src.labels, self.op, self.batch_size, endless=endless, start_batch=first_batch
         )
-        return iter(DataLoader(stream, batch_size=None, num_workers=self.workers, collate_fn=_identity))
+        return iter(_dataloader(stream, self.workers, self.seed))
 
     def _batches(self) -> Iterator:
         if not self.train:

@@ -16,9 +16,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import PreprocessConfig, ViTConfig, default_preprocess
+from ..config import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig, ViTConfig, default_preprocess
 from ..data.loader import BatchLoader, class_balanced_weights
 from ..data.sources import ImageArrayDataset, stratified_subset
+from ..data.stream_sources import cache_limit, can_stream, estimated_cache_bytes, format_size, open_stream_source
+from ..data.streaming import (
+    EvalCrop,
+    RandomAccessLoader,
+    ShardLoader,
+    StreamSource,
+    TrainCrop,
+    batch_augment,
+    batch_preprocess,
+    stream_workers,
+)
 from ..data.transforms import build_eval_transform, build_train_transform
 from ..model import create_model
 from ..model.serialization import apply_task
@@ -29,15 +40,18 @@ from .ema import ModelEma
 from .optim import build_optimizer
 from .recipe import TrainConfig
 
-
 # ---------------------------------------------------------------------------------------------------- data
+STREAM_IMAGE_SIZE = 224  # a fresh model's input for streamed data (images of every size): the standard recipe's
+
+
 @dataclass
 class RunData:
-    """The images of a run: `ds[train_idx]` to train on, `val_ds[val_idx]` to validate on (none: no validation)."""
+    """The images of a run: `ds[train_idx]` to train on, `val_ds[val_idx]` to validate on (none: no validation).
+    Decoded once into the cache (ImageArrayDataset), or decoded as it trains (StreamSource)."""
 
-    ds: ImageArrayDataset
+    ds: ImageArrayDataset | StreamSource
     train_idx: np.ndarray
-    val_ds: ImageArrayDataset | None
+    val_ds: ImageArrayDataset | StreamSource | None
     val_idx: np.ndarray
     seconds: float  # loading time, the decode cache's included
 
@@ -52,6 +66,9 @@ def split_validation(
     """(train indices, validation dataset, validation indices): `cfg.val_data`, else `cfg.val_split` held out as the
     task splits (a classifier: stratified by class)."""
     reader = task_class(cfg.task)()
+    if cfg.val_data and isinstance(ds, StreamSource):  # validation streams too, cropped as the model's inference
+        val_src = open_stream_source(cfg.val_data, cache_dir=cfg.cache_dir, progress=cfg.progress, classes=ds.classes)
+        return np.arange(len(ds)), val_src, np.arange(len(val_src))
     if cfg.val_data:
         val_ds = reader.read(
             cfg.val_data,
@@ -67,13 +84,50 @@ def split_validation(
     return np.arange(len(ds)), None, np.zeros(0, dtype=np.int64)
 
 
-def load_run_data(cfg: TrainConfig, env: DistEnv) -> RunData:
-    """Load `cfg.data` with the task's reader (through the decode cache) and split off the validation images; list
-    unreadable files."""
+def _streams(cfg: TrainConfig, env: DistEnv, resumed_mode: str | None) -> StreamSource | None:
+    """`cfg.data` as a stream when it should be one, else None (the decode cache reads it).
+
+    --stream / --cache decide; a resumed run reads its data as it started (`resumed_mode`); otherwise a
+    classification source streams when its decoded array would pass `cache_limit()`, and the run says so.
+    """
+    if cfg.cache or resumed_mode == "cache":
+        return None
+    if cfg.stream or resumed_mode == "stream":
+        if cfg.task != "classify":
+            raise ValueError(f"--stream reads single-label classification data; --task {cfg.task} reads its own")
+        return open_stream_source(cfg.data, cache_dir=cfg.cache_dir, progress=cfg.progress and env.is_main)
+    if cfg.task != "classify" or not can_stream(cfg.data):
+        return None
+    src = open_stream_source(cfg.data, cache_dir=cfg.cache_dir, progress=cfg.progress and env.is_main)
+    size, limit = estimated_cache_bytes(src, cfg.image_size), cache_limit()
+    if size <= limit:
+        return None
+    if env.is_main:
+        print(
+            f"data: {len(src):,} images would decode to about {format_size(size)}, over the decode cache's limit of "
+            f"{format_size(limit)} ($VITKIT_CACHE_LIMIT): streaming them instead (--cache forces the cache)"
+        )
+    return src
+
+
+def resumed_data_mode(state: dict | None) -> str | None:
+    """How the checkpoint `state` read its data: "stream" (a streaming loader's position), "cache", None (no state)."""
+    if not state:
+        return None
+    ranks = (state.get("rng") or {}).get("ranks") or [{}]
+    return "stream" if (ranks[0].get("loader") or {}).get("stream") else "cache"
+
+
+def load_run_data(cfg: TrainConfig, env: DistEnv, resumed_mode: str | None = None) -> RunData:
+    """Load `cfg.data` with the task's reader (through the decode cache) or as a stream (`_streams`), and split
+    off the validation images; list unreadable files. `resumed_mode` ("stream" / "cache"): how the checkpoint
+    being resumed read its data."""
     start = time.perf_counter()
-    ds = task_class(cfg.task)().read(
-        cfg.data, cache_dir=cfg.cache_dir, image_size=cfg.image_size, progress=cfg.progress and env.is_main
-    )
+    ds = _streams(cfg, env, resumed_mode)
+    if ds is None:
+        ds = task_class(cfg.task)().read(
+            cfg.data, cache_dir=cfg.cache_dir, image_size=cfg.image_size, progress=cfg.progress and env.is_main
+        )
     data = RunData(ds, *split_validation(cfg, ds), seconds=0.0)
     data.train_idx = data.train_idx[stratified_subset(ds.labels[data.train_idx], cfg.labels_fraction, cfg.seed)]
     data.seconds = time.perf_counter() - start
@@ -110,27 +164,45 @@ def channel_stats(images: np.ndarray, limit: int = 20_000) -> tuple[tuple[float,
     return tuple(round(float(m), 4) for m in mean), tuple(round(float(s), 4) for s in std)
 
 
-def build_model(cfg: TrainConfig, ds: ImageArrayDataset, train_idx: np.ndarray) -> VisionTransformer:
+def _data_shape(cfg: TrainConfig, ds: ImageArrayDataset | StreamSource) -> tuple[tuple[int, int], int]:
+    """((H, W), channels) of the data: the cached array's, or for a stream (images of every size, decoded to RGB)
+    the run's --img-size, else STREAM_IMAGE_SIZE."""
+    if isinstance(ds, StreamSource):
+        size = cfg.image_size or STREAM_IMAGE_SIZE
+        return ((size, size) if isinstance(size, int) else tuple(size)), 3
+    return tuple(ds.images.shape[1:3]), int(ds.images.shape[3])
+
+
+def _data_stats(ds: ImageArrayDataset | StreamSource, train_idx: np.ndarray):
+    """Normalisation for a fresh model: the cached training images' own statistics; ImageNet's for a stream
+    (photos of every size: nothing is decoded ahead to measure)."""
+    if isinstance(ds, StreamSource):
+        return IMAGENET_MEAN, IMAGENET_STD
+    return channel_stats(ds.images if len(train_idx) == len(ds) else ds.images[np.sort(train_idx)])
+
+
+def build_model(cfg: TrainConfig, ds: ImageArrayDataset | StreamSource, train_idx: np.ndarray) -> VisionTransformer:
     """A fresh model for `ds` (classes, channels, image size from the data) or a fine-tune of pretrained weights.
 
     A named `cfg.model` is built at `cfg.image_size` when one is given (as `vitkit finetune --img-size` does).
     """
     num_classes = len(ds.classes)
+    data_size, data_channels = _data_shape(cfg, ds)
     size = {} if cfg.image_size is None else {"img_size": cfg.image_size}
     from ..interop.hub import names_weights  # a path or a Hub name: weights; a bare model name: random
 
     if cfg.model and names_weights(cfg.model):
         from ..interop import from_pretrained  # fine-tuning: keep its preprocessing, replace its head
 
-        channels = {"in_chans": int(ds.images.shape[3])}  # RGB weights adapt to gray or 4-channel data (interop.adapt)
+        channels = {"in_chans": data_channels}  # RGB weights adapt to gray or 4-channel data (interop.adapt)
         model = from_pretrained(cfg.model, num_classes=num_classes, **{**size, **channels, **cfg.model_kwargs})
         model.labels = list(ds.classes)
         return model
-    name, kw = (cfg.model, size) if cfg.model else default_model(tuple(ds.images.shape[1:3]))
+    name, kw = (cfg.model, size) if cfg.model else default_model(data_size)
     if not cfg.model:
-        kw["in_chans"] = ds.images.shape[3]
+        kw["in_chans"] = data_channels
     model = create_model(name, **{**kw, "num_classes": num_classes, **cfg.model_kwargs})
-    mean, std = channel_stats(ds.images if len(train_idx) == len(ds) else ds.images[np.sort(train_idx)])
+    mean, std = _data_stats(ds, train_idx)
     pre = default_preprocess(model.cfg)
     model.preprocess = PreprocessConfig(
         input_size=model.cfg.img_size, mean=mean, std=std, interpolation=pre.interpolation, crop_pct=pre.crop_pct
@@ -166,12 +238,14 @@ def build_or_restore_model(
 def describe(data: RunData, model: VisionTransformer) -> None:
     """Two lines: what the run trains on, and on what model."""
     ds = data.ds
-    cache = (
-        f"{'read' if ds.from_cache else 'built'} in {data.seconds:.1f} s" if ds.cache_path else f"{data.seconds:.1f} s"
-    )
+    if isinstance(ds, StreamSource):
+        shape = f"streamed, cropped to {model.preprocess.input_size[0]}x{model.preprocess.input_size[1]}"
+    else:
+        cache = f"{'read' if ds.from_cache else 'built'} in {data.seconds:.1f} s" if ds.cache_path else ""
+        shape = f"{ds.images.shape[1]}x{ds.images.shape[2]} (decode cache {cache or f'{data.seconds:.1f} s'})"
     print(
         f"data: {ds.source}: {len(data.train_idx)} train / {len(data.val_idx)} val images, {data.num_classes} "
-        f"classes, {ds.images.shape[1]}x{ds.images.shape[2]} (decode cache {cache})"
+        f"classes, {shape}"
     )
     c = model.cfg
     print(
@@ -243,6 +317,8 @@ def make_loaders(
 ) -> tuple[BatchLoader, BatchLoader | None]:
     """(training loader: shuffled (or class-balanced: `cfg.sampler`), augmented, this rank's share; validation
     loader or None: this rank's share, or every image where the task's metrics do not add up over ranks)."""
+    if isinstance(data.ds, StreamSource):
+        return make_stream_loaders(cfg, data, core, env, task)
     in_chans = core.cfg.in_chans
     # on a GPU the pixel work of augmentation runs there: the host alone cannot feed a fast GPU (README)
     aug_device = env.device if env.device.type == "cuda" else None
@@ -281,3 +357,70 @@ def make_loaders(
         transform=eval_tf,
     )
     return loader, val_loader
+
+
+def make_stream_loaders(
+    cfg: TrainConfig, data: RunData, core: VisionTransformer, env: DistEnv, task: Task | None = None
+) -> tuple[RandomAccessLoader | ShardLoader, RandomAccessLoader | ShardLoader | None]:
+    """make_loaders for streamed data: worker processes decode and crop each image (RandomResizedCrop from the full
+    image for training, the model's resize and centre crop for validation); the rest of the recipe runs on the
+    batch, on the GPU when there is one. Tar shards are read in order (ShardLoader), other sources row by row."""
+    pre, in_chans = core.preprocess, core.cfg.in_chans
+    aug_device = env.device if env.device.type == "cuda" else None
+    train_tf = build_train_transform(batch_augment(cfg.augment), pre, data.num_classes, in_chans, aug_device)
+    eval_tf = build_eval_transform(batch_preprocess(pre), in_chans, aug_device)
+    micro = micro_batch(cfg, data, env)
+    workers = cfg.workers if cfg.workers is not None else stream_workers()
+    ranks = {"rank": env.rank, "world_size": env.world_size}
+    train_op = TrainCrop(cfg.augment, pre)
+    if data.ds.sequential:
+        if cfg.sampler == "balanced":
+            raise ValueError("--sampler balanced draws images at random; tar shards are read in order (drop it)")
+        loader = ShardLoader(
+            data.ds,
+            data.train_idx,
+            micro,
+            train=True,
+            op=train_op,
+            transform=train_tf,
+            seed=cfg.seed,
+            workers=workers,
+            **ranks,
+        )
+    else:
+        weights = class_balanced_weights(data.ds.labels[data.train_idx]) if cfg.sampler == "balanced" else None
+        loader = RandomAccessLoader(
+            data.ds,
+            data.train_idx,
+            micro,
+            op=train_op,
+            workers=workers,
+            shuffle=True,
+            seed=cfg.seed,
+            drop_last=True,
+            transform=train_tf,
+            weights=weights,
+            **ranks,
+        )
+    if data.val_ds is None or not len(data.val_idx):
+        return loader, None
+    whole = cfg.fsdp or (task is not None and not task.shards_eval)
+    ranks = {"rank": 0, "world_size": 1} if whole else ranks
+    batch, op = max(256, micro), EvalCrop(pre)
+    if data.val_ds.sequential:
+        val = ShardLoader(
+            data.val_ds, data.val_idx, batch, train=False, op=op, transform=eval_tf, workers=workers, **ranks
+        )
+    else:
+        val = RandomAccessLoader(
+            data.val_ds,
+            data.val_idx,
+            batch,
+            op=op,
+            workers=workers,
+            shuffle=False,
+            drop_last=False,
+            transform=eval_tf,
+            **ranks,
+        )
+    return loader, val

@@ -37,6 +37,7 @@ from .build import (
     make_loaders,
     make_task,
     model_from_meta,
+    resumed_data_mode,
     wrap_model,
 )
 from .checkpoint import LAST, host_rng_state, load_checkpoint, model_meta, restore_host_rng_state, save_checkpoint
@@ -221,6 +222,7 @@ class TrainingRun:
         self.logger: RunLogger | None = None
         if self.env.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+        self.resumed_data_mode = resumed_data_mode(state)  # a resumed run reads its data as it started: stream or cache
         self.data = self.load_data()
         self.task = make_task(cfg, self.data)  # what the model learns: its head, loss and metrics (vitkit/tasks)
         if self.loss_fn is None:  # the task's loss, unless the objective brings its own
@@ -251,7 +253,7 @@ class TrainingRun:
     # ---- set-up
     def load_data(self) -> RunData:
         """The run's images and its validation split, labelled."""
-        return load_run_data(self.cfg, self.env)
+        return load_run_data(self.cfg, self.env, self.resumed_data_mode)
 
     def trainee(self) -> nn.Module:
         """The module the optimizer steps and checkpoints hold: the ViT itself here, whose output is the logits."""

@@ -70,6 +70,20 @@ class TrainConfig:
     cache_dir: str | None = option(
         None, help="where decoded images are cached (default ~/.cache/vitkit)", resumable=True
     )
+    stream: bool = option(
+        False,
+        help="decode --data in worker processes as it trains, RandomResizedCrop from the full image, instead of "
+        "through the decode cache (automatic for data whose cache would pass $VITKIT_CACHE_LIMIT; docs/streaming.md)",
+        exclusive="data_mode",
+    )
+    cache: bool = option(
+        False, help="decode --data once into the cache even when it is large enough to stream", exclusive="data_mode"
+    )
+    workers: int | None = option(
+        None,
+        help="decoder processes when streaming (default: $VITKIT_DECODE_WORKERS, else half the cores, 1 to 8)",
+        resumable=True,  # the streamed order does not depend on it: a resume may use more or fewer
+    )
     out: str = option("runs/train", help="run folder: checkpoints, metrics.jsonl, model.safetensors", resumable=True)
     model: str | None = option(
         None,
@@ -192,6 +206,10 @@ class TrainConfig:
             raise ValueError(f"batch_size {self.batch_size} must be a multiple of grad_accum {self.grad_accum}")
         if self.epochs is not None and self.minutes is not None:
             raise ValueError("give --epochs or --minutes, not both")
+        if self.stream and self.cache:
+            raise ValueError("give --stream or --cache, not both")
+        if self.workers is not None and self.workers < 0:
+            raise ValueError(f"workers must be >= 0, got {self.workers}")
         if not 0.0 < self.labels_fraction <= 1.0:
             raise ValueError(f"labels_fraction must be in (0, 1], got {self.labels_fraction}")
         if self.warmup_fraction is not None and not 0.0 <= self.warmup_fraction < 1.0:
