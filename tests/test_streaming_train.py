@@ -161,3 +161,36 @@ def test_a_streamed_run_resumes_bit_identically(tmp_path):
 
     with pytest.raises(ValueError, match="stream: run has True, now False"):
         fit(streamed_run(tmp_path / "resumed", pattern, stream=False, cache=True))
+
+
+def _two_rank_worker(rank: int, port: int, tmp: str, pattern: str) -> None:
+    import os
+    from pathlib import Path
+
+    from vitkit.train import distributed as D
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank))
+    os.environ["WORLD_SIZE"] = "2"
+    try:
+        fit(streamed_run(Path(tmp) / "straight", pattern, val_split=0.0))
+        fit(streamed_run(Path(tmp) / "resumed", pattern, val_split=0.0, stop_after_steps=3))
+        fit(streamed_run(Path(tmp) / "resumed", pattern, val_split=0.0))
+    finally:
+        D.teardown(D.DistEnv(rank=rank, world_size=2))
+
+
+def test_a_streamed_run_under_two_ranks_resumes_bit_identically(tmp_path):
+    """Each rank streams its own shards, both take the same steps (DDP), and each resumes at its own position."""
+    import torch.multiprocessing as mp
+
+    from .conftest import free_port
+
+    pattern = write_wds_shards(tmp_path / "shards", 4, 8)
+    mp.spawn(_two_rank_worker, args=(free_port(), str(tmp_path), pattern), nprocs=2, join=True)
+    a = load_checkpoint(tmp_path / "straight" / "last.ckpt")
+    b = load_checkpoint(tmp_path / "resumed" / "last.ckpt")
+    assert a["step"] == b["step"] == 2 * (32 // 8)  # 2 epochs of 32 images, 4 a rank, 2 ranks
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    for r in range(2):
+        assert b["rng"]["ranks"][r]["loader"]["stream"]
+        assert torch.equal(a["rng"]["ranks"][r]["torch_rng"], b["rng"]["ranks"][r]["torch_rng"])
