@@ -290,7 +290,11 @@ def scratch_and_finetuned(
 
     def fine_tuned() -> Path:
         out = fresh(work / f"{task}-{name}-finetuned")
-        return Path(finetune(classifier, str(train), out=out, img_size=CANVAS, **common, **options).model_path)
+        tuning = {"lr": args.finetune_lr, "layer_decay": args.layer_decay}
+        tuning = {k: v for k, v in tuning.items() if v is not None}  # unset: finetune's own defaults
+        return Path(
+            finetune(classifier, str(train), out=out, img_size=CANVAS, **common, **tuning, **options).model_path
+        )
 
     scratch, scratch_s = judged_run(from_scratch, val, keys)
     tuned, tuned_s = judged_run(fine_tuned, val, keys)
@@ -362,6 +366,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--minutes", type=float, help="training budget of every run, scratch and fine-tune (default 10)")
     p.add_argument("--heads", default="linear,pyramid", help="segmentation heads, comma-separated")
     p.add_argument("--from", dest="source", help="a classification checkpoint to fine-tune (default: train one)")
+    p.add_argument("--finetune-lr", type=float, help="the fine-tuned runs' peak lr (default: finetune's, 5e-4)")
+    p.add_argument(
+        "--layer-decay", type=float, help="the fine-tuned runs' layer-wise lr decay (default: finetune's, 0.75; 1: off)"
+    )
     p.add_argument("--pretrain-minutes", type=float, help="the classifier's budget when trained here (default 10)")
     p.add_argument("--classifier-photos", type=int, help="photos the classifier trains on (default: all its 40,000)")
     p.add_argument("--data", default=DEFAULT_CIFAR10, help=f"CIFAR-10 train archive (default {DEFAULT_CIFAR10})")
@@ -412,6 +420,7 @@ def main() -> int:
             "minutes": args.minutes,
             "classifier": classifier,
             "pretrain_minutes": None if args.source else args.pretrain_minutes,
+            "finetune": {"lr": args.finetune_lr, "layer_decay": args.layer_decay},
             "set": built,
             "machine": machine(),
             "rows": rows,
