@@ -220,21 +220,25 @@ def reusable_classifier(folder: Path, settings: dict) -> dict | None:
     return record if record.get("settings") == settings and Path(record["path"]).is_file() else None
 
 
-def pretrain_classifier(archive: str, work: Path, minutes: float, photos: int, seed: int, quiet: bool) -> dict:
+def pretrain_classifier(
+    archive: str, work: Path, minutes: float, photos: int, seed: int, quiet: bool, recipe: str | None = None
+) -> dict:
     """{"path", "seconds", "val_top1", "origin" (trained or reused)}: a CIFAR-10 classifier trained on `photos` of
-    its share of the archive for `minutes` with `vitkit train`'s defaults, or the one a run with the same settings
-    left in WORK/classifier."""
+    its share of the archive for `minutes` with `recipe` (None: `vitkit train`'s defaults), or the one a run with
+    the same settings left in WORK/classifier."""
     from vitkit.train import build_config, fit
 
     out = work / "classifier"
     settings = {"archive": str(Path(archive).resolve()), "minutes": minutes, "photos": photos, "seed": seed}
+    if recipe:
+        settings["recipe"] = recipe
     kept = reusable_classifier(out, settings)
     if kept is not None:
         print(f"classifier: reusing {kept['path']} (val top-1 {kept['val_top1']:.2%}, trained in {kept['seconds']} s)")
         return {**{k: kept[k] for k in ("path", "seconds", "val_top1")}, "origin": "reused"}
     t = time.perf_counter()
     folder = write_classifier_folder(archive, work / f"classifier-photos-{photos}-seed{seed}", photos, seed)
-    cfg = build_config(data=str(folder), out=str(fresh(out)), minutes=minutes, seed=seed, progress=not quiet)
+    cfg = build_config(recipe, data=str(folder), out=str(fresh(out)), minutes=minutes, seed=seed, progress=not quiet)
     res = fit(cfg)
     record = {"path": str(res.model_path), "seconds": round(time.perf_counter() - t, 1), "val_top1": res.val_top1}
     (out / "benchmark.json").write_text(json.dumps({"settings": settings, **record}))
@@ -273,6 +277,18 @@ def judged_run(train: Callable[[], Path], val: Path, keys: tuple[str, ...]) -> t
     return numbers, {"train": round(trained - t, 1), "evaluate": round(time.perf_counter() - trained, 1)}
 
 
+def scratch_model(recipe: str | None) -> dict:
+    """The architecture of `recipe`'s model ({} without one: the default preset), for the from-scratch runs: the
+    same network the fine-tuned runs start from, only the weights differ. The recipe's other settings (its
+    augmentation and schedule, made for 32-px classification) stay out of the task runs."""
+    if not recipe:
+        return {}
+    from vitkit.train.recipe import load_recipe
+
+    d = load_recipe(recipe)
+    return {"model": d.get("model"), "model_kwargs": d.get("model_kwargs") or {}}
+
+
 def scratch_and_finetuned(
     args: argparse.Namespace, task: str, train: Path, val: Path, classifier: str, name: str, **options: object
 ) -> dict:
@@ -286,7 +302,13 @@ def scratch_and_finetuned(
 
     def from_scratch() -> Path:
         out = fresh(work / f"{task}-{name}-scratch")
-        return Path(fit(build_config(data=str(train), out=str(out), **common, **options)).model_path)
+        return Path(
+            fit(
+                build_config(
+                    data=str(train), out=str(out), **scratch_model(args.recipe), image_size=CANVAS, **common, **options
+                )
+            ).model_path
+        )
 
     def fine_tuned() -> Path:
         out = fresh(work / f"{task}-{name}-finetuned")
@@ -366,6 +388,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--minutes", type=float, help="training budget of every run, scratch and fine-tune (default 10)")
     p.add_argument("--heads", default="linear,pyramid", help="segmentation heads, comma-separated")
     p.add_argument("--from", dest="source", help="a classification checkpoint to fine-tune (default: train one)")
+    p.add_argument(
+        "--recipe",
+        help="the classifier's recipe, whose model the from-scratch runs build too (e.g. cifar10_budget: a conv "
+        "tokenizer; default: vitkit train's defaults, the plain patch-4 ViT)",
+    )
     p.add_argument("--finetune-lr", type=float, help="the fine-tuned runs' peak lr (default: finetune's, 5e-4)")
     p.add_argument(
         "--layer-decay", type=float, help="the fine-tuned runs' layer-wise lr decay (default: finetune's, 0.75; 1: off)"
@@ -409,7 +436,13 @@ def main() -> int:
         classifier = {"path": args.source, "seconds": None, "val_top1": None, "origin": "given"}
     else:
         classifier = pretrain_classifier(
-            args.data, Path(args.work), args.pretrain_minutes, args.classifier_photos, args.seed, args.quiet
+            args.data,
+            Path(args.work),
+            args.pretrain_minutes,
+            args.classifier_photos,
+            args.seed,
+            args.quiet,
+            args.recipe,
         )
     for task in args.tasks:
         built, rows = run_task(args, task, classifier["path"])
@@ -420,6 +453,7 @@ def main() -> int:
             "minutes": args.minutes,
             "classifier": classifier,
             "pretrain_minutes": None if args.source else args.pretrain_minutes,
+            "recipe": args.recipe,
             "finetune": {"lr": args.finetune_lr, "layer_decay": args.layer_decay},
             "set": built,
             "machine": machine(),
