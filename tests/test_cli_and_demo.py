@@ -41,3 +41,18 @@ def test_demo_smoke(tmp_path, single_thread):
 def test_demo_reaches_its_accuracy(tmp_path, single_thread):
     """The demo as `make demo` runs it (100 epochs, ~35 s on one thread): ~95 % held-out on its fixed seed."""
     assert run_demo(tmp_path)["accuracy"] >= 0.92
+
+
+@pytest.mark.parametrize(
+    "data, name",
+    [
+        ("../shared/datasets/cifar10-train.tar.gz", "cifar10-train"),
+        ("shards/train-{000000..000009}.tar", "train"),
+        ("hf:cifar10:test", "hf_cifar10_test"),
+        ("runs/images/", "images"),
+    ],
+)
+def test_confusion_plot_name_is_a_plain_file_name(data, name):
+    from vitkit.commands.evaluate import plot_name
+
+    assert plot_name(data) == name

@@ -6,9 +6,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 HELP = "evaluate a checkpoint on labelled images: top-1/top-5/per-class accuracy and a confusion-matrix PNG"
+
+
+def plot_name(data: str) -> str:
+    """A file-name-safe stem for `data`: "cifar10-train" for an archive path, "train" for a shard pattern such
+    as 'shards/train-{000000..000009}.tar' (braces, colons of hf: names and other punctuation would make odd or
+    invalid file names)."""
+    stem = Path(data.rstrip("/")).name.split("{")[0].split(".")[0]
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_-") or "data"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -95,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     indices = None
     if args.val_split:
         _, indices = task.split(ds.labels, args.val_split, args.seed)
-    data_name = Path(args.data.rstrip("/")).name.split(".")[0] or "data"
+    data_name = plot_name(args.data)
     png = Path(args.confusion) if args.confusion else ckpt.parent / f"confusion_{data_name}.png"
     if not plot:  # the default plot is a nicety: the numbers below are the result
         print("confusion-matrix plot skipped: matplotlib is not installed (pip install matplotlib)")
