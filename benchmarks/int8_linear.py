@@ -15,6 +15,7 @@ Every path does what a block would do with it, its own overheads included: the i
 
     .venv/bin/python benchmarks/int8_linear.py                    # batch 1 and 32, ~1 min on 2 cores
     .venv/bin/python benchmarks/int8_linear.py --batches 32 --reps 21
+    .venv/bin/python benchmarks/int8_linear.py --attention     # also one block's attention: SDPA vs explicit
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from vitkit import allocator  # noqa: E402
+from vitkit.quant.engine import affine_params, quantize  # noqa: E402
 
 WIDTH, MLP, TOKENS = 384, 1536, 197
 SHAPES = {"qkv": (WIDTH, 3 * WIDTH), "proj": (WIDTH, WIDTH), "fc1": (WIDTH, MLP), "fc2": (MLP, WIDTH)}
@@ -44,18 +46,13 @@ def per_channel_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def quantize_u8(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
-    """round(x / scale) + zero_point as uint8 in three passes: the (1,)-shaped fp32 offset makes the sum fp32 (a bf16
-    sum could not hold the fraction that rounds), the conversion truncates the +0.5 into rounding."""
-    offset = torch.full((1,), zero_point + 0.5)
-    return torch.add(offset, x, alpha=1 / scale).clamp_(0, 255).to(torch.uint8)
+    return quantize(x, 1 / scale, torch.tensor([zero_point + 0.5]))  # vitkit's own (vitkit/quant/engine.py)
 
 
 def affine_of(x: torch.Tensor) -> tuple[float, int]:
     """Per-tensor uint8 scale and zero point covering x's range (as a min/max observer)."""
-    lo, hi = (v.item() for v in torch.aminmax(x))
-    lo, hi = min(lo, 0.0), max(hi, 0.0)
-    scale = max(hi - lo, 1e-8) / 255
-    return scale, int(round(-lo / scale))
+    lo, hi = torch.aminmax(x)
+    return affine_params(lo.item(), hi.item())
 
 
 class Block:
@@ -222,10 +219,37 @@ def time_paths(batch: int, reps: int) -> None:
         print(f"  {name:<20}{ms:>9.3f}{base * 1e3 / ms:>15.2f}x{errors[name]:>15.4f}")
 
 
+def time_attention(batch: int, reps: int) -> None:
+    """One block's attention in bf16 at 197 tokens, 6 heads: SDPA against explicit matmul-softmax-matmul (the int8
+    plan's choice on CPUs without AMX, vitkit/quant/layers.py)."""
+    heads, hd = 6, WIDTH // 6
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(batch, TOKENS, 3, heads, hd, generator=g).to(torch.bfloat16)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, hd) views, as the plans slice them
+
+    def explicit() -> torch.Tensor:
+        q3, k3, v3 = (t.reshape(batch * heads, TOKENS, hd) for t in (q, k, v))
+        s = torch.baddbmm(q3.new_zeros(()), q3, k3.transpose(1, 2), beta=0.0, alpha=hd**-0.5)
+        return torch.bmm(s.softmax(dim=-1), v3)
+
+    fns = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v), "explicit": explicit}
+    for fn in fns.values():
+        fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - t)
+    line = ", ".join(f"{name} {statistics.median(s) * 1e3:.3f} ms" for name, s in samples.items())
+    print(f"\nbatch {batch}, one block's attention (bf16, {TOKENS} tokens, {heads} heads): {line}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", default="1,32", help="comma list of batch sizes (197 rows each)")
     p.add_argument("--reps", type=int, default=15)
+    p.add_argument("--attention", action="store_true", help="also time SDPA against explicit attention (bf16)")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore", message=".*quantized tensor creation.*deprecated")
     print(f"malloc: {allocator.configure()}")  # as the vitkit command runs: no page faults on big activations
@@ -235,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     with torch.inference_mode():
         for batch in map(int, args.batches.split(",")):
             time_paths(batch, args.reps)
+            if args.attention:
+                time_attention(batch, args.reps)
     return 0
 
 

@@ -10,12 +10,20 @@ server answering a stream of requests sees it, and as timm's own benchmark measu
     ... --json                                           # also one JSON line with every ratio (vitkit / fastest peer)
     ... --out benchmarks/results/throughput.jsonl        # append this run (commit, machine, figures) to the history
     ... --only ti4_32 --modes train --precisions bf16 --libs vitkit,timm              # a slice
+    ... --only int8                                      # only the int8 rows (ViT-S/16 batch 32 and 1), ~3 min
 
 Each library is called the ordinary way: `create_model`-style constructor, `torch.autocast("cpu", bf16)` for bf16,
 `torch.optim.AdamW` for training, `torch.inference_mode()` for inference. Hugging Face runs with its `sdpa`
 attention unless `eager` is faster (both are timed during warm-up and the faster one is reported).
 TFLOP/s counts matrix-multiply FLOPs analytically (patch embedding, qkv, attention, proj, MLP, head; training =
 3 x forward). Peak = a large square matmul timed in the same run.
+
+int8 rows (ViT-S/16 @224 inference, batch 32 and batch-1 latency; `--only int8` runs these alone, `--no-int8` skips
+them): vitkit's int8 model (vitkit.quant: static activations calibrated on random images, which sets the speed as
+real images would, and dynamic), vitkit bf16, timm bf16, and ONNX Runtime's own int8 quantization
+(`onnxruntime.quantization.quantize_dynamic`, per-channel int8 weights) of the same model exported by vitkit, with
+as many threads as torch: interleaved with idle threads blocking, and once more alone with ORT's default spinning
+threads. Random weights: these rows time, `vitkit evaluate --precision int8` scores.
 """
 
 from __future__ import annotations
@@ -273,6 +281,130 @@ def vitkit_train_throughput(steps: int, data: str = DEFAULT_CIFAR10) -> dict:
     }  # fmt: skip
 
 
+# ------------------------------------------------------------------------------------------------ int8
+INT8_ARCH = "s16_224"
+# (workload, compared with, bound, description): the int8 targets (docs/speed.md, "int8")
+INT8_TARGETS = (
+    ("infer/b32", "vitkit bf16", 1.5, "int8 ViT-S/16 batch 32 >= 1.5x vitkit bf16"),
+    ("infer/b32", "timm bf16", 2.5, "int8 ViT-S/16 batch 32 >= 2.5x timm bf16"),
+    ("latency/b1", None, 9.0, "int8 ViT-S/16 batch 1 <= 9 ms"),
+)
+
+
+def onnxruntime_int8(model: torch.nn.Module, folder: str) -> dict[str, Callable[[torch.Tensor], object]] | str:
+    """ONNX Runtime's own dynamic int8 quantization of `model` (vitkit's fp32 ONNX export, any batch), as callables
+    on (B, C, H, W) float32: {"quiet": idle threads block (the interleaved row), "spinning": ORT's default, idle
+    threads spin}; or the reason it cannot run."""
+    try:
+        import onnxruntime
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        from vitkit.infer.export import INPUT_NAME, export_onnx
+    except ImportError as e:
+        return f"skipped: {e}"
+    fp32 = os.path.join(folder, "model.onnx")
+    int8 = os.path.join(folder, "model.int8.onnx")
+    export_onnx(model, fp32, dynamic=True, check=False)
+    quantize_dynamic(fp32, int8, weight_type=QuantType.QInt8, per_channel=True)
+    runs = {}
+    for kind in ("quiet", "spinning"):
+        opts = onnxruntime.SessionOptions()
+        opts.intra_op_num_threads = torch.get_num_threads()  # the same cores as torch
+        if kind == "quiet":  # spinning idle threads would take the cores from the next library in the interleaved order
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = onnxruntime.InferenceSession(int8, opts, providers=["CPUExecutionProvider"])
+        runs[kind] = lambda x, session=session: session.run(None, {INPUT_NAME: x.numpy()})
+    return runs
+
+
+def int8_fns(a: Arch, batch: int, ort: dict | str) -> dict[str, Callable[[], None]]:
+    """The int8 rows' contenders at one batch size, each a no-argument call on the same random images."""
+    from vitkit.quant import observe_ranges, quantize_model
+
+    torch.manual_seed(0)
+    model = build_vitkit(a).eval()
+    x = torch.randn(batch, 3, a.img, a.img)
+    static = quantize_model(model, observe_ranges(model, [torch.randn(8, 3, a.img, a.img)]))
+    dynamic = quantize_model(model)
+
+    def under_bf16(m: torch.nn.Module) -> Callable[[], None]:
+        def run() -> None:
+            with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
+                m(x)
+
+        return run
+
+    fns = {"vitkit int8": under_bf16(static), "vitkit int8 dynamic": under_bf16(dynamic)}
+    fns |= {"vitkit bf16": under_bf16(model), "timm bf16": infer_fn(build_timm(a), a, "bf16", batch)}
+    if isinstance(ort, dict):
+        fns["onnxruntime int8"] = lambda: ort["quiet"](x)
+    return fns
+
+
+def spinning_onnxruntime(a: Arch, batch: int, ort: dict, reps: int, burst: int) -> float:
+    """ORT with its default spinning threads, timed on its own after the interleaved set (whatever ran after it
+    there would pay for the spinning): median seconds per call."""
+    x = torch.randn(batch, 3, a.img, a.img)
+    return time_interleaved({"spinning": lambda: ort["spinning"](x)}, reps, WARMUP, burst)["spinning"]
+
+
+def time_interleaved(fns: dict[str, Callable[[], None]], reps: int, warmup: int, burst: int) -> dict[str, float]:
+    """Median seconds per call of each function: interleaved, `burst` calls back to back, the order rotating."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    order = list(fns)
+    for _ in range(reps):
+        for name in order:
+            samples[name].extend(timed(fns[name]) for _ in range(burst))
+        order = order[1:] + order[:1]
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def run_int8(reps: int, burst: int, arch: str = INT8_ARCH) -> tuple[list[dict], list[dict]]:
+    """The int8 rows: inference at the arch's batch (ViT-S/16: 32) and batch-1 latency; (rows, target verdicts)."""
+    import tempfile
+
+    a = ARCHS[arch]
+    with tempfile.TemporaryDirectory() as folder:
+        torch.manual_seed(0)
+        ort = onnxruntime_int8(build_vitkit(a).eval(), folder)
+        if not isinstance(ort, dict):
+            print(f"onnxruntime int8: {ort}")
+        rows = []
+        for mode, batch in (("infer", a.batch), ("latency", 1)):
+            calls = burst if mode == "latency" else 1
+            med = time_interleaved(int8_fns(a, batch, ort), reps, WARMUP, calls)
+            if isinstance(ort, dict):
+                med["onnxruntime int8 spinning (alone)"] = spinning_onnxruntime(a, batch, ort, reps, calls)
+            int8 = med["vitkit int8"]
+            label = f"{a.title} int8 {mode} b{batch}"
+            for name, sec in sorted(med.items(), key=lambda kv: kv[1]):
+                print(f"{label:<30}{name:<34}{batch / sec:>9.1f}{sec * 1e3:>9.1f}{sec / int8:>10.2f}x")
+                label = ""
+            print()
+            rows.append(
+                {"arch": arch, "mode": mode, "batch": batch, "ms": {k: round(v * 1e3, 2) for k, v in med.items()},
+                 "int8_speedup": {k: round(v / int8, 3) for k, v in med.items() if k != "vitkit int8"}}
+            )  # fmt: skip
+    return rows, int8_verdicts(rows)
+
+
+def int8_verdicts(rows: list[dict]) -> list[dict]:
+    """Each int8 target whose row ran: what was reached and whether it is met."""
+    by_key = {f"{r['mode']}/b{r['batch']}": r for r in rows if r["arch"] == INT8_ARCH}  # the targets are ViT-S/16's
+    verdicts = []
+    for key, peer, bound, text in INT8_TARGETS:
+        r = by_key.get(key)
+        if r is None or (peer is not None and peer not in r["int8_speedup"]):
+            continue
+        reached = r["ms"]["vitkit int8"] if peer is None else r["int8_speedup"][peer]
+        met = reached <= bound if peer is None else reached >= bound
+        verdicts.append({"target": text, "workload": f"{INT8_ARCH}/{key}/int8", "reached": reached, "met": met})
+    return verdicts
+
+
 # ------------------------------------------------------------------------------------------------ main
 WARMUP = 2  # calls per library before timing: with one, B/16's first timed step still paid for its first big blocks
 
@@ -324,7 +456,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true", help="also print one JSON line with all results and ratios")
     p.add_argument("--quick", action="store_true", help="ViT-Ti/4 and ViT-S/16 bf16 only, fewer repetitions")
-    p.add_argument("--only", default=None, help="comma list of archs: " + ",".join(ARCHS))
+    p.add_argument(
+        "--only", default=None, help="comma list of archs: " + ",".join(ARCHS) + "; or int8: only those rows"
+    )
+    p.add_argument("--no-int8", action="store_true", help="skip the int8 rows (ViT-S/16 inference, vitkit.quant)")
+    p.add_argument("--int8-arch", default=INT8_ARCH, choices=list(ARCHS), help="the int8 rows' model (tests: smaller)")
     p.add_argument("--modes", default="train,infer,latency")
     p.add_argument("--precisions", default="bf16,fp32")
     p.add_argument("--libs", default=",".join(LIBS))
@@ -347,7 +483,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     malloc = fix_malloc() if args.malloc == "fixed" else "default"
 
-    archs = args.only.split(",") if args.only else list(ARCHS)
+    only_int8 = args.only == "int8"
+    archs = [] if only_int8 else args.only.split(",") if args.only else list(ARCHS)
+    unknown = [a for a in archs if a not in ARCHS]
+    if unknown:
+        p.error(f"unknown arch(s) {unknown} in --only; choose from {', '.join(ARCHS)} or int8")
     precisions = args.precisions.split(",")
     if args.quick and not args.only:
         archs = ["ti4_32", "s16_224"]
@@ -400,6 +540,12 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(entry)
                 print()
 
+    int8_rows, int8_targets = [], []
+    if only_int8 or not (args.no_int8 or args.only or args.quick):
+        print(f"{'int8 workload':<30}{'library':<34}{'img/s':>9}{'ms/it':>9}{'int8 faster':>12}")
+        print("-" * 94)
+        int8_rows, int8_targets = run_int8(reps, max(args.latency_burst, 1), args.int8_arch)
+
     verdicts = target_verdicts(results)
     if verdicts:
         print("targets (docs/speed.md):")
@@ -408,15 +554,23 @@ def main(argv: list[str] | None = None) -> int:
             partial = "" if len(v["peers"]) == len(LIBS) - 1 else f" (peers in this run: {', '.join(v['peers'])})"
             print(f"  {'MET    ' if v['met'] else 'NOT MET'}  {v['target']}: reached {v['reached']:.2f}{unit}{partial}")
         print()
+    if int8_targets:
+        print("int8 targets (docs/speed.md):")
+        for v in int8_targets:
+            unit = " ms" if v["workload"].endswith("b1/int8") else "x"
+            print(f"  {'MET    ' if v['met'] else 'NOT MET'}  {v['target']}: reached {v['reached']:.2f}{unit}")
+        print()
 
-    e2e = None if args.no_e2e else vitkit_train_throughput(steps=10 if args.quick else 30, data=args.data)
+    e2e = (
+        None if (args.no_e2e or only_int8) else vitkit_train_throughput(steps=10 if args.quick else 30, data=args.data)
+    )
     if e2e is not None:
         print(f"end-to-end `vitkit train` (cifar10_budget recipe, CIFAR-10 train tar): {e2e}")
     load_after = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     print(f"load after: {load_after}")
     ratios = {workload_key(e): e.get("ratio") for e in results}
     out = {"machine": info, "malloc": malloc, "load_after": load_after, "peak_tflops": peak, "ratios": ratios}
-    out.update(targets=verdicts, results=results, e2e=e2e)
+    out.update(targets=verdicts, results=results, e2e=e2e, int8=int8_rows, int8_targets=int8_targets)
     if args.json:
         print(json.dumps(out))
     if args.out:

@@ -19,7 +19,7 @@ import torch
 
 from ..files import atomic_write
 from ..model import VisionTransformer
-from ..model.serialization import apply_task
+from ..model.serialization import apply_quantization, apply_task
 from ..version import __version__
 
 DEFAULT_OPSET = 18  # the first opset whose Resize has `antialias` (needed for in-graph pos-embed resampling)
@@ -44,11 +44,24 @@ class ExportResult:
 
 
 def exportable_copy(model: VisionTransformer, dynamic: bool) -> VisionTransformer:
-    """An fp32, CPU, eval-mode copy of the model; with `dynamic` built with dynamic_img_size=True."""
+    """An fp32, CPU, eval-mode copy of the model; with `dynamic` built with dynamic_img_size=True.
+
+    An int8 model (vitkit.quant) stays int8: its int8 weights and grids are copied as they are, and its quantized
+    layers trace as quantize / dequantize pairs around float matmuls (QuantLinear.reference), which ONNX holds as
+    QuantizeLinear / DequantizeLinear and ONNX Runtime runs as int8 matmuls.
+    """
     cfg = model.cfg.replace(dynamic_img_size=True) if dynamic else model.cfg
     copy = VisionTransformer(cfg, preprocess=model.preprocess, labels=model.labels)
     apply_task(copy, getattr(model, "task", None))  # a task with its own head (segmentation) rebuilds it
-    copy.load_state_dict({k: v.detach().float().cpu() for k, v in model.state_dict().items()})
+    if getattr(model, "quantization", None):
+        from ..quant.layers import export_ops
+
+        apply_quantization(copy, model.quantization)
+        export_ops()  # before the exporter starts: it reads the ops it can translate then
+    state = model.state_dict()
+    copy.load_state_dict(
+        {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu() for k, v in state.items()}
+    )
     return copy.eval()
 
 

@@ -12,7 +12,7 @@ QuantizedBlock's plan, for static activations, does what a module-by-module run 
   - fc1 writes uint8 straight at fc2's input grid, GELU and the requantization inside oneDNN's kernel (the MLP's
     hidden activation, the largest tensor of a block, is never written as floats);
   - the residual adds are post-ops of proj and fc2, as in the bf16 plan.
-Attention runs in bf16 (PyTorch's SDPA), as in the bf16 fast path. LayerScale is folded into proj and fc2 when the
+Attention runs in bf16, as in the bf16 fast path (`_attention`). LayerScale is folded into proj and fc2 when the
 block is quantized (gamma * (x Wᵀ + b) = x (gamma W)ᵀ + gamma b).
 """
 
@@ -25,10 +25,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..fast import kernels
 from ..model.layers import Block
 from . import engine
 
 _ql = None  # torch.ops.onednn.qlinear_pointwise, looked up on first use (after the engine check)
+
+# Attention without vitkit's C++ kernel: explicit matmul-softmax-matmul on CPUs without AMX, SDPA with it. At ViT-S/16's
+# 197 tokens, bf16, one block's attention (benchmarks/int8_linear.py --attention): on the 2-core AVX512-BF16 EPYC
+# (no AMX) explicit 6.8 ms vs SDPA 14.3 ms at batch 32, 0.24 vs 0.43 ms at batch 1; on the 2-core AMX Xeon SDPA is
+# the faster (benchmarks/attention_backend.py: 14.7 vs 18.5 ms at 197 tokens), and the C++ kernel faster still.
+_is_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+EXPLICIT_ATTENTION = not (_is_amx is not None and _is_amx())
 
 
 def _qlinear():
@@ -130,13 +138,14 @@ class QuantLinear(nn.Module):
         out = x.dtype if x.dtype in (torch.bfloat16, torch.float32) else torch.float32
         if p.input is None:
             q, scale, zero_point = engine.quantize_dynamic(x)
-            return _qlinear().tensor(q, scale, zero_point, *p.weight, p.bias, 1.0, 0, out, "none", [], "")
+            return _qlinear()(q, scale, zero_point, *p.weight, p.bias, 1.0, 0, out, "none", [], "")
         q = engine.quantize(x, p.inv_scale, p.offset)
         return _qlinear()(q, *p.input, *p.weight, p.bias, 1.0, 0, out, "none", [], "")
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
-        """The same arithmetic in standard ops (quantize, dequantize, float matmul): what an exported graph holds,
-        so that ONNX gets QuantizeLinear / DequantizeLinear pairs it can run as int8."""
+        """The same arithmetic in standard ops (quantize, dequantize, float matmul): what an exported graph holds.
+        ONNX gets QuantizeLinear / DequantizeLinear on the input and a per-channel DequantizeLinear of the int8
+        weight, the pattern ONNX Runtime fuses into an int8 matmul."""
         x = x.float()
         if self.static:
             scale, zero_point = self.input_scale.float(), self.input_zero_point.to(torch.int64)
@@ -145,13 +154,31 @@ class QuantLinear(nn.Module):
             lo, hi = lo.clamp(max=0), hi.clamp(min=0)
             scale = ((hi - lo) / engine.QMAX).clamp_min(1e-8)
             zero_point = torch.round(-lo / scale).clamp(0, engine.QMAX).to(torch.int64)
-        xq = torch.fake_quantize_per_tensor_affine(x, scale, zero_point.to(torch.int32), 0, engine.QMAX)
-        w = self.weight.float() * self.weight_scale.float()[:, None]
-        return F.linear(xq, w, None if self.bias is None else self.bias.float())
+        x = torch.fake_quantize_per_tensor_affine(x, scale, zero_point.to(torch.int32), 0, engine.QMAX)
+        scale = self.weight_scale.float()
+        if export_ops() is None:  # a torch without them: the same weight, dequantized by hand
+            w = self.weight.float() * scale[:, None]
+        else:
+            zeros = torch.zeros_like(scale, dtype=torch.int64)
+            w = torch.ops.quantized_decomposed.dequantize_per_channel(
+                self.weight, scale, zeros, 0, -engine.WMAX, engine.WMAX, torch.int8
+            )
+        return F.linear(x, w, None if self.bias is None else self.bias.float())
 
     def extra_repr(self) -> str:
         kind = "static" if self.static else "dynamic"
         return f"in_features={self.in_features}, out_features={self.out_features}, int8, {kind} activations"
+
+
+def export_ops() -> object | None:
+    """torch.ops.quantized_decomposed (its per-channel dequantize becomes ONNX's DequantizeLinear), registered by
+    importing torch.ao's module; None where this torch no longer has it. The ONNX exporter looks its translations
+    up when an export starts, so the exporter calls this first (`vitkit.infer.export.exportable_copy`)."""
+    try:
+        import torch.ao.quantization.fx._decomposed  # noqa: F401
+    except ImportError:
+        return None
+    return torch.ops.quantized_decomposed
 
 
 class BlockPlan(NamedTuple):
@@ -235,11 +262,8 @@ def run_plan(p: BlockPlan, x: torch.Tensor) -> torch.Tensor:
             qkv = ql(u, *p.qkv.input, *p.qkv.weight, p.qkv.bias, 1.0, 0, bf16, "none", [], "")
         else:
             u, s, z = engine.quantize_dynamic(F.layer_norm(x, *p.norm1))
-            qkv = ql.tensor(u, s, z, *p.qkv.weight, p.qkv.bias, 1.0, 0, bf16, "none", [], "")
-        q, k, v = qkv.view(B, N, 3, p.num_heads, p.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        if p.qk_norm is not None:
-            q, k = F.layer_norm(q, *p.qk_norm[0]), F.layer_norm(k, *p.qk_norm[1])
-        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B * N, C)  # (B*N, D) bf16
+            qkv = ql(u, s, z, *p.qkv.weight, p.qkv.bias, 1.0, 0, bf16, "none", [], "")
+        o = _attention(p, qkv, B, N)  # (B*N, D) bf16
         x = _linear_add(p.proj, o, x, out)  # x + proj(o), the add fused
         if p.static:  # LN2 on fc1's grid; fc1 writes GELU's output on fc2's grid, as uint8
             u = _saturate(F.layer_norm(x.float(), *p.norm2))
@@ -248,9 +272,26 @@ def run_plan(p: BlockPlan, x: torch.Tensor) -> torch.Tensor:
             x = _linear_add(p.fc2, h, x, out, quantized=True)
         else:
             u, s, z = engine.quantize_dynamic(F.layer_norm(x, *p.norm2))
-            h = ql.tensor(u, s, z, *p.fc1.weight, p.fc1.bias, 1.0, 0, bf16, "gelu", [], "none")
+            h = ql(u, s, z, *p.fc1.weight, p.fc1.bias, 1.0, 0, bf16, "gelu", [], "none")
             x = _linear_add(p.fc2, h, x, out)
     return x.view(B, N, C)
+
+
+def _attention(p: BlockPlan, qkv: torch.Tensor, B: int, N: int) -> torch.Tensor:
+    """softmax(q kᵀ / √d) v in bf16 from the qkv output (B*N, 3D) -> (B*N, D): vitkit's C++ kernel where it is built
+    (AMX CPUs), else the faster of SDPA and explicit matmul-softmax-matmul on this CPU (EXPLICIT_ATTENTION)."""
+    H, hd = p.num_heads, p.head_dim
+    if p.qk_norm is None and kernels.usable(N, hd, N):
+        return kernels.attention(qkv.view(B, N, 3 * H * hd), H, N, hd**-0.5).view(B * N, H * hd)
+    q, k, v = qkv.view(B, N, 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, hd)
+    if p.qk_norm is not None:
+        q, k = F.layer_norm(q, *p.qk_norm[0]), F.layer_norm(k, *p.qk_norm[1])
+    if not EXPLICIT_ATTENTION:
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B * N, H * hd)
+    q3, k3, v3 = (t.reshape(B * H, N, hd) for t in (q, k, v))
+    scores = torch.baddbmm(q3.new_zeros(()), q3, k3.transpose(1, 2), beta=0.0, alpha=hd**-0.5)  # (B*H, N, N)
+    o = torch.bmm(scores.softmax(dim=-1), v3)  # (B*H, N, hd)
+    return o.view(B, H, N, hd).transpose(1, 2).reshape(B * N, H * hd)
 
 
 def _saturate(y: torch.Tensor) -> torch.Tensor:
@@ -263,8 +304,10 @@ def _linear_add(
     """residual + h Wᵀ + b, the add a post-op of the int8 matmul. h: float (quantized here) or, with quantized=True,
     uint8 already on p's grid."""
     ql = _qlinear()
-    if p.input is None:
-        u, s, z = engine.quantize_dynamic(h)
-        return ql.binary_tensor(u, s, z, *p.weight, residual, p.bias, 1.0, 0, out, 1.0, 0, "add", 1.0, "none", [], "")
-    u = h if quantized else engine.quantize(h, p.inv_scale, p.offset)
-    return ql.binary(u, *p.input, *p.weight, residual, p.bias, 1.0, 0, out, 1.0, 0, "add", 1.0, "none", [], "")
+    if quantized:
+        u, grid = h, p.input
+    elif p.input is None:
+        u, *grid = engine.quantize_dynamic(h)
+    else:
+        u, grid = engine.quantize(h, p.inv_scale, p.offset), p.input
+    return ql.binary(u, *grid, *p.weight, residual, p.bias, 1.0, 0, out, 1.0, 0, "add", 1.0, "none", [], "")
