@@ -7,12 +7,13 @@ Adding a verb = adding a module there; nothing else changes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import pkgutil
 import sys
 from types import ModuleType
 
-from . import allocator, commands
+from . import allocator, commands, threads
 
 
 def discover() -> dict[str, ModuleType]:
@@ -38,8 +39,20 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         p = sub.add_parser(verb, help=mod.HELP, description=mod.HELP)
         if only is None or verb == only:
             mod.add_arguments(p)
+            add_threads_argument(p)
         p.set_defaults(_run=mod.run)
     return parser
+
+
+def add_threads_argument(p: argparse.ArgumentParser) -> None:
+    """`--threads N|auto` for every verb; the training verbs declare their own (a TrainConfig option)."""
+    with contextlib.suppress(argparse.ArgumentError):  # "conflicting option string": the verb has one
+        p.add_argument(
+            "--threads",
+            default=threads.AUTO,
+            help="CPU threads: a number, or auto: one per core that other processes leave free, re-read as it runs "
+            "(default: auto; docs/speed.md)",
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     allocator.configure()  # big activations without page faults on every step (vitkit/allocator.py)
     try:
-        return int(args._run(args) or 0)
+        with threads.configured(getattr(args, "threads", None)):  # None: the training verbs' flag left off: auto
+            return int(args._run(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -11,6 +11,9 @@ None (the modules as written) or a runner that does the same arithmetic faster o
 The package imports nothing from vitkit.model: it reads the modules by timm's attribute names (`attn.qkv`,
 `mlp.fc1`, `norm1`, `ls1.gamma`, ...), so imports flow one way (model -> fast). Switches for A/B measurements:
 VITKIT_FAST_INFERENCE=0 / `packing.disabled()` and VITKIT_CPU_KERNELS=0 / `kernels.disabled()`.
+
+`select` is also where a CPU forward adapts the thread count to the load, when `vitkit.threads` was configured to
+(`--threads auto`, the `vitkit` command's default): once per call, on the thread that runs it.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from collections.abc import Collection
 import torch
 from torch import nn
 
+from .. import threads
 from . import kernels, packing, training
 from .blocks import Runner, has_hooks
 from .inference import InferenceRunner
@@ -35,6 +39,9 @@ def select(model: nn.Module, x: torch.Tensor, want_attn: Collection[int], pooled
     want_attn: the blocks asked for their attention map. pooled_only: the caller reads only the pooled output
     (`forward`), so the last block may be shortened to the rows the pooling reads.
     """
+    if x.device.type == "cpu":  # the thread count for the load now (vitkit/threads.py), if configured to follow it
+        ph, pw = model.patch_embed.patch_size
+        threads.adapt(rows=x.shape[0] * (x.shape[-2] // ph) * (x.shape[-1] // pw))
     depth = len(model.blocks)
     rows = 1 if pooled_only and _pools_first_token_only(model, want_attn) else None
     if packing.engaged(model, x):

@@ -26,6 +26,7 @@ from torch import nn
 from ..data.transforms import loss_label_smoothing
 from ..model.serialization import CheckpointError
 from ..model.vit import VisionTransformer
+from ..threads import configure as configure_threads
 from .build import (
     RunData,
     build_model,
@@ -215,8 +216,8 @@ class TrainingRun:
 
     def __init__(self, cfg: TrainConfig, state: dict | None):
         check_combinations(cfg)
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+        if cfg.threads is not None:  # None: the process's setting (the `vitkit` command's --threads auto)
+            configure_threads(cfg.threads)
         self.cfg, self.env, self.out = cfg, init_distributed(), Path(cfg.out)
         self.ckpt_path = self.out / LAST
         self.logger: RunLogger | None = None

@@ -175,7 +175,11 @@ class TrainConfig:
     max_bad_steps: int = option(5, help="non-finite losses in a row before the run stops", resumable=True)
     log_every: int = option(10, help="steps between `train` records in metrics.jsonl", resumable=True)
     progress: bool = option(True, help="progress bar (--no-progress: logs only)", resumable=True)
-    threads: int | None = option(None, help="torch CPU threads (default: torch's choice)", resumable=True)
+    threads: str | int | None = option(
+        None,
+        help="CPU threads: a number, or auto: one per core that other processes leave free (default: auto)",
+        resumable=True,
+    )
     fsdp: bool = option(
         False, help="under torchrun: shard weights, gradients and optimizer state with FSDP2 instead of DDP"
     )
