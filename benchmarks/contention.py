@@ -14,8 +14,10 @@ when torch loads it.
 Workloads: `train` (vit_cifar_patch4_32, batch 128, bf16 autocast, AdamW step), `b32` and `b1` (ViT-S/16 @224 bf16
 inference, as `vitkit predict` runs it), `serve` (ViT-S/16 batch-1 requests through `vitkit serve`'s Batcher, whose
 model calls run in a worker thread). Levers: LEVERS below. "quiet cost" is a lever's time alone over default's
-alone (the target allows 3 %); "others" is the CPU other processes used while a workload ran alone (cores): a run
-that shows more than ~0.1 was disturbed.
+alone (the target allows 3 %), the "x alone" column; "others" is the most CPU that processes other than the workload and the other job
+used during a measurement (cores): a run that shows more than ~0.1 was disturbed. `--rounds N` repeats every
+measurement in N fresh processes and takes the median: a run beside the other job varies by up to 2x between
+processes (where the scheduler happens to place the threads).
 """
 
 from __future__ import annotations
@@ -206,10 +208,8 @@ def children_cpu_s() -> float:
 
 
 def measure(workload: str, lever: Lever, condition: str, quick: bool, hog_size: int) -> dict:
-    """Median seconds per call of `workload` under `lever` in `condition`, in a fresh process.
-
-    Also the CPU others used meanwhile (cores; alone only: beside, the other job is most of it).
-    """
+    """Median seconds per call of `workload` under `lever` in `condition`, in a fresh process; also the cores
+    that processes other than the worker and the other job kept busy meanwhile (a disturbed run shows > ~0.1)."""
     from vitkit.threads import busy_elsewhere, read_cpu_times
 
     reps = WORKLOADS[workload].quick_reps if quick else WORKLOADS[workload].reps
@@ -234,10 +234,23 @@ def measure(workload: str, lever: Lever, condition: str, quick: bool, hog_size: 
         raise RuntimeError(f"{workload} worker failed:\n{err[-2000:]}")
     after = read_cpu_times()
     result = json.loads(out.strip().splitlines()[-1])
-    if condition == "alone" and before and after:  # the worker's own time taken off, as vitkit.threads does
+    if before and after:  # the worker's and the other job's time taken off, as vitkit.threads takes its own off
         after = dataclasses.replace(after, own=after.own + children_cpu_s() - children)
         result["others_cores"] = round(busy_elsewhere(before, after, len(os.sched_getaffinity(0))), 3)
     return {**result, "hog_matmuls_per_s": hog_rate}
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Rounds of one measurement: the median of their medians, every round's, and the worst disturbance."""
+    rates = [r["hog_matmuls_per_s"] for r in runs if r["hog_matmuls_per_s"] is not None]
+    return {
+        "median_s": statistics.median(r["median_s"] for r in runs),
+        "rounds_s": [round(r["median_s"], 5) for r in runs],
+        "threads_at_end": runs[-1]["threads_at_end"],
+        "threads": runs[-1].get("threads", ""),
+        "others_cores": max(r.get("others_cores", 0.0) for r in runs),
+        "hog_matmuls_per_s": statistics.median(rates) if rates else None,
+    }
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -272,8 +285,7 @@ def print_table(results: dict[str, dict[str, dict]], conditions: list[str]) -> N
             line = f"{workload:8} {lever:10}" + "".join(f" {row[c]['median_s'] * 1e3:10.1f}" for c in conditions)
             line += "".join(f" {ratios.get(c, float('nan')):8.2f}x" for c in conditions)
             line += " " + "/".join(str(row[c]["threads_at_end"]) for c in conditions).rjust(9)
-            others = row.get("alone", {}).get("others_cores")
-            print(line + (f" {others:7.2f}" if others is not None else ""))
+            print(line + f" {max(row[c]['others_cores'] for c in conditions):7.2f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -281,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--levers", default="default,auto", help="comma list of: " + ",".join(LEVERS))
     p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma list of: " + ",".join(WORKLOADS))
     p.add_argument("--conditions", default=",".join(CONDITIONS), help="comma list of: " + ",".join(CONDITIONS))
+    p.add_argument("--rounds", type=int, default=1, help="fresh processes per lever and condition (median taken)")
     p.add_argument("--quick", action="store_true", help="tiny models and a few calls: checks that the script runs")
     p.add_argument("--hog-size", type=int, default=1024, help="the other job's square matmul size")
     p.add_argument("--json", action="store_true", help="also print one JSON line with every figure")
@@ -305,11 +318,12 @@ def main(argv: list[str] | None = None) -> int:
           f"({info['parallel_backend']}); load average before: {info['load_before']}")  # fmt: skip
     results: dict[str, dict[str, dict]] = {}
     for workload in workloads:
-        results[workload] = {}
-        for lever in levers:  # a lever's conditions back to back, so drift in the machine's pace hits them alike
-            results[workload][lever] = {
-                cond: measure(workload, LEVERS[lever], cond, args.quick, args.hog_size) for cond in conditions
-            }
+        runs: dict[str, dict[str, list[dict]]] = {lever: {cond: [] for cond in conditions} for lever in levers}
+        for _ in range(args.rounds):  # levers and conditions interleaved, so drift in the machine hits them alike
+            for lever in levers:
+                for cond in conditions:
+                    runs[lever][cond].append(measure(workload, LEVERS[lever], cond, args.quick, args.hog_size))
+        results[workload] = {lever: {c: summarise(r) for c, r in by_cond.items()} for lever, by_cond in runs.items()}
         add_ratios(results[workload])
     print_table(results, conditions)
     figures = {"machine": info, "quick": args.quick, "hog_size": args.hog_size,
