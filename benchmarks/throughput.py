@@ -319,6 +319,7 @@ def onnxruntime_int8(model: torch.nn.Module, folder: str) -> dict[str, Callable[
 
 def int8_fns(a: Arch, batch: int, ort: dict | str) -> dict[str, Callable[[], None]]:
     """The int8 rows' contenders at one batch size, each a no-argument call on the same random images."""
+    from vitkit.quant import layers as int8_layers
     from vitkit.quant import observe_ranges, quantize_model
 
     torch.manual_seed(0)
@@ -327,14 +328,21 @@ def int8_fns(a: Arch, batch: int, ort: dict | str) -> dict[str, Callable[[], Non
     static = quantize_model(model, observe_ranges(model, [torch.randn(8, 3, a.img, a.img)]))
     dynamic = quantize_model(model)
 
-    def under_bf16(m: torch.nn.Module) -> Callable[[], None]:
+    def under_bf16(m: torch.nn.Module, sdpa: bool = False) -> Callable[[], None]:
         def run() -> None:
-            with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
-                m(x)
+            explicit = int8_layers.EXPLICIT_ATTENTION
+            int8_layers.EXPLICIT_ATTENTION = explicit and not sdpa  # what the int8 plan's attention choice gives
+            try:
+                with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
+                    m(x)
+            finally:
+                int8_layers.EXPLICIT_ATTENTION = explicit
 
         return run
 
     fns = {"vitkit int8": under_bf16(static), "vitkit int8 dynamic": under_bf16(dynamic)}
+    if int8_layers.EXPLICIT_ATTENTION:  # a CPU without AMX: also the int8 plan with SDPA, as the bf16 path runs it
+        fns["vitkit int8, SDPA attention"] = under_bf16(static, sdpa=True)
     fns |= {"vitkit bf16": under_bf16(model), "timm bf16": infer_fn(build_timm(a), a, "bf16", batch)}
     if isinstance(ort, dict):
         fns["onnxruntime int8"] = lambda: ort["quiet"](x)

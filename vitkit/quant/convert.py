@@ -84,8 +84,17 @@ def _quantize_block(blk: Block, prefix: str, ranges: Ranges | None) -> None:
         owner = getattr(blk, parent)
         input_range = None if ranges is None else ranges[f"{prefix}.{parent}.{name}"]
         setattr(owner, name, QuantLinear.from_float(getattr(owner, name), input_range, gammas.get(name)))
+    _to_quantized_block(blk)
+
+
+def _to_quantized_block(blk: Block) -> None:
+    """The block, its linears already int8, as a QuantizedBlock: LayerScale gone (folded in), the int8 forward."""
     blk.ls1, blk.ls2 = nn.Identity(), nn.Identity()
-    blk.__class__ = QuantizedBlock  # same modules and state; the forward that runs the int8 plan
+    blk.__class__ = QuantizedBlock  # same modules and state
+    # "math": the attention the module path runs (attention maps, the shortened last block), and the sign by which
+    # vitkit.fast's bf16 runner leaves the block to its own forward without first trying to build a bf16 plan for it
+    # (~20 µs a block a call)
+    blk.attn.backend = "math"
 
 
 def _gamma(ls: nn.Module) -> torch.Tensor | None:
@@ -103,8 +112,7 @@ def build_structure(model: nn.Module, record: dict[str, Any]) -> None:
             owner = getattr(blk, parent)
             old = getattr(owner, name)
             setattr(owner, name, QuantLinear(old.in_features, old.out_features, old.bias is not None, static))
-        blk.ls1, blk.ls2 = nn.Identity(), nn.Identity()
-        blk.__class__ = QuantizedBlock
+        _to_quantized_block(blk)
     model.quantization = record
 
 

@@ -61,17 +61,28 @@ class Prepared(NamedTuple):
 _prepared: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
 
 
+def _key(module: nn.Module) -> tuple:
+    """What a prepared copy depends on: the storage and version of every parameter and buffer below `module`.
+
+    A plain walk over the modules' own dicts: it runs for every block on every call (a third of the cost of
+    `parameters()` + `buffers()`)."""
+    key: list = []
+    stack = [module]
+    while stack:
+        m = stack.pop()
+        for tensors in (m._parameters, m._buffers):
+            for t in tensors.values():
+                if t is not None:
+                    key.append((t.data_ptr(), _version(t), t.dtype))
+        stack.extend(c for c in m._modules.values() if c is not None)
+    return tuple(key)
+
+
 def _version(t: torch.Tensor) -> int:
     try:
         return t._version
     except RuntimeError:  # inference tensors have no version counter: their storage cannot change in place
         return -1
-
-
-def _key(module: nn.Module) -> tuple:
-    """What a prepared copy depends on: every parameter's and buffer's storage and version, below `module`."""
-    tensors = [*module.parameters(), *module.buffers()]
-    return tuple((t.data_ptr(), _version(t), t.dtype) for t in tensors)
 
 
 class QuantLinear(nn.Module):
