@@ -271,3 +271,20 @@ def test_throughput_onnxruntime_int8_contender(tmp_path):
     with torch.no_grad():
         ref = model(x)
     assert relative_error(torch.from_numpy(out), ref) < 0.1
+
+
+def test_hooks_and_gradients_reach_the_int8_layers():
+    """A hook below a block sees its call (the block leaves its plan for the modules), and gradients flow to the
+    input through the int8 layers (class-specific explanations), as through float ones."""
+    q = calibrated(wide_tiny())
+    x = images(2)
+    seen = []
+    handle = q.blocks[0].mlp.fc1.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
+        hooked = q(x).float()
+    handle.remove()
+    assert seen == [(2, 17, 256)]
+    assert relative_error(hooked, int8_logits(q, x)) < 0.03
+    x.requires_grad_(True)
+    q(x)[:, 0].sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0

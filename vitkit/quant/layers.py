@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..fast import kernels
+from ..fast.blocks import global_hooks
 from ..model.layers import Block
 from . import engine
 
@@ -61,8 +62,9 @@ class Prepared(NamedTuple):
 _prepared: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
 
 
-def _key(module: nn.Module) -> tuple:
-    """What a prepared copy depends on: the storage and version of every parameter and buffer below `module`.
+def _key(module: nn.Module, hooks: bool = False) -> tuple | None:
+    """What a prepared copy depends on: the storage and version of every parameter and buffer below `module`; with
+    hooks=True, None when a module below `module` has a forward hook (a plan would not call it).
 
     A plain walk over the modules' own dicts: it runs for every block on every call (a third of the cost of
     `parameters()` + `buffers()`)."""
@@ -70,6 +72,8 @@ def _key(module: nn.Module) -> tuple:
     stack = [module]
     while stack:
         m = stack.pop()
+        if hooks and m is not module and (m._forward_hooks or m._forward_pre_hooks):
+            return None
         for tensors in (m._parameters, m._buffers):
             for t in tensors.values():
                 if t is not None:
@@ -143,8 +147,8 @@ class QuantLinear(nn.Module):
         return Prepared(weight, bias, (scale, zero_point), 1 / scale, torch.tensor([zero_point + 0.5]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_exporting() or torch.jit.is_tracing():
-            return self.reference(x)
+        if torch.compiler.is_exporting() or torch.jit.is_tracing() or (torch.is_grad_enabled() and x.requires_grad):
+            return self.reference(x)  # exported graphs; gradients (class-specific explanations) pass straight through
         p = self.prepared()
         out = x.dtype if x.dtype in (torch.bfloat16, torch.float32) else torch.float32
         if p.input is None:
@@ -156,7 +160,8 @@ class QuantLinear(nn.Module):
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         """The same arithmetic in standard ops (quantize, dequantize, float matmul): what an exported graph holds.
         ONNX gets QuantizeLinear / DequantizeLinear on the input and a per-channel DequantizeLinear of the int8
-        weight, the pattern ONNX Runtime fuses into an int8 matmul."""
+        weight, the pattern ONNX Runtime fuses into an int8 matmul. Differentiable in x (the quantization passes
+        gradients straight through inside the grid), which oneDNN's kernel is not."""
         x = x.float()
         if self.static:
             scale, zero_point = self.input_scale.float(), self.input_zero_point.to(torch.int64)
@@ -210,18 +215,25 @@ class BlockPlan(NamedTuple):
 class QuantizedBlock(Block):
     """A Block with int8 linears (QuantLinear) and its LayerScale folded into them.
 
-    forward: for inference (no grad, CPU, no attention map asked for) the fused plan (module docstring); otherwise
-    the Block's own forward over the modules (each QuantLinear runs on its own), which is also what vitkit.fast's
-    shortened last block ("token" pooling) calls.
+    forward: for inference (no grad, CPU, no attention map asked for, no hook below the block) the fused plan (module
+    docstring); otherwise the Block's own forward over the modules (each QuantLinear runs on its own), which is also
+    what vitkit.fast's shortened last block ("token" pooling) calls.
     """
 
     def forward(self, x: torch.Tensor, need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if need_weights or torch.is_grad_enabled() or not x.is_cpu or _capturing():
+        plan = None if need_weights or torch.is_grad_enabled() or not x.is_cpu or _capturing() else self.plan()
+        if plan is None:
             return super().forward(x, need_weights)
-        return run_plan(self.plan(), x), None
+        return run_plan(plan, x), None
 
-    def plan(self) -> BlockPlan:
-        key = _key(self)
+    def plan(self) -> BlockPlan | None:
+        """The block's plan, rebuilt when a tensor below it changes; None while a hook below the block would not see
+        the plan's calls (a hook on the block itself runs as on any module)."""
+        if global_hooks():
+            return None
+        key = _key(self, hooks=True)
+        if key is None:
+            return None
         entry = _prepared.get(self)
         if entry is None or entry[0] != key:
             entry = _prepared[self] = (key, self._build_plan())
