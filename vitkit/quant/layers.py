@@ -34,7 +34,7 @@ _ql = None  # torch.ops.onednn.qlinear_pointwise, looked up on first use (after 
 
 # Attention without vitkit's C++ kernel: explicit matmul-softmax-matmul on CPUs without AMX, SDPA with it. At ViT-S/16's
 # 197 tokens, bf16, one block's attention (benchmarks/int8_linear.py --attention): on the 2-core AVX512-BF16 EPYC
-# (no AMX) explicit 6.8 ms vs SDPA 14.3 ms at batch 32, 0.24 vs 0.43 ms at batch 1; on the 2-core AMX Xeon SDPA is
+# (no AMX) explicit 7.2 ms vs SDPA 17.3 ms at batch 32, 0.25 vs 0.51 ms at batch 1; on the 2-core AMX Xeon SDPA is
 # the faster (benchmarks/attention_backend.py: 14.7 vs 18.5 ms at 197 tokens), and the C++ kernel faster still.
 _is_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
 EXPLICIT_ATTENTION = not (_is_amx is not None and _is_amx())
