@@ -15,9 +15,9 @@ Workloads: `train` (vit_cifar_patch4_32, batch 128, bf16 autocast, AdamW step), 
 inference, as `vitkit predict` runs it), `serve` (ViT-S/16 batch-1 requests through `vitkit serve`'s Batcher, whose
 model calls run in a worker thread). Levers: LEVERS below. "quiet cost" is a lever's time alone over default's
 alone (the target allows 3 %), the "x alone" column; "others" is the most CPU that processes other than the
-workload and the other job used during a measurement (cores): a run that shows more than ~0.1 was disturbed. `--rounds N` repeats every
-measurement in N fresh processes and takes the median: a run beside the other job varies by up to 2x between
-processes (where the scheduler happens to place the threads).
+workload and the other job used during a measurement (cores): a run that shows more than ~0.1 was disturbed.
+`--rounds N` repeats every measurement in N fresh processes and takes the median: a run beside the other job varies
+by up to 2x between processes (where the scheduler happens to place the threads).
 """
 
 from __future__ import annotations
