@@ -50,8 +50,8 @@ def add_threads_argument(p: argparse.ArgumentParser) -> None:
         p.add_argument(
             "--threads",
             default=threads.AUTO,
-            help="CPU threads: a number, or auto: one per core that other processes leave free, re-read as it runs "
-            "(default: auto; docs/speed.md)",
+            help="CPU threads: a number, or auto: every core, without long OpenMP spins while other processes hold "
+            "cores, re-read as it runs (default: auto; docs/speed.md)",
         )
 
 

@@ -3,18 +3,19 @@
 Why: PyTorch's OpenMP runtime (GNU libgomp in the pip wheels) has a thread that finishes its share of a parallel
 loop spin for up to 300,000 rounds before it sleeps, waiting for the rest of its team. Beside another process that
 keeps the cores busy, a team mate is often descheduled for a whole time slice, and the others spin through their
-own slices waiting for it: a bf16 training step ran 4.4-5.1x slower beside a 2-thread matmul loop, a batch-1
-forward 4.5x, where a fair share of two cores is 2x (`benchmarks/contention.py`; docs/speed.md, "Beside other
+own slices waiting for it: a bf16 training step ran 3.4-4.8x slower beside a 2-thread matmul loop, a batch-1
+forward 2.6-7.8x, where a fair share of two cores is 2x (`benchmarks/contention.py`; docs/speed.md, "Beside other
 jobs"). Quiet, the spinning is what makes a batch-1 forward fast: with passive waits (`OMP_WAIT_POLICY=PASSIVE`)
-each of its hundreds of parallel loops pays a futex wake-up, ~40 % slower. libgomp reads that policy once, when
+each of its hundreds of parallel loops pays a futex wake-up, 16-40 % slower. libgomp reads that policy once, when
 torch loads it, so it cannot follow the load.
 
 What follows the load: the load is read from /proc/stat (the cores this process may run on) minus this process's
 own CPU time, about once a second, at the next forward (`adapt`, which `vitkit.fast.select` calls once per forward
 on a CPU). While other processes keep a core busy, `SpinThrottle` shortens libgomp's waits to its 100-round
-"oversubscribed" spin (the same as passive waits, measured); when they stop, the waits spin again. Where that
-cannot work (another OpenMP runtime, or OMP_WAIT_POLICY / GOMP_SPINCOUNT set by the user), the thread count drops
-to the cores left free instead: no team mate to wait for, but a smaller share of the machine (batch 32 2.7x).
+"oversubscribed" spin (the same as passive waits, measured), and forwards smaller than SMALL_FORWARD_ROWS run on
+the free cores only; when the others stop, the waits spin again on every core. Where the waits cannot be
+shortened (another OpenMP runtime, or OMP_WAIT_POLICY / GOMP_SPINCOUNT set by the user), every forward runs on the
+free cores only: no team mate to wait for, but a smaller share of the machine (batch 32 2.7x).
 
 The `vitkit` command turns this on for every verb (`--threads auto`, its default; `--threads N` fixes the count);
 Python code opts in with `configure("auto")`. Where /proc/stat is missing (macOS, Windows), or torch's parallel
@@ -41,9 +42,10 @@ ThreadSetting = int | Literal["auto"]
 WINDOW_S = 1.0  # load measured over about this long: long enough for /proc/stat's 10 ms ticks, short to follow jobs
 FIRST_WINDOW_S = 0.2  # the first reading, taken from configure() to the first forward (imports, model loading)
 # Beside other processes' work, a forward of fewer token rows than this (ViT-S/16 @224: batch 1-5) runs on the free
-# cores only: it is a string of short parallel loops, each paying a wake-up on the cores shared with the other job
-# (batch 1, two cores fully busy elsewhere: 1.5-1.9x on one thread, 1.6-2.7x on two with short waits; a training
-# step of 8,192 rows 2.2x on one thread, 1.8x on two: benchmarks/contention.py, auto-count vs auto).
+# cores only. It is hundreds of short parallel loops: one thread does as well as two with short waits (batch 1, both
+# cores busy elsewhere: 1.63x vs 1.74x in one run, a median of 34 ms for both over four processes, the worst 36 vs
+# 65 ms) without depending on wake-ups. Large forwards keep every core: a training step of 8,192 rows 1.70x on both,
+# 2.04x on the free one (benchmarks/contention.py; docs/speed.md, "Beside other jobs").
 SMALL_FORWARD_ROWS = 1024
 
 
@@ -232,6 +234,11 @@ class LoadAdaptiveThreads:
 
 
 _active: LoadAdaptiveThreads | None = None
+
+
+def following_load() -> bool:
+    """Whether `configure("auto")` is in force here (a caller may skip working out `adapt`'s argument otherwise)."""
+    return _active is not None
 
 
 def adapt(rows: int | None = None) -> None:

@@ -39,7 +39,7 @@ def select(model: nn.Module, x: torch.Tensor, want_attn: Collection[int], pooled
     want_attn: the blocks asked for their attention map. pooled_only: the caller reads only the pooled output
     (`forward`), so the last block may be shortened to the rows the pooling reads.
     """
-    if x.device.type == "cpu":  # the thread count for the load now (vitkit/threads.py), if configured to follow it
+    if x.device.type == "cpu" and threads.following_load():  # the thread count for the load now (vitkit/threads.py)
         ph, pw = model.patch_embed.patch_size
         threads.adapt(rows=x.shape[0] * (x.shape[-2] // ph) * (x.shape[-1] // pw))
     depth = len(model.blocks)

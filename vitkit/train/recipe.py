@@ -177,7 +177,8 @@ class TrainConfig:
     progress: bool = option(True, help="progress bar (--no-progress: logs only)", resumable=True)
     threads: str | int | None = option(
         None,
-        help="CPU threads: a number, or auto: one per core that other processes leave free (default: auto)",
+        help="CPU threads: a number, or auto: every core, without long OpenMP spins while other processes hold "
+        "cores (default: auto; docs/speed.md)",
         resumable=True,
     )
     fsdp: bool = option(
