@@ -5,13 +5,16 @@ The load is faked (readings and a clock handed in), so nothing here depends on w
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
 from vitkit import cli, threads
 from vitkit.threads import CpuTimes, LoadAdaptiveThreads, busy_elsewhere, choose_threads, parse_threads
 
-from .conftest import tiny_model
+from .conftest import run_python, tiny_model
 
 
 # ------------------------------------------------------------------------------------------------ parsing
@@ -235,3 +238,15 @@ def test_the_command_runs_each_verb_under_its_thread_setting(monkeypatch, tmp_pa
     cli.main(["predict", str(tmp_path / "m.safetensors"), str(tmp_path / "a.jpg")])
     cli.main(["predict", str(tmp_path / "m.safetensors"), str(tmp_path / "a.jpg"), "--threads", "1"])
     assert seen == ["auto", "1"]
+
+
+@pytest.mark.slow  # three fresh processes that import torch: ~10-30 s
+def test_the_contention_benchmark_runs_and_reports_each_condition(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "contention.py"
+    out = tmp_path / "contention.jsonl"
+    args = [str(script), "--quick", "--levers", "auto", "--workloads", "b1", "--conditions", "alone,joined"]
+    run = run_python([*args, "--retries", "0", "--out", str(out)], timeout=600)
+    assert run.returncode == 0, run.stderr
+    row = json.loads(out.read_text())["results"]["b1"]["auto"]
+    assert set(row) == {"alone", "joined", "ratios"} and row["alone"]["median_s"] > 0
+    assert row["alone"]["threads"].startswith("auto") or "cannot be read" in row["alone"]["threads"]
