@@ -159,7 +159,7 @@ def test_auto_keeps_every_core_and_shortens_the_waits_while_others_hold_cores():
 
 
 def test_spin_throttle_parks_one_helper_thread_and_ends_it():
-    throttle = threads.SpinThrottle()
+    throttle = threads.SpinThrottle(team=2)
     throttle.set(True)
     helper = throttle._helper
     assert throttle.parked and helper.is_alive()

@@ -120,11 +120,13 @@ class SpinThrottle:
     CPUs" (GCC's manual, GOMP_SPINCOUNT) - it counts its own threads, not other processes'. `park()` runs one
     parallel loop on a helper thread that then waits: the team it leaves behind sleeps (no CPU), and its threads
     make libgomp count more threads than CPUs, so every wait in the process turns short. `unpark()` ends the
-    helper; libgomp frees its team and spins again. Measured in `benchmarks/contention.py` (lever `park`): the
-    same as OMP_WAIT_POLICY=PASSIVE beside a busy job, and undone when the job ends, which the policy cannot be.
+    helper; libgomp frees its team and spins again. Measured in `benchmarks/contention.py` (lever `auto` against
+    `passive`): the same as OMP_WAIT_POLICY=PASSIVE beside a busy job, and undone when the job ends, which the policy
+    cannot be. `team`: the helper's thread count (every core: its team must outnumber the CPUs with the main one's).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, team: int) -> None:
+        self.team = team
         self._stop: threading.Event | None = None
         self._helper: threading.Thread | None = None
 
@@ -142,6 +144,7 @@ class SpinThrottle:
         ready, self._stop = threading.Event(), threading.Event()
 
         def hold_a_team(stop: threading.Event) -> None:
+            torch.set_num_threads(self.team)  # this thread's own count: whatever the last forward set elsewhere
             torch.empty(1 << 20).fill_(1.0)  # above ATen's grain size: one parallel loop, a team for this thread
             ready.set()
             stop.wait()
@@ -270,7 +273,7 @@ def configure(setting: str | int | None, cores: int = STARTING_THREADS) -> str:
     if not can_follow_load():
         return f"{cores} threads (auto: the load cannot be read here)"
     if cores > 1 and SpinThrottle.works_here():
-        _active = LoadAdaptiveThreads(cores, SpinThrottle())
+        _active = LoadAdaptiveThreads(cores, SpinThrottle(cores))
         return f"auto: {cores} threads, short OpenMP waits while other processes hold cores"
     _active = LoadAdaptiveThreads(cores)
     return f"auto: up to {cores} threads, one per core that other processes leave free"
