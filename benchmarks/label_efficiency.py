@@ -130,7 +130,7 @@ def main() -> int:
         f"{sizes['labelled_images']} labelled ({args.labels_fraction:.0%} of them, stratified)"
     )
     run_a, run_b = args.arms in ("both", "a"), args.arms in ("both", "b")
-    steps = ("mae", "finetune") * run_a + ("scratch",) * run_b
+    steps = (["mae", "finetune"] if run_a else []) + (["scratch"] if run_b else [])  # the run folders
     for step in steps:  # a benchmark starts afresh: a leftover last.ckpt would be resumed
         shutil.rmtree(work / step, ignore_errors=True)
 
