@@ -94,15 +94,16 @@ def main() -> int:
         f"held-out 10% (stratified, seed {cfg.seed}, {res.val_raw['n'] if res.val_raw else 0} images): top-1 {top1},"
         f" top-5 {res.val_top5:.2%} ({res.best_weights} weights); curves: vitkit plot {res.out_dir}"
     )
-    if res.model_path is not None and res.val_raw:  # the same held-out images, each also seen mirrored
+    if res.model_path is not None and res.val_raw:  # the same held-out images, each also seen in several views
         from vitkit.data.sources import stratified_split
         from vitkit.infer.evaluate import evaluate_model
 
         model = vitkit.from_pretrained(res.model_path)
         ds = load_source(args.data, cache_dir=args.cache_dir, classes=model.labels, progress=False)
         _, val_idx = stratified_split(ds.labels, 0.1, cfg.seed)
-        tta = evaluate_model(model, ds, val_idx, tta=True)
-        print(f"held-out 10% with flip test-time augmentation (2 views per image): top-1 {tta.top1:.2%}")
+        for mode, views in (("flip", "2 views: mirrored"), ("flip-translate", "6 views: mirrored, shifted 1 px")):
+            tta = evaluate_model(model, ds, val_idx, tta=mode)
+            print(f"held-out 10% with {mode} test-time augmentation ({views}): top-1 {tta.top1:.2%}")
     print(res.model_path)
     return 0
 

@@ -45,7 +45,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", help="decode cache folder")
     p.add_argument("--confusion", help="where to write the confusion-matrix PNG (default: next to the checkpoint)")
     p.add_argument("--json", action="store_true", help="print one JSON object (top1, top5, per_class) last")
-    p.add_argument("--tta", action="store_true", help="average each image's logits with its mirror image's")
+    p.add_argument(
+        "--tta",
+        nargs="?",
+        const="flip",
+        default=None,
+        choices=("flip", "flip-translate"),
+        help="test-time augmentation: flip (bare --tta) averages each image's logits with its mirror image's; "
+        "flip-translate also the mirror pairs shifted one pixel up-left and down-right (weights 0.5 / 0.25 / 0.25; "
+        "classifiers only)",
+    )
     p.add_argument("--threshold", type=float, help="multi-label models: the F1 threshold (default: the checkpoint's)")
     frozen = p.add_argument_group(
         "frozen features (any encoder, labels or not): a stratified split of --data, the --val-split part "

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..data.loader import BatchLoader
@@ -33,20 +34,22 @@ def evaluate_batches(
     device: torch.device | str = "cpu",
     precision: str = "bf16",
     topk: int = 5,
-    tta: bool = False,
+    tta: bool | str = False,
     task: Task | None = None,
 ) -> dict:
     """Run `model` over (x float (B, C, H, W), targets) batches and count with `task`'s metrics.
 
     task: default single-label classification (top-k with k = min(topk, classes)).
-    tta: average the outputs of each image and its horizontal mirror (flip test-time augmentation; one extra
-    forward pass). Off by default: training's validation and the reported accuracies are single-view unless said.
+    tta: test-time augmentation, as `tta_logits` does it: True or "flip" (each image with its mirror, one extra
+    forward pass), "flip-translate" (also both mirror pairs shifted by a pixel, five extra passes). Off by default:
+    training's validation and the reported accuracies are single-view unless said.
 
     Returns the task's result; for classification {"top1", "top5" (top-k), "loss" (mean cross-entropy), "n",
     "per_class" (accuracy per class, None for a class with no images), "confusion" ((K, K) int64, rows true,
     columns predicted)}.
     """
     device = torch.device(device)
+    mode = tta_mode(tta)  # a misspelt mode fails before any forward pass
     metrics = (task or ClassifyTask(topk=topk)).metrics(num_classes)
     original, was_training = model, model.training
     model.eval()
@@ -55,15 +58,70 @@ def evaluate_batches(
     for x, y in batches:
         x, y = x.to(device), y.to(device)
         with amp:
-            logits = model(x).float()  # (B, K), or per pixel (B, K, H, W)
-            if tta:
-                mirrored = model(x.flip(-1)).float()
-                if mirrored.ndim == 4:  # a map of the mirror image: mirrored back onto the image's pixels
-                    mirrored = mirrored.flip(-1)
-                logits = (logits + mirrored) / 2
+            logits = tta_logits(model, x, mode)  # (B, K), or per pixel (B, K, H, W)
         metrics.update(logits, y)
     original.train(was_training)
     return metrics.result()
+
+
+TTA_MODES = ("flip", "flip-translate")
+
+
+def tta_mode(tta: bool | str | None) -> str | None:
+    """The test-time augmentation `tta` names: None (off) for False / None, "flip" for True, else `tta` itself
+    when it is one of TTA_MODES."""
+    if tta is None or tta is False:
+        return None
+    if tta is True:
+        return "flip"
+    if isinstance(tta, str) and tta in TTA_MODES:
+        return tta
+    raise ValueError(f"tta must be True, False or one of {', '.join(TTA_MODES)}; got {tta!r}")
+
+
+def translated(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """`x` (..., H, W) with its content moved `dy` pixels down and `dx` right (each -1, 0 or 1), the same size: padded
+    by one pixel with reflection, then cropped, so no black border enters the view."""
+    if max(abs(dy), abs(dx)) > 1:
+        raise ValueError(f"translated() shifts by at most one pixel, got ({dy}, {dx})")
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    return padded[..., 1 - dy : 1 - dy + h, 1 - dx : 1 - dx + w]
+
+
+def _mirror_mean(model: nn.Module, x: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+    """The mean of the outputs of `x` (`logits`, when already computed) and of its horizontal mirror; a per-pixel
+    map of the mirror is mirrored back onto the image's pixels first."""
+    logits = model(x).float() if logits is None else logits
+    mirrored = model(x.flip(-1)).float()
+    if mirrored.ndim == 4:
+        mirrored = mirrored.flip(-1)
+    return (logits + mirrored) / 2
+
+
+def tta_logits(model: nn.Module, x: torch.Tensor, tta: bool | str | None) -> torch.Tensor:
+    """`model`'s float outputs for the batch `x` under test-time augmentation `tta` (see `tta_mode`), each view one
+    forward pass of the whole batch.
+
+    "flip": the mean over the image and its mirror. "flip-translate" (airbench's level-2 TTA): that pair weighted
+    0.5, plus the mirror pairs of the image shifted one pixel up-left and one pixel down-right (reflected border),
+    0.25 each. Per-pixel outputs (segmentation maps, (B, K, H, W)) take "flip" only, which maps back exactly: a
+    shifted view's map would have to be shifted back, inventing its border row, so "flip-translate" refuses them.
+    """
+    mode = tta_mode(tta)
+    logits = model(x).float()
+    if mode is None:
+        return logits
+    if mode == "flip-translate" and logits.ndim == 4:
+        raise ValueError(
+            "tta 'flip-translate' applies to per-image outputs (classification); this model returns per-pixel "
+            "maps (segmentation): use tta 'flip'"
+        )
+    pair = _mirror_mean(model, x, logits)
+    if mode == "flip":
+        return pair
+    up_left, down_right = (_mirror_mean(model, translated(x, d, d)) for d in (-1, 1))
+    return 0.5 * pair + 0.25 * up_left + 0.25 * down_right
 
 
 @dataclass
@@ -129,7 +187,7 @@ def evaluate_model(
     batch_size: int = 256,
     precision: str = "bf16",
     confusion_png: str | Path | None = None,
-    tta: bool = False,
+    tta: bool | str = False,
     task: Task | None = None,
 ) -> EvalReport | TaskReport:
     """Evaluate a VisionTransformer on `ds` with the preprocessing stored in the model (as predict does), with the
