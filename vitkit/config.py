@@ -89,6 +89,9 @@ class ViTConfig:
     proj_drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0  # stochastic depth, linearly increasing over depth
+    # patch dropout (PatchDropout, Liu et al. 2022; FLIP): in training each image keeps a random round((1 - rate) * N)
+    # of its N patch tokens, prefix tokens always; eval, inference and forward_intermediates see every token
+    patch_drop_rate: float = 0.0
     norm_eps: float = 1e-6
     dynamic_img_size: bool = False  # accept any input size; the position embedding is resampled per call
     attn_backend: str = "auto"  # auto | sdpa | math
@@ -108,6 +111,12 @@ class ViTConfig:
             (self.embed_dim % self.num_heads == 0, f"embed_dim {self.embed_dim} not divisible by {self.num_heads}"),
             (self.global_pool != "token" or self.class_token, "global_pool='token' needs class_token=True"),
             (self.reg_tokens >= 0 and self.depth >= 0, "reg_tokens and depth must be >= 0"),
+            (
+                isinstance(self.patch_drop_rate, (int, float))
+                and not isinstance(self.patch_drop_rate, bool)
+                and 0 <= self.patch_drop_rate < 1,
+                f"patch_drop_rate must be a number in [0, 1), got {self.patch_drop_rate!r}",
+            ),
             (self.stem_layers is None or self.stem == "conv", "stem_layers needs stem='conv'"),
             (
                 self.stem_layers is None

@@ -179,12 +179,32 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"attention layer index out of range for a {depth}-block model: {list(request)}")
         return layers
 
+    def patch_dropout_keep(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Patch dropout (cfg.patch_drop_rate) for this training forward on images x (B, C, H, W): (B, K) indices
+        of the patch tokens each image keeps, a random K = round((1 - rate) * N) of its N, or None (keep all).
+
+        None outside training and at rate 0, so evaluation and inference see every token and a rate of 0 draws no
+        random numbers (the forward stays what it was). The draw comes from torch's generator for x's device, whose
+        CPU state a checkpoint holds: a resumed run drops the same tokens.
+        """
+        rate = self.cfg.patch_drop_rate
+        if not self.training or rate <= 0:
+            return None
+        h, w = self.patch_grid(x)
+        n = h * w
+        k = max(round((1.0 - rate) * n), 1)
+        if k >= n:
+            return None
+        return torch.rand(x.shape[0], n, device=x.device).argsort(dim=1)[:, :k]  # (B, K): the K smallest draws
+
     def forward_features(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """Image (B, C, H, W) -> normalised tokens (B, N, D).
 
         keep: (B, K) indices of the patch tokens to encode (row-major in the patch grid), the rest dropped after
-        the position embedding (masked-autoencoder pretraining, patch dropout): tokens (B, prefix + K, D).
+        the position embedding (masked-autoencoder pretraining, patch dropout): tokens (B, prefix + K, D). None:
+        every token, or in training with cfg.patch_drop_rate > 0 a random subset (`patch_dropout_keep`).
         """
+        keep = self.patch_dropout_keep(x) if keep is None else keep
         return self.norm(self._encode(x, set(), keep=keep)[0])
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
@@ -205,9 +225,13 @@ class VisionTransformer(nn.Module):
     def forward(
         self, x: torch.Tensor, return_attention: AttentionRequest = None
     ) -> torch.Tensor | tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """Image (B, C, H, W) -> logits (B, classes); with return_attention also {layer: (B, heads, N, N)}."""
+        """Image (B, C, H, W) -> logits (B, classes); with return_attention also {layer: (B, heads, N, N)}.
+
+        In training with cfg.patch_drop_rate > 0 the blocks see a random subset of each image's patch tokens
+        (`patch_dropout_keep`); the maps are then over the kept tokens.
+        """
         want = self._layer_set(return_attention)
-        tokens, maps, _, _ = self._encode(x, want, pooled_only=True)
+        tokens, maps, _, _ = self._encode(x, want, pooled_only=True, keep=self.patch_dropout_keep(x))
         logits = self.forward_head(self.norm(tokens))
         return logits if return_attention is None else (logits, maps)
 
@@ -223,6 +247,8 @@ class VisionTransformer(nn.Module):
 
         indices: None = every block, an int n = the last n blocks, a list = those blocks (negative ok).
         norm: apply the final norm to each intermediate. stop_early: skip the blocks after the last index.
+        Every patch token, in training too: the grids need them all (patch dropout applies to forward and
+        forward_features only).
         """
         depth = len(self.blocks)
         if indices is None:
