@@ -38,7 +38,8 @@ def changed_value(name: str):
     default = next(f.default for f in dataclasses.fields(TrainConfig) if f.name == name)
     hint = typing.get_type_hints(TrainConfig)[name]
     special = {"image_size": ["12"], "betas": ["0.8", "0.95"], "data": ["digits"], "optimizer_impl": ["foreach"]}
-    special.update(labels_fraction=["0.5"], warmup_fraction=["0.05"])  # fractions: twice the default is no value
+    # fractions and decays: twice the default is no value
+    special.update(labels_fraction=["0.5"], warmup_fraction=["0.05"], lookahead_decay=["0.5"])
     if name in special:
         return special[name]
     choices = options_of(TrainConfig)[name].choices

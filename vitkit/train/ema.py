@@ -46,3 +46,56 @@ class ModelEma:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.module.load_state_dict(state)
+
+
+class Lookahead:
+    """airbench's lookahead: every `every` optimizer steps a slow copy s of the weights moves toward them,
+    s <- s + (1 - d) (w - s), and the weights jump back to it, w <- s. The decay d = `decay` * progress**3
+    (progress: steps taken / the schedule's steps), so a run starts as plain training and ends averaging strongly;
+    `finish` copies s into the weights once more (d = 1) when training ends.
+
+    Float parameters and buffers are averaged; integer buffers (BatchNorm's counter) are copied into s. Unlike
+    ModelEma, which keeps a separate average to evaluate, this one changes the weights training continues from.
+    """
+
+    def __init__(self, model: nn.Module, every: int, decay: float):
+        if every < 1 or not 0.0 <= decay <= 1.0:
+            raise ValueError(f"lookahead needs every >= 1 and 0 <= decay <= 1, got every={every}, decay={decay}")
+        self.every, self.decay = every, decay
+        self.slow = {name: t.detach().clone() for name, t in model.state_dict().items()}
+
+    def decay_at(self, step: int, total_steps: int) -> float:
+        return self.decay * min(step / max(total_steps, 1), 1.0) ** 3
+
+    def after_step(self, model: nn.Module, step: int, total_steps: int) -> None:
+        """Called once `step` optimizer steps are done: averages and copies back on every `every`-th."""
+        if step % self.every == 0:
+            self.update(model, self.decay_at(step, total_steps))
+
+    def finish(self, model: nn.Module) -> None:
+        """The end of training: the weights become the slow copy."""
+        self.update(model, 1.0)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, decay: float) -> None:
+        model_state = model.state_dict()
+        slow_f, live_f = [], []
+        for name, slow_t in self.slow.items():
+            live = model_state[name]
+            if slow_t.dtype.is_floating_point:
+                slow_f.append(slow_t)
+                live_f.append(live)
+            else:
+                slow_t.copy_(live)
+        torch._foreach_lerp_(slow_f, live_f, 1.0 - decay)
+        torch._foreach_copy_(live_f, slow_f)  # state_dict's tensors share the parameters' storage: w <- s in place
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.slow
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = self.slow.keys() ^ state.keys()
+        if missing:
+            raise ValueError(f"the checkpoint's lookahead copy does not match the model: {sorted(missing)[:5]}")
+        for name, t in state.items():
+            self.slow[name].copy_(t)

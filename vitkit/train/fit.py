@@ -55,7 +55,9 @@ from .distributed import (
     load_full_model_state_dict,
     load_full_optimizer_state_dict,
     restore_rank_state,
+    unwrap,
 )
+from .ema import Lookahead
 from .logging import RunLogger
 from .loop import EpochHooks, LossFn, StepState, evaluate, train_one_epoch
 from .recipe import TrainConfig, merge_resumed
@@ -232,6 +234,9 @@ class TrainingRun:
         if self.env.is_main:
             describe(self.data, self.core)
         self.model, self.optimizer, self.ema = wrap_model(cfg, self.trainee(), self.env)
+        self.lookahead = (
+            Lookahead(unwrap(self.model), cfg.lookahead_every, cfg.lookahead_decay) if cfg.lookahead_every else None
+        )
         self.loader, self.val_loader = make_loaders(cfg, self.data, self.core, self.env, self.task)
         self.steps_per_epoch = len(self.loader) // cfg.grad_accum
         # the run's length in epochs; None under --minutes, where the schedule is re-laid once the pace is measured
@@ -269,6 +274,8 @@ class TrainingRun:
             self.schedule.relayout(math.ceil(self.epochs * self.steps_per_epoch))
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
+        if self.lookahead is not None and state.get("lookahead") is not None:
+            self.lookahead.load_state_dict(state["lookahead"])
         self.step_state = StepState(**state["step_state"])
         self.val_history = dict(state.get("val") or {})
         restore_rank_state(state["rng"], self.env, self.loader)
@@ -307,6 +314,7 @@ class TrainingRun:
             "optimizer": opt_state,
             "schedule": self.schedule.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
+            "lookahead": self.lookahead.state_dict() if self.lookahead is not None else None,
             "rng": rng,
             "host_rng": host_rng_state(),
             "step": self.step_state.step,
@@ -426,6 +434,7 @@ class TrainingRun:
                 grad_accum=cfg.grad_accum,
                 clip_grad=cfg.clip_grad,
                 ema=self.ema,
+                lookahead=self.lookahead,
                 max_bad_steps=cfg.max_bad_steps,
                 logger=self.logger,
                 log_every=max(min(cfg.log_every, self.steps_per_epoch), 1),
@@ -437,6 +446,8 @@ class TrainingRun:
             if self.loader.epoch == epoch:  # stopped mid-epoch (budget, stop_after_steps)
                 break
             self._end_epoch(stats)
+        if self.lookahead is not None and not self.stopped_early():  # a pause resumes with the fast weights
+            self.lookahead.finish(unwrap(self.model))
 
     def _end_epoch(self, stats: dict[str, float]) -> None:
         """Evaluate (every eval_every epochs), log, and write last.ckpt unless the last write is recent."""

@@ -22,7 +22,7 @@ from ..infer.evaluate import evaluate_batches
 from ..tasks import Task
 from ..tasks.classify import cross_entropy
 from .distributed import DistEnv, all_ranks_true
-from .ema import ModelEma
+from .ema import Lookahead, ModelEma
 from .logging import RunLogger
 from .schedule import WarmupCosine, apply_lr
 
@@ -173,6 +173,7 @@ def train_one_epoch(
     grad_accum: int = 1,
     clip_grad: float | None = None,
     ema: ModelEma | None = None,
+    lookahead: Lookahead | None = None,
     max_bad_steps: int = 5,
     logger: RunLogger | None = None,
     log_every: int = 10,
@@ -190,6 +191,7 @@ def train_one_epoch(
     `defer_checks` (default: `defers_checks(...)`, i.e. one process on a GPU with fused AdamW) runs the guard on
     the device instead (DeviceGuard: no host sync per step; its docstring lists what differs).
     `loss_fn(model(x), y)` gives the loss (default: cross-entropy with `label_smoothing`, `compute_loss`).
+    `lookahead` moves the weights after the optimizer step, before the EMA (`ema`) averages them.
     Returns {"loss": mean loss, "images": images, "seconds": wall time}.
     """
     hooks = hooks or EpochHooks()
@@ -255,8 +257,11 @@ def train_one_epoch(
             optimizer.step()
             loss_sum, loss_n = loss_sum + step_loss, loss_n + 1
             window.add_loss(step_loss, 1)
+        core = getattr(model, "module", model)  # DDP keeps the model in .module
+        if lookahead is not None:
+            lookahead.after_step(core, state.step + 1, schedule.total_steps)
         if ema is not None:
-            ema.update(getattr(model, "module", model), state.step)  # DDP keeps the model in .module
+            ema.update(core, state.step)
         state.step += 1
         state.images_seen += n_img
         images += n_img

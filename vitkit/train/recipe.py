@@ -118,6 +118,13 @@ class TrainConfig:
     )
     clip_grad: float | None = option(1.0, help="max global gradient norm (0: off)")
     ema_decay: float = option(0.0, help="EMA of the weights, e.g. 0.999 (0: off)")
+    lookahead_every: int = option(
+        0,
+        help="lookahead (airbench's): every N optimizer steps move a slow copy of the weights toward them and "
+        "continue from it, with a decay rising as --lookahead-decay x progress^3; the run ends on the slow copy "
+        "(0: off)",
+    )
+    lookahead_decay: float = option(0.95**5, help="the lookahead's decay at the end of the schedule")
     precision: str = option("bf16", help="bf16 autocast or fp32", choices=("bf16", "fp32"))
     seed: int = option(0, help="seed of the model's initialisation, the data order and the augmentation")
     augment: AugmentConfig = option(factory=AugmentConfig, help="augmentation (flags in options.py)", flag="")
@@ -219,6 +226,13 @@ class TrainConfig:
             raise ValueError(f"labels_fraction must be in (0, 1], got {self.labels_fraction}")
         if self.warmup_fraction is not None and not 0.0 <= self.warmup_fraction < 1.0:
             raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        if self.lookahead_every < 0 or not 0.0 <= self.lookahead_decay <= 1.0:
+            raise ValueError(
+                f"lookahead_every must be >= 0 and lookahead_decay in [0, 1], got {self.lookahead_every} and "
+                f"{self.lookahead_decay}"
+            )
+        if self.lookahead_every and self.fsdp:
+            raise ValueError("--lookahead-every is not supported with --fsdp (the slow copy would not be sharded)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
