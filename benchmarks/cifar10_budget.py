@@ -1,6 +1,7 @@
 """CIFAR-10 under a wall-clock budget on this machine's CPU: how good a ViT gets in N minutes.
 
     .venv/bin/python benchmarks/cifar10_budget.py --minutes 10 --out DIR   # --data ARCHIVE (default below)
+    .venv/bin/python benchmarks/cifar10_budget.py --minutes 10 --peer timm --out DIR   # timm's ViT, timm's defaults
 
 Steps: build (or reuse) the decode cache of the archive and report its one-time cost separately; train with the
 recipe `vitkit/recipes/cifar10_budget.yaml` (flags override it) under the budget, the clock starting after the data
@@ -38,6 +39,11 @@ def main() -> int:
     p.add_argument("--cache-dir", default=None, help="decode cache folder (default ~/.cache/vitkit)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--peer", choices=("timm",), default=None, help="train timm's plain ViT with timm's defaults instead (same "
+        "data, split and clock; benchmarks/timm_budget.py)",
+    )  # fmt: skip
+    p.add_argument("--peer-model", default="vit_tiny_patch16_224", help="timm model name for --peer timm")
     args = p.parse_args()
 
     import torch
@@ -77,6 +83,11 @@ def main() -> int:
         progress=False if args.no_progress else None,
         val_split=0.1,
     )
+    if args.peer == "timm":  # the same data, split (the recipe's seed) and clock; timm's model and recipe
+        from timm_budget import run_timm_peer
+
+        print(run_timm_peer(args.data, args.peer_model, args.minutes, args.out, cfg.seed, 0.1, args.cache_dir))
+        return 0
     print(
         f"recipe: {args.recipe}; budget {args.minutes:g} min; batch {cfg.batch_size}, lr {cfg.lr}, model "
         f"{cfg.model} {cfg.model_kwargs}"
