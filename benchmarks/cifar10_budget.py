@@ -39,12 +39,15 @@ def main() -> int:
     p.add_argument("--cache-dir", default=None, help="decode cache folder (default ~/.cache/vitkit)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--patch-drop", type=float, default=None, help="patch dropout rate in training (model_kwargs)")
     p.add_argument(
         "--peer", choices=("timm",), default=None, help="train timm's plain ViT with timm's defaults instead (same "
         "data, split and clock; benchmarks/timm_budget.py)",
     )  # fmt: skip
     p.add_argument("--peer-model", default="vit_tiny_patch16_224", help="timm model name for --peer timm")
     args = p.parse_args()
+    if args.peer and args.patch_drop is not None:
+        p.error("--patch-drop sets the vitkit model's patch dropout; --peer timm trains timm's defaults, without it")
 
     import torch
     import torchvision
@@ -82,6 +85,7 @@ def main() -> int:
         seed=args.seed,
         progress=False if args.no_progress else None,
         val_split=0.1,
+        model_kwargs=None if args.patch_drop is None else {"patch_drop_rate": args.patch_drop},
     )
     if args.peer == "timm":  # the same data, split (the recipe's seed) and clock; timm's model and recipe
         from timm_budget import run_timm_peer

@@ -74,3 +74,7 @@ def test_the_budget_script_runs_the_peer_arm(folder, tmp_path):
     assert "held-out 10% (stratified, seed 0, 15 images): top-1" in done.stdout
     assert done.stdout.strip().splitlines()[-1] == str(tmp_path / "out" / "timm_model")
 
+
+def test_the_budget_script_refuses_patch_dropout_for_the_peer(tmp_path):
+    done = run_python([str(BENCH / "cifar10_budget.py"), "--peer", "timm", "--patch-drop", "0.25"])
+    assert done.returncode == 2 and "--patch-drop" in done.stderr
