@@ -31,8 +31,8 @@ def _timm_budget():
 
 @pytest.fixture
 def folder(tmp_path):
-    """150 images of 32 px in 3 classes: 135 train (one batch of 128), 15 held out."""
-    return make_image_folder(tmp_path / "data", per_class=50, size=32)
+    """150 images of 16 px (4 x 4 patches: a cheap step) in 3 classes: 135 train (one batch of 128), 15 held out."""
+    return make_image_folder(tmp_path / "data", per_class=50, size=16)
 
 
 def test_a_tiny_peer_run_trains_reports_top1_and_saves_a_folder_vitkit_loads(folder, tmp_path, capsys):
@@ -43,8 +43,8 @@ def test_a_tiny_peer_run_trains_reports_top1_and_saves_a_folder_vitkit_loads(fol
     assert re.search(r"trained [1-9]\d* steps = [\d.]+ epochs in \d+ s of training \(\d+ img/s\)", printed)
     assert re.search(r"held-out 10% \(stratified, seed 0, 15 images\): top-1 \d+\.\d\d%", printed)
     model = vitkit.from_pretrained(saved, num_heads=2)  # the timm Hub folder (test_vit: a width vitkit cannot name)
-    assert model.labels == ["blue", "green", "red"] and model.cfg.img_size == (32, 32)
-    assert model.cfg.patch_size == (4, 4) and model.preprocess.input_size == (32, 32)
+    assert model.labels == ["blue", "green", "red"] and model.cfg.img_size == (16, 16)
+    assert model.cfg.patch_size == (4, 4) and model.preprocess.input_size == (16, 16)
 
 
 def test_the_cosine_warms_up_five_epochs_or_a_quarter_of_the_steps_that_fit_whichever_is_less():
@@ -60,7 +60,7 @@ def test_the_cosine_warms_up_five_epochs_or_a_quarter_of_the_steps_that_fit_whic
 
 def test_too_few_images_for_one_batch_is_a_clear_error(tmp_path):
     peer = _timm_budget()
-    small = make_image_folder(tmp_path / "small", per_class=10, size=32)
+    small = make_image_folder(tmp_path / "small", per_class=10, size=16)
     with pytest.raises(ValueError, match="no full batch of 128"):
         peer.run_timm_peer(str(small), "test_vit", 0.01, tmp_path / "out", 0, 0.1, str(tmp_path / "cache"))
 
