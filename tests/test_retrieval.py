@@ -64,6 +64,14 @@ def test_fingerprint_follows_the_encoder_not_the_head():
     assert model_fingerprint(a) != model_fingerprint(b)
 
 
+def test_fingerprint_ignores_training_only_patch_dropout():
+    a, b = tiny_model(), tiny_model()
+    b.cfg.patch_drop_rate = 0.5  # acts in training only: the pooled features in eval are the same
+    assert model_fingerprint(a) == model_fingerprint(b)
+    b.cfg.depth = a.cfg.depth + 1  # any other field still counts
+    assert model_fingerprint(a) != model_fingerprint(b)
+
+
 def test_index_and_search_cli(gallery, tmp_path, capsys):
     root, ckpt, _ = gallery
     out = tmp_path / "idx"

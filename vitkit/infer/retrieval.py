@@ -58,7 +58,8 @@ def model_fingerprint(model: nn.Module) -> str:
     on other classes still searches an index built with the encoder it shares.
     """
     h = hashlib.blake2b(digest_size=16)
-    cfg = {k: v for k, v in model.cfg.to_dict().items() if k != "num_classes"}
+    # patch dropout acts in training only (eval sees every token); left out so that indexes keep their fingerprint
+    cfg = {k: v for k, v in model.cfg.to_dict().items() if k not in ("num_classes", "patch_drop_rate")}
     h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
     h.update(json.dumps(model.preprocess.to_dict(), sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.state_dict().items()):
