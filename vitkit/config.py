@@ -18,7 +18,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 INCEPTION_MEAN = (0.5, 0.5, 0.5)  # timm's augreg ViTs and big_vision use 0.5 / 0.5
 INCEPTION_STD = (0.5, 0.5, 0.5)
 
-POOLS = ("token", "avg", "map", "none")
+POOLS = ("token", "avg", "map", "seqpool", "none")
 POS_EMBEDS = ("learn", "sincos2d", "none")
 STEMS = ("patch", "conv")
 ATTN_BACKENDS = ("auto", "sdpa", "math")
@@ -77,7 +77,7 @@ class ViTConfig:
     reg_tokens: int = 0
     no_embed_class: bool = False  # True: position embedding covers patches only, prefix tokens get none
     pos_embed: str = "learn"  # learn | sincos2d | none
-    global_pool: str = "token"  # token | avg | map | none
+    global_pool: str = "token"  # token | avg | map | seqpool (CCT's sequence pooling) | none
     fc_norm: bool | None = None  # None: LayerNorm after pooling iff global_pool == "avg" (timm's rule)
     pre_norm: bool = False  # LayerNorm before the blocks (CLIP-style)
     stem: str = "patch"  # patch: one strided conv; conv: a small conv stack for tiny images

@@ -143,6 +143,8 @@ def infer_config(state: dict[str, torch.Tensor], hints: dict[str, Any], source: 
     # pooling: attention pool and fc_norm are visible in the tensors; token vs avg otherwise
     if "attn_pool.latent" in state:
         cfg["global_pool"] = "map"
+    elif "attn_pool.score.weight" in state:  # vitkit's sequence pooling (a bare state dict of a vitkit model)
+        cfg["global_pool"] = "seqpool"
     elif "global_pool" in hints:
         cfg["global_pool"] = hints["global_pool"]
     elif cfg["fc_norm"] or not cfg["class_token"]:

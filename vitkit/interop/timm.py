@@ -181,6 +181,7 @@ def timm_problems(model: VisionTransformer) -> list[str]:
     cfg = model.cfg
     checks = [
         (cfg.stem != "patch", "the conv stem (stem='conv'; timm's vit_* models embed patches with one strided conv)"),
+        (cfg.global_pool == "seqpool", "sequence pooling (global_pool='seqpool'; timm's ViT pools by token/avg/map)"),
         (cfg.norm_eps != TIMM_NORM_EPS, f"LayerNorm eps {cfg.norm_eps:g} (timm's ViT uses {TIMM_NORM_EPS:g})"),
     ]
     return [what for bad, what in checks if bad]

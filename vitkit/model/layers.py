@@ -1,4 +1,5 @@
-"""The building blocks of a Vision Transformer: tokenizers, attention, MLP, LayerScale, DropPath, Block, MAP pool.
+"""The building blocks of a Vision Transformer: tokenizers, attention, MLP, LayerScale, DropPath, Block, MAP pool,
+sequence pool.
 
 Plain PyTorch modules on nn.Linear / nn.LayerNorm: this is the model as the idea describes it. The CPU speed
 machinery (packed weights, block plans, C++ kernels) lives in `vitkit/fast/` and runs the same arithmetic on these
@@ -239,3 +240,23 @@ class AttentionPoolLatent(nn.Module):
         x = self.proj(x.transpose(1, 2).reshape(B, 1, C))
         x = x + self.mlp(self.norm(x))
         return x[:, 0]  # (B, D)
+
+
+class SequencePool(nn.Module):
+    """Sequence pooling ("seqpool", CCT: Hassani et al. 2021, "Escaping the Big Data Paradigm with Compact
+    Transformers"): each token scores itself with one linear map, the softmax of the scores over the tokens weighs
+    them, and the pooled vector is the weighted sum. One (D + 1)-parameter map instead of a class token: the model
+    learns which tokens matter, where average pooling weighs them all alike.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.score = nn.Linear(dim, 1)
+
+    def weights(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, N, D) -> their pooling weights (B, N), each row summing to 1 (softmax in fp32)."""
+        return self.score(x).squeeze(-1).float().softmax(dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weights(x).to(x.dtype)  # (B, N)
+        return torch.bmm(w.unsqueeze(1), x).squeeze(1)  # (B, D)

@@ -2,7 +2,7 @@
 
 image ─► patches ─► linear embedding ─► + position embedding (+ cls / register tokens)
       ─► L × Block[LN → multi-head self-attention → +residual ; LN → MLP(GELU) → +residual]
-      ─► final LN ─► pool (token | avg | map) ─► head ─► logits  (softmax gives class probabilities)
+      ─► final LN ─► pool (token | avg | map | seqpool) ─► head ─► logits  (softmax gives class probabilities)
 
 Attention maps are a first-class output: `model(x, return_attention=[...] | "all")` returns the logits and a
 dict {layer: (B, heads, N, N)}; only the asked layers compute the explicit map, the others keep the fast path.
@@ -23,12 +23,22 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import fast
 from ..config import PreprocessConfig, ViTConfig, default_preprocess
-from .layers import AttentionPoolLatent, Block, ConvStem, PatchEmbed
+from .layers import AttentionPoolLatent, Block, ConvStem, PatchEmbed, SequencePool
 from .outputs import Intermediate, Intermediates
 from .pos_embed import resample_pos_embed, sincos_2d
 from .serialization import save_folder, save_model
 
 AttentionRequest = Iterable[int] | str | None  # layer indices (negative ok), "all", or None
+
+
+def learned_pool(cfg: ViTConfig) -> nn.Module | None:
+    """The pooling module with weights of its own ("map": attention with a learned query; "seqpool": a softmax over
+    one score per token), None for the parameter-free ones ("token", "avg", "none")."""
+    if cfg.global_pool == "map":
+        return AttentionPoolLatent(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, cfg.norm_eps)
+    if cfg.global_pool == "seqpool":
+        return SequencePool(cfg.embed_dim)
+    return None
 
 
 class VisionTransformer(nn.Module):
@@ -70,9 +80,7 @@ class VisionTransformer(nn.Module):
 
         # 4. final norm, pool, head (with avg pooling the norm moves after the pool: fc_norm, as in timm)
         self.norm = nn.LayerNorm(D, eps=cfg.norm_eps) if not cfg.use_fc_norm else nn.Identity()
-        self.attn_pool = (
-            AttentionPoolLatent(D, cfg.num_heads, cfg.mlp_ratio, cfg.norm_eps) if cfg.global_pool == "map" else None
-        )
+        self.attn_pool = learned_pool(cfg)
         self.fc_norm = nn.LayerNorm(D, eps=cfg.norm_eps) if cfg.use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(cfg.drop_rate)
         self.head = nn.Linear(D, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
@@ -92,7 +100,7 @@ class VisionTransformer(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        if self.attn_pool is not None:
+        if isinstance(self.attn_pool, AttentionPoolLatent):
             nn.init.trunc_normal_(self.attn_pool.latent, std=self.cfg.embed_dim**-0.5)
 
     # ------------------------------------------------------------------------------------- the forward pass
@@ -209,7 +217,7 @@ class VisionTransformer(nn.Module):
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         """Tokens (B, N, D) -> one vector per image (B, D) (or tokens unchanged with global_pool='none')."""
-        if self.attn_pool is not None:  # attends over the patch tokens only, as timm does
+        if self.attn_pool is not None:  # "map" / "seqpool": over the patch tokens only, as timm's "map" does
             return self.attn_pool(x[:, self.num_prefix_tokens :])
         if self.cfg.global_pool == "token":
             return x[:, 0]
@@ -290,13 +298,13 @@ class VisionTransformer(nn.Module):
         """Replace the head (zero-initialised, the usual start for fine-tuning); optionally change pooling."""
         if global_pool is not None and global_pool != self.cfg.global_pool:
             self.cfg = self.cfg.replace(global_pool=global_pool, fc_norm=self.cfg.use_fc_norm)
-            D = self.cfg.embed_dim
             ref = next(self.parameters())
-            self.attn_pool = (
-                AttentionPoolLatent(D, self.cfg.num_heads, self.cfg.mlp_ratio, self.cfg.norm_eps).to(ref)
-                if global_pool == "map"
-                else None
-            )
+            self.attn_pool = learned_pool(self.cfg)
+            if self.attn_pool is not None:
+                self.attn_pool.to(ref)
+                if isinstance(self.attn_pool, SequencePool):  # as init_weights would have made it
+                    nn.init.trunc_normal_(self.attn_pool.score.weight, std=0.02)
+                    nn.init.zeros_(self.attn_pool.score.bias)
         self.cfg = self.cfg.replace(num_classes=num_classes)
         if num_classes > 0:
             ref = next(self.parameters())
