@@ -30,7 +30,7 @@ from ..data.streaming import (
     batch_preprocess,
     stream_workers,
 )
-from ..data.transforms import build_eval_transform, build_train_transform
+from ..data.transforms import AugmentConfig, build_eval_transform, build_train_transform
 from ..model import create_model
 from ..model.serialization import apply_task
 from ..model.vit import VisionTransformer
@@ -39,6 +39,7 @@ from .distributed import DistEnv, prepare_model, unwrap
 from .ema import ModelEma
 from .optim import build_optimizer
 from .recipe import TrainConfig
+from .whiten import WHITEN_IMAGES, first_stem_conv, whiten_conv
 
 # ---------------------------------------------------------------------------------------------------- data
 STREAM_IMAGE_SIZE = 224  # a fresh model's input for streamed data (images of every size): the standard recipe's
@@ -227,12 +228,46 @@ def build_or_restore_model(
     had when it stopped)."""
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
-    if state:
+    if state:  # the checkpoint holds the weights, a whitened first layer's included: nothing is initialised again
         return model_from_meta(state["model_meta"])
     model = build_model(cfg, data.ds, data.train_idx)
     if task is not None:
         task.attach(model)
+    if cfg.whiten_stem:
+        whiten_stem(cfg, data, model)
     return model
+
+
+def whitening_batches(data: RunData, model: VisionTransformer, seed: int, count: int = WHITEN_IMAGES):
+    """A seeded sample of at most `count` training images as training feeds them to `model` (resized to its input,
+    normalised), without the random augmentation, in batches of 256. numpy's own seeded generator picks them, so
+    torch's random state (and with it the rest of the run) is the same with whitening on or off."""
+    pick = np.sort(np.random.default_rng([seed, 0x3A17E]).permutation(data.train_idx)[:count])
+    plain = AugmentConfig(random_crop_pad=0, hflip=False)
+    tf = build_train_transform(plain, model.preprocess, data.num_classes, model.cfg.in_chans)
+    for start in range(0, len(pick), 256):
+        idx = pick[start : start + 256]
+        x = torch.from_numpy(np.ascontiguousarray(data.ds.images[idx])).permute(0, 3, 1, 2)  # (B, C, H, W) uint8
+        yield tf(x, torch.zeros(len(idx), dtype=torch.int64))[0]
+
+
+def whiten_stem(cfg: TrainConfig, data: RunData, model: VisionTransformer) -> None:
+    """`cfg.whiten_stem`: the first conv of a fresh model's conv tokenizer set to the whitening filters of the
+    training images' patches (vitkit/train/whiten.py); refused where there is no such layer or no such start."""
+    from ..interop.hub import names_weights
+
+    if cfg.model and names_weights(cfg.model):
+        raise ValueError(
+            f"whiten_stem initialises a fresh model's first layer; {cfg.model!r} brings trained weights (fine-tuning "
+            "keeps them): drop whiten_stem"
+        )
+    conv = first_stem_conv(model)
+    if isinstance(data.ds, StreamSource):
+        raise ValueError(
+            "whiten_stem measures the training images' patches before training and needs them decoded (the decode "
+            "cache); this data streams: pass --cache, or drop whiten_stem"
+        )
+    whiten_conv(conv, whitening_batches(data, model, cfg.seed))
 
 
 def describe(data: RunData, model: VisionTransformer) -> None:

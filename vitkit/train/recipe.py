@@ -94,6 +94,11 @@ class TrainConfig:
     model_kwargs: dict[str, Any] = option(
         factory=dict, help="ViTConfig overrides (stem, depth, drop_path_rate ...)", flag=""
     )
+    whiten_stem: bool = option(
+        False,
+        help="a fresh model's conv tokenizer (stem: conv) starts with its first layer set to the whitening filters of "
+        "5,000 training images' patches, as airbench does (a resume keeps the weights it has)",
+    )
     epochs: float | None = option(None, help="train this many epochs (default 10)", resumable=True, exclusive="length")
     minutes: float | None = option(
         None, help="wall-clock budget: the schedule is fitted to it", resumable=True, exclusive="length"
