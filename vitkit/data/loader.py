@@ -36,6 +36,12 @@ def _takes_targets(transform: Callable) -> bool:
     return len(params) >= 2
 
 
+def _takes_indices(transform: Callable) -> bool:
+    """A train transform that opts in (`takes_indices`, e.g. alternating flips) is also given each image's dataset
+    index and the epoch: transform(x, y, indices=, epoch=). The others keep their (x, y) call."""
+    return bool(getattr(transform, "takes_indices", False))
+
+
 def class_balanced_weights(labels: np.ndarray) -> np.ndarray:
     """Sampling weights (N,) for class indices (N,): 1 / (images of the class), so each class is drawn equally."""
     labels = np.asarray(labels)
@@ -66,7 +72,8 @@ class BatchLoader:
         drop_last: drop the last incomplete batch (and, with several ranks, the batches that would leave ranks
             with unequal step counts).
         rank, world_size: this process takes global batches rank, rank + world_size, ...
-        transform: `transform(x, y) -> (x, y)` (train) or `transform(x) -> x` (eval), applied per batch.
+        transform: `transform(x, y) -> (x, y)` (train) or `transform(x) -> x` (eval), applied per batch; one whose
+            `takes_indices` is true is called as transform(x, y, indices=dataset indices (B,), epoch=epoch).
         weights: one sampling weight per entry of `indices`: an epoch then draws len(indices) samples with
             replacement, each with probability proportional to its weight (needs shuffle=True).
     """
@@ -101,6 +108,7 @@ class BatchLoader:
         self.world_size = world_size
         self.transform = transform
         self._pairs = transform is not None and _takes_targets(transform)
+        self._indexed = self._pairs and _takes_indices(transform)
         self.probs = None if weights is None else _sampling_probs(weights, len(self.indices), shuffle)
         self.epoch = 0
         self.batch_index = 0  # batches of this epoch already handed out by this rank
@@ -160,9 +168,12 @@ class BatchLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         batches = self.batch_indices()
         while self.batch_index < len(batches):
-            x, y = self._fetch(batches[self.batch_index])
+            idx = batches[self.batch_index]
+            x, y = self._fetch(idx)
             if self.transform is not None:
-                if self._pairs:
+                if self._indexed:
+                    x, y = self.transform(x, y, indices=idx, epoch=self.epoch)
+                elif self._pairs:
                     x, y = self.transform(x, y)
                 else:
                     x = self.transform(x)

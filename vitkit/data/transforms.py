@@ -3,6 +3,8 @@
 Train, in order (timm's order): RandomResizedCrop *or* resize + pad-and-random-crop → horizontal flip →
 RandAugment / TrivialAugmentWide / AutoAugment → float + normalise → RandomErasing → MixUp / CutMix.
 Geometric ops, flips, erasing and mixing are vectorised over the batch with a separate random draw per sample.
+With `alternate_flips` (airbench's derandomised flip) the flip is no draw at all: each image is flipped in every
+other epoch, from a seeded coin per image (`alternating_flips`), so over two epochs it is seen once each way.
 
 Label smoothing: when MixUp or CutMix is on, the transform returns soft targets (B, K) that already include
 label smoothing, so the loss must be a plain soft-target cross-entropy (`soft_target_cross_entropy`). Without
@@ -22,6 +24,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
@@ -44,6 +47,8 @@ class AugmentConfig:
 
     random_crop_pad: int | None = None  # zero-pad by this many px, crop back at a random offset (0: off; None: by size)
     hflip: bool | None = None  # horizontal flip with probability 0.5 (None: by input size)
+    # instead of random flips: image i is flipped in epoch e iff coin(seed, i) XOR (e odd) (`alternating_flips`)
+    alternate_flips: bool = False
     random_resized_crop: bool = False  # replaces pad+crop: crop a random area/aspect, resize to the input size
     rrc_scale: tuple[float, float] = (0.08, 1.0)  # area fraction of the crop
     rrc_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # aspect ratio of the crop
@@ -71,6 +76,8 @@ class AugmentConfig:
         self.rrc_ratio = tuple(float(v) for v in self.rrc_ratio)
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.alternate_flips and self.hflip is False:
+            raise ValueError("alternate_flips flips every image in every other epoch; hflip: false asks for no flips")
 
     @property
     def mixes(self) -> bool:
@@ -109,6 +116,8 @@ def augment_for_size(aug: AugmentConfig, size: tuple[int, int]) -> AugmentConfig
     """`aug` with its size-dependent defaults (`random_crop_pad`, `hflip` left at None) filled in for `size`."""
     pad = default_crop_pad(size) if aug.random_crop_pad is None else aug.random_crop_pad
     flip = default_hflip(size) if aug.hflip is None else aug.hflip
+    if aug.alternate_flips:  # these flips replace the random ones, whatever the size
+        flip = aug.hflip
     return replace(aug, random_crop_pad=pad, hflip=flip)
 
 
@@ -147,8 +156,41 @@ def random_crop_with_padding(x: torch.Tensor, pad: int, size: tuple[int, int] | 
 
 def random_hflip(x: torch.Tensor, p: float = 0.5) -> torch.Tensor:
     """Flip each image of (B, C, H, W) left-right with probability p, independently."""
-    flip = to_device(torch.rand(x.shape[0]) < p, x.device)
+    return hflip_where(x, torch.rand(x.shape[0]) < p)
+
+
+def hflip_where(x: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """Flip the images of (B, C, H, W) left-right where the CPU bool mask `flip` (B,) is set."""
+    flip = to_device(flip, x.device)
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+_MASKS = (np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB))
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser (Steele, Lea & Flood 2014): a bijection of uint64 whose every output bit depends on
+    every input bit, so consecutive inputs give independent-looking outputs."""
+    z = (z ^ (z >> np.uint64(30))) * _MASKS[0]
+    z = (z ^ (z >> np.uint64(27))) * _MASKS[1]
+    return z ^ (z >> np.uint64(31))
+
+
+def index_coin(indices: np.ndarray | torch.Tensor, seed: int) -> np.ndarray:
+    """A fair coin per dataset index (bool, shape of `indices`), a pure function of (seed, index): no random state
+    is read or advanced, so it is the same in every epoch, after a resume and on every rank."""
+    idx = np.asarray(indices, dtype=np.int64)
+    if idx.size and idx.min() < 0:
+        raise ValueError(f"dataset indices must be >= 0, got {int(idx.min())}")
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps by design
+        key = _mix64(np.array([seed % 2**64], dtype=np.uint64))
+        return (_mix64(idx.astype(np.uint64) + key) >> np.uint64(63)).astype(bool)
+
+
+def alternating_flips(indices: np.ndarray | torch.Tensor, epoch: int, seed: int) -> torch.Tensor:
+    """Which images to flip (bool (B,)) in `epoch`, by dataset index: coin(seed, index) XOR (epoch odd) (airbench's
+    derandomised flip). Each image is flipped in exactly one of any two consecutive epochs, half of them in each."""
+    return torch.from_numpy(index_coin(indices, seed) ^ bool(epoch % 2))
 
 
 def _sample_boxes(
@@ -295,7 +337,11 @@ def _auto_augment_module(aug: AugmentConfig) -> Callable[[torch.Tensor], torch.T
 
 
 class TrainTransform:
-    """(uint8 (B, C, H, W), int64 (B,)) -> (float32 (B, C, h, w), int64 (B,) or soft targets (B, K))."""
+    """(uint8 (B, C, H, W), int64 (B,)) -> (float32 (B, C, h, w), int64 (B,) or soft targets (B, K)).
+
+    With `aug.alternate_flips` it also needs each image's dataset index and the epoch (`takes_indices`: the loader
+    passes `indices=` and `epoch=`), and `seed` seeds the per-image coin.
+    """
 
     takes_targets = True
 
@@ -306,7 +352,9 @@ class TrainTransform:
         num_classes: int,
         in_chans: int = 3,
         device: torch.device | str | None = None,
+        seed: int = 0,
     ):
+        self.seed = seed
         self.pre = pre
         self.num_classes = num_classes
         self.in_chans = in_chans
@@ -315,8 +363,14 @@ class TrainTransform:
         self.auto_augment = _auto_augment_module(aug)
         self.device = device  # where the pixel work runs (None: where the batch is, the CPU)
 
-    def geometry(self, x: torch.Tensor) -> torch.Tensor:
-        """Crop (random resized, or resize + pad-and-crop) and flip: uint8 in, uint8 (B, C, h, w) out."""
+    @property
+    def takes_indices(self) -> bool:
+        """Whether the loader must pass each image's dataset index and the epoch (alternating flips)."""
+        return self.aug.alternate_flips
+
+    def geometry(self, x: torch.Tensor, flips: torch.Tensor | None = None) -> torch.Tensor:
+        """Crop (random resized, or resize + pad-and-crop) and flip: uint8 in, uint8 (B, C, h, w) out. `flips`
+        (bool (B,)): which images to flip, in place of the random flip."""
         if self.aug.random_resized_crop:
             x = random_resized_crop(x, self.size, self.aug.rrc_scale, self.aug.rrc_ratio)
         else:
@@ -324,14 +378,28 @@ class TrainTransform:
                 x = TF.resize(x, list(self.size), interpolation=interpolation_mode(self.pre.interpolation))
             if self.aug.random_crop_pad > 0:
                 x = random_crop_with_padding(x, self.aug.random_crop_pad)
-        if self.aug.hflip:
+        if flips is not None:
+            x = hflip_where(x, flips)
+        elif self.aug.hflip:
             x = random_hflip(x)
         return x
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, x: torch.Tensor, y: torch.Tensor, indices: np.ndarray | None = None, epoch: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        flips = None
+        if self.aug.alternate_flips:
+            if indices is None or epoch is None:
+                raise ValueError(
+                    "alternate_flips flips each image by its dataset index and the epoch, and this caller passed "
+                    "neither (indices=, epoch=): use a loader that does (BatchLoader), or random flips"
+                )
+            if len(indices) != x.shape[0]:
+                raise ValueError(f"{len(indices)} indices for a batch of {x.shape[0]} images")
+            flips = alternating_flips(indices, epoch, self.seed)
         if self.device is not None:  # uint8 moves: 4x less to copy than float32
             x = to_device(x, self.device)
-        x = self.geometry(_match_channels(x, self.in_chans))
+        x = self.geometry(_match_channels(x, self.in_chans), flips)
         if self.auto_augment is not None:  # each image draws its own ops and magnitudes (on the CPU generator)
             x = self.auto_augment(x)
         x = normalize(x, self.pre, self.in_chans)  # float32 (B, C, h, w)
@@ -367,9 +435,11 @@ def build_train_transform(
     num_classes: int,
     in_chans: int = 3,
     device: torch.device | str | None = None,
+    seed: int = 0,
 ):
-    """The training transform for a batch: see TrainTransform; soft targets iff `aug.mixes`."""
-    return TrainTransform(aug, pre, num_classes, in_chans, device)
+    """The training transform for a batch: see TrainTransform; soft targets iff `aug.mixes`; `seed` seeds the
+    alternating flips' per-image coin."""
+    return TrainTransform(aug, pre, num_classes, in_chans, device, seed)
 
 
 def build_eval_transform(pre: PreprocessConfig, in_chans: int = 3, device: torch.device | str | None = None):

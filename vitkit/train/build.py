@@ -358,9 +358,17 @@ def make_loaders(
     # on a GPU the pixel work of augmentation runs there: the host alone cannot feed a fast GPU (README)
     aug_device = env.device if env.device.type == "cuda" else None
     # a task whose targets move with the pixels (segmentation's masks) brings its own transforms
-    make_train_tf = getattr(task, "train_transform", None) or build_train_transform
+    task_train_tf = getattr(task, "train_transform", None)
     make_eval_tf = getattr(task, "eval_transform", None) or build_eval_transform
-    train_tf = make_train_tf(cfg.augment, core.preprocess, data.num_classes, in_chans, aug_device)
+    if task_train_tf is not None:
+        train_tf = task_train_tf(cfg.augment, core.preprocess, data.num_classes, in_chans, aug_device)
+    else:
+        train_tf = build_train_transform(cfg.augment, core.preprocess, data.num_classes, in_chans, aug_device, cfg.seed)
+    if cfg.augment.alternate_flips and not getattr(train_tf, "takes_indices", False):
+        raise ValueError(
+            f"alternate_flips: the {cfg.task} task's training transform flips (or not) on its own and takes no "
+            "image indices; drop alternate_flips"
+        )
     eval_tf = make_eval_tf(core.preprocess, in_chans, aug_device)
     micro = micro_batch(cfg, data, env)
     weights = class_balanced_weights(data.ds.labels[data.train_idx]) if cfg.sampler == "balanced" else None
@@ -400,6 +408,12 @@ def make_stream_loaders(
     """make_loaders for streamed data: worker processes decode and crop each image (RandomResizedCrop from the full
     image for training, the model's resize and centre crop for validation); the rest of the recipe runs on the
     batch, on the GPU when there is one. Tar shards are read in order (ShardLoader), other sources row by row."""
+    if cfg.augment.alternate_flips:
+        raise ValueError(
+            "alternate_flips flips each image by its index in the data set and the epoch; streamed data (decoded "
+            "in worker processes as it trains) hands the transform no indices: pass --cache to decode it once, or "
+            "drop alternate_flips"
+        )
     pre, in_chans = core.preprocess, core.cfg.in_chans
     aug_device = env.device if env.device.type == "cuda" else None
     train_tf = build_train_transform(batch_augment(cfg.augment), pre, data.num_classes, in_chans, aug_device)

@@ -42,6 +42,10 @@ NESTED_OPTIONS: dict[str, Option] = {
     "augment.random_crop_pad": Option("pad-and-random-crop by this many pixels (0: off)", flag="--crop-pad"),
     "augment.random_resized_crop": Option("RandomResizedCrop instead of pad-and-crop", flag="--rrc"),
     "augment.hflip": Option("random horizontal flips", flag="--flip"),
+    "augment.alternate_flips": Option(
+        "instead of random flips, flip each image in every other epoch (airbench's derandomised flip: a seeded coin "
+        "per image picks the epochs)"
+    ),
     "augment.label_smoothing": Option("label smoothing of the loss"),
     "model_kwargs.drop_path_rate": Option("stochastic depth rate of the model", old=("--drop-path",)),
     "model_kwargs.stem": Option("patch tokenizer: one strided conv, or a conv stack", choices=STEMS),
