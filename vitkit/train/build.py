@@ -190,19 +190,22 @@ def build_model(cfg: TrainConfig, ds: ImageArrayDataset | StreamSource, train_id
     num_classes = len(ds.classes)
     data_size, data_channels = _data_shape(cfg, ds)
     size = {} if cfg.image_size is None else {"img_size": cfg.image_size}
+    # progressive resizing feeds smaller batches early on; the model keeps accepting them once trained (the
+    # position embedding is resampled only for another grid, so the full-size forward is unchanged)
+    kwargs = {**cfg.model_kwargs, **({"dynamic_img_size": True} if cfg.progressive_sizes else {})}
     from ..interop.hub import names_weights  # a path or a Hub name: weights; a bare model name: random
 
     if cfg.model and names_weights(cfg.model):
         from ..interop import from_pretrained  # fine-tuning: keep its preprocessing, replace its head
 
         channels = {"in_chans": data_channels}  # RGB weights adapt to gray or 4-channel data (interop.adapt)
-        model = from_pretrained(cfg.model, num_classes=num_classes, **{**size, **channels, **cfg.model_kwargs})
+        model = from_pretrained(cfg.model, num_classes=num_classes, **{**size, **channels, **kwargs})
         model.labels = list(ds.classes)
         return model
     name, kw = (cfg.model, size) if cfg.model else default_model(data_size)
     if not cfg.model:
         kw["in_chans"] = data_channels
-    model = create_model(name, **{**kw, "num_classes": num_classes, **cfg.model_kwargs})
+    model = create_model(name, **{**kw, "num_classes": num_classes, **kwargs})
     mean, std = _data_stats(ds, train_idx)
     pre = default_preprocess(model.cfg)
     model.preprocess = PreprocessConfig(

@@ -60,6 +60,7 @@ from .distributed import (
 from .ema import Lookahead
 from .logging import RunLogger
 from .loop import EpochHooks, LossFn, StepState, evaluate, train_one_epoch
+from .progressive import ProgressiveResize, check_size_steps
 from .recipe import TrainConfig, merge_resumed
 from .schedule import WarmupCosine
 
@@ -244,6 +245,7 @@ class TrainingRun:
         total = math.ceil(self.epochs * self.steps_per_epoch) if self.epochs is not None else 10**9
         warmup = round(cfg.warmup_epochs * self.steps_per_epoch)
         self.schedule = WarmupCosine(cfg.lr, total, warmup, cfg.min_lr, warmup_fraction=cfg.warmup_fraction)
+        self.resize = self._progressive_resize()
         self.step_state = StepState()
         self.val_history: dict[str, Any] = {}
         if state:
@@ -257,6 +259,16 @@ class TrainingRun:
         self.last_save = time.perf_counter()  # when last.ckpt was last written (or the run started)
 
     # ---- set-up
+    def _progressive_resize(self) -> ProgressiveResize | None:
+        """`cfg.progressive_sizes`: the batch resizer that follows the schedule, checked against the model."""
+        sizes = self.cfg.progressive_sizes
+        if not sizes:
+            return None
+        if type(self).loss_fn is not None:  # an objective of its own (MAE pretraining) encodes a fixed patch grid
+            raise ValueError(f"progressive_sizes trains classifiers; {type(self).__name__} does not take it")
+        check_size_steps(sizes, self.core.cfg)
+        return ProgressiveResize(sizes, self.schedule)
+
     def load_data(self) -> RunData:
         """The run's images and its validation split, labelled."""
         return load_run_data(self.cfg, self.env, self.resumed_data_mode)
@@ -442,6 +454,7 @@ class TrainingRun:
                 hooks=hooks,
                 env=self.env,
                 loss_fn=self.loss_fn,
+                resize=self.resize,
             )
             if self.loader.epoch == epoch:  # stopped mid-epoch (budget, stop_after_steps)
                 break

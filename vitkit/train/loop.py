@@ -29,6 +29,8 @@ from .schedule import WarmupCosine, apply_lr
 # (what the model returned, the targets) -> the loss to minimise: classification's cross-entropy by default; an
 # objective whose module computes its own loss (masked-autoencoder pretraining) returns it from the output
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# (images, optimizer step) -> the images the model sees at that step (vitkit/train/progressive.py)
+BatchResize = Callable[[torch.Tensor, int], torch.Tensor]
 
 
 class TrainingDiverged(RuntimeError):
@@ -182,6 +184,7 @@ def train_one_epoch(
     env: DistEnv | None = None,
     defer_checks: bool | None = None,
     loss_fn: LossFn | None = None,
+    resize: BatchResize | None = None,
 ) -> dict[str, float]:
     """One pass over `loader` (or until `hooks.should_stop`), one optimizer step per `grad_accum` batches.
 
@@ -192,6 +195,7 @@ def train_one_epoch(
     the device instead (DeviceGuard: no host sync per step; its docstring lists what differs).
     `loss_fn(model(x), y)` gives the loss (default: cross-entropy with `label_smoothing`, `compute_loss`).
     `lookahead` moves the weights after the optimizer step, before the EMA (`ema`) averages them.
+    `resize(x, step)` gives the images the model sees at that optimizer step (progressive resizing; None: as made).
     Returns {"loss": mean loss, "images": images, "seconds": wall time}.
     """
     hooks = hooks or EpochHooks()
@@ -217,6 +221,8 @@ def train_one_epoch(
         step_loss_t = torch.zeros((), device=device)  # summed on the device: no host sync per micro-batch
         for x, y in micro:
             x, y = to_device(x, device), to_device(y, device)
+            if resize is not None:
+                x = resize(x, state.step)
             with autocast(precision, device):
                 out = model(x)  # logits (B, K), or what the objective's module returns
             loss = loss_fn(out, y) / grad_accum

@@ -94,7 +94,8 @@ def _value_type(hint: Any) -> Callable[[str], Any] | None:
 def _field_flag(config_class: type, name: str, option: Option, target: str) -> Flag:
     f = next(f for f in dataclasses.fields(config_class) if f.name == name)
     default = None if f.default is dataclasses.MISSING else f.default
-    return Flag(target, option, _value_type(typing.get_type_hints(config_class)[name]), default)
+    parse = option.parse or _value_type(typing.get_type_hints(config_class)[name])
+    return Flag(target, option, parse, default)
 
 
 def training_flags(config_class: type[TrainConfig] = TrainConfig) -> list[Flag]:

@@ -13,6 +13,7 @@ model overrides). Its header comment states the command, the machine, the time a
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import yaml
 
 from ..data.transforms import AugmentConfig
 from ..tasks import DEFAULT_TASK, TASKS, task_class
+from .progressive import normalise_size_steps, parse_size_step
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -37,6 +39,7 @@ class Option:
     exclusive: str | None = None  # options that name the same group exclude each other on the command line
     nargs: str | None = None
     metavar: str | None = None
+    parse: Callable[[str], Any] | None = None  # how the flag reads one value, where the field's type cannot say
 
 
 def option(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, **about: Any) -> Any:
@@ -98,6 +101,15 @@ class TrainConfig:
         False,
         help="a fresh model's conv tokenizer (stem: conv) starts with its first layer set to the whitening filters of "
         "5,000 training images' patches, as airbench does (a resume keeps the weights it has)",
+    )
+    progressive_sizes: tuple[tuple[float, int], ...] | None = option(
+        None,
+        help="progressive resizing: from each fraction of the schedule's steps on, train at this side in px, e.g. "
+        "0:24 0.5:32 (batches shrunk after augmentation; multiples of the patch size, ending at the model's input "
+        "size; evaluation stays at full size; classify only)",
+        nargs="+",
+        metavar="FRAC:PX",
+        parse=parse_size_step,
     )
     epochs: float | None = option(None, help="train this many epochs (default 10)", resumable=True, exclusive="length")
     minutes: float | None = option(
@@ -237,6 +249,12 @@ class TrainConfig:
             raise ValueError(
                 f"lookahead_every must be >= 0 and lookahead_decay in [0, 1], got {self.lookahead_every} and "
                 f"{self.lookahead_decay}"
+            )
+        self.progressive_sizes = normalise_size_steps(self.progressive_sizes)
+        if self.progressive_sizes and self.task != "classify":
+            raise ValueError(
+                f"progressive_sizes is for the classify task (a segmentation mask would have to shrink with its "
+                f"image); this run's task is {self.task}: drop progressive_sizes"
             )
         if self.lookahead_every and self.fsdp:
             raise ValueError("--lookahead-every is not supported with --fsdp (the slow copy would not be sharded)")
