@@ -40,6 +40,7 @@ def changed_value(name: str):
     special = {"image_size": ["12"], "betas": ["0.8", "0.95"], "data": ["digits"], "optimizer_impl": ["foreach"]}
     # fractions and decays: twice the default is no value
     special.update(labels_fraction=["0.5"], warmup_fraction=["0.05"], lookahead_decay=["0.5"])
+    special.update(progressive_sizes=["0:16", "0.5:32"])  # FRAC:PX steps, not a number
     if name in special:
         return special[name]
     choices = options_of(TrainConfig)[name].choices
@@ -86,7 +87,7 @@ def test_nested_flags_set_augment_and_model_fields():
 def test_flags_not_given_leave_the_recipe_and_the_defaults():
     cfg = config_from_args(parse("train", "--recipe", "cifar10_budget", "--lr", "0.01"))
     assert cfg.lr == 0.01 and cfg.minutes == 10 and cfg.ema_decay == 0.998  # the recipe's, but --lr
-    assert cfg.augment.label_smoothing == 0.1 and cfg.model_kwargs["stem"] == "conv"
+    assert cfg.augment.label_smoothing == 0.2 and cfg.model_kwargs["stem"] == "conv"
     assert config_from_args(parse("train")) == TrainConfig()
     assert config_from_args(parse("train", "--clip-grad", "0")).clip_grad == 0  # off (it used to be ignored)
 
