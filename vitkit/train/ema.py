@@ -8,6 +8,25 @@ import torch
 from torch import nn
 
 
+def lerp_state_(
+    target: dict[str, torch.Tensor], source: dict[str, torch.Tensor], weight: float
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """target <- target + weight * (source - target) for the float tensors, in a few multi-tensor kernels (one lerp
+    per tensor cost ~150 kernel launches per step on a GPU); integer tensors (BatchNorm's counter) are copied.
+    Returns the float tensors of both, in the same order (a source tensor of target's dtype is itself, not a copy).
+    """
+    target_f, source_f = [], []
+    for name, t in target.items():
+        src = source[name].detach()
+        if t.dtype.is_floating_point:
+            target_f.append(t)
+            source_f.append(src.to(t.dtype))
+        else:
+            t.copy_(src)
+    torch._foreach_lerp_(target_f, source_f, weight)
+    return target_f, source_f
+
+
 class ModelEma:
     """ema <- d * ema + (1 - d) * weights after every optimizer step, for parameters and float buffers.
 
@@ -27,19 +46,7 @@ class ModelEma:
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
-        d = self.decay_at(step)
-        model_state = model.state_dict()
-        ema_f, new_f = [], []
-        for name, ema_t in self.module.state_dict().items():
-            t = model_state[name].detach()
-            if ema_t.dtype.is_floating_point:
-                ema_f.append(ema_t)
-                new_f.append(t.to(ema_t.dtype))
-            else:
-                ema_t.copy_(t)
-        # ema + (1 - d) * (t - ema) for all float tensors in a few multi-tensor kernels (one lerp per tensor cost
-        # ~150 kernel launches per step on a GPU)
-        torch._foreach_lerp_(ema_f, new_f, 1.0 - d)
+        lerp_state_(self.module.state_dict(), model.state_dict(), 1.0 - self.decay_at(step))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()
@@ -78,16 +85,7 @@ class Lookahead:
 
     @torch.no_grad()
     def update(self, model: nn.Module, decay: float) -> None:
-        model_state = model.state_dict()
-        slow_f, live_f = [], []
-        for name, slow_t in self.slow.items():
-            live = model_state[name]
-            if slow_t.dtype.is_floating_point:
-                slow_f.append(slow_t)
-                live_f.append(live)
-            else:
-                slow_t.copy_(live)
-        torch._foreach_lerp_(slow_f, live_f, 1.0 - decay)
+        slow_f, live_f = lerp_state_(self.slow, model.state_dict(), 1.0 - decay)
         torch._foreach_copy_(live_f, slow_f)  # state_dict's tensors share the parameters' storage: w <- s in place
 
     def state_dict(self) -> dict[str, torch.Tensor]:
